@@ -1,0 +1,130 @@
+"""Opening a dataset: format detection, staleness and the mmap decision.
+
+``open_dataset`` is the one way every front-end (local torch dataset, Ray
+tasks, shard actors, CLI) gets at data. Detection is one mapping from format
+name to reader class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from ..errors import DatasetNotFoundError, StaleDatasetError
+from ..fingerprint import changed_files
+from ..schema import ATTR_FINGERPRINT, HDF5_FILE, PT_PROBE
+from .base import Reader
+from .hdf5 import HDF5Reader, require_h5py
+from .pt import PTReader
+
+log = logging.getLogger(__name__)
+
+READERS: dict[str, type[Reader]] = {"pt": PTReader, "hdf5": HDF5Reader}
+StorageFormat = Literal["auto", "pt", "hdf5"]
+
+# Upstream's threshold: mmap above 10 GB.
+MMAP_THRESHOLD_BYTES = 10 << 30
+# ... or when the data would take more than this share of the RAM available now.
+MMAP_RAM_SHARE = 0.5
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def decide_mmap(nbytes: int, available: int | None = None) -> bool:
+    available = available_ram_bytes() if available is None else available
+    return nbytes > MMAP_THRESHOLD_BYTES or nbytes > MMAP_RAM_SHARE * available
+
+
+def _h5py_available() -> bool:
+    try:
+        require_h5py()
+    except ImportError:
+        return False
+    return True
+
+
+def stale_sources(directory: Path, hdf5: HDF5Reader) -> list[str]:
+    """PT files beside ``dataset.h5`` that changed since it was converted from them."""
+    pt_files = PTReader(directory).files()
+    if not any(p.is_file() for p in pt_files):
+        return []
+    raw = hdf5.file.attrs.get(ATTR_FINGERPRINT)
+    if raw is None:
+        return []  # upstream's files record nothing; we cannot tell
+    return changed_files(directory, json.loads(raw), pt_files)
+
+
+def detect_format(directory: Path) -> str:
+    """HDF5 if ``dataset.h5`` is there (and h5py imports) and is not stale, else PT."""
+    h5 = directory / HDF5_FILE
+    if h5.is_file() and _h5py_available():
+        changed = stale_sources(directory, HDF5Reader(directory))
+        if not changed:
+            return "hdf5"
+        log.warning(
+            "%s is stale: %s changed since it was converted; serving the PT files. "
+            "Reconvert with `jasper-ray convert %s`.",
+            h5, ", ".join(changed), directory,
+        )
+        return "pt"
+    if (directory / PT_PROBE).is_file():
+        return "pt"
+    raise DatasetNotFoundError(
+        f"No dataset files found in {directory}. Expected either {HDF5_FILE} or *.pt files (looked for {PT_PROBE})"
+    )
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    storage_format: StorageFormat = "auto",
+    use_mmap: bool | None = None,
+    **options,
+) -> Reader:
+    """Open a JASPER dataset directory (or its ``dataset.h5``) for lazy reading.
+
+    ``use_mmap=None`` maps when the files on disk exceed 10 GiB or half the
+    RAM available now; an explicit bool wins. An explicit ``"hdf5"`` whose
+    PT sources changed since conversion raises ``StaleDatasetError``.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix in (".h5", ".hdf5"):
+        options.setdefault("file_name", path.name)
+        path, storage_format = path.parent, "hdf5"
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"Dataset directory not found: {path}")
+    if storage_format == "auto":
+        storage_format = detect_format(path)
+    elif storage_format not in READERS:
+        raise ValueError(f"Invalid storage_format: {storage_format}. Must be 'auto', 'pt', or 'hdf5'")
+    elif storage_format == "hdf5":
+        require_h5py()
+        h5 = HDF5Reader(path, **options)
+        changed = stale_sources(path, h5)
+        h5.close()
+        if changed:
+            raise StaleDatasetError(
+                f"{h5.path} is stale: {', '.join(changed)} changed since it was converted. "
+                f"Reconvert with `jasper-ray convert {path}`, or open the PT files with storage_format='pt'."
+            )
+    elif not (path / PT_PROBE).is_file():
+        raise DatasetNotFoundError(f"PT files not found in {path} (looked for {PT_PROBE})")
+    reader = READERS[storage_format](path, use_mmap=True, **options)
+    if use_mmap is None:
+        use_mmap = decide_mmap(reader.nbytes_on_disk())
+    reader.use_mmap = bool(use_mmap)
+    return reader
+
+
+__all__ = ["HDF5Reader", "PTReader", "Reader", "open_dataset", "detect_format", "decide_mmap", "READERS"]

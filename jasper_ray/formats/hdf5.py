@@ -1,0 +1,274 @@
+"""The HDF5 layout: reader, and the dataset-creation policy every HDF5 writer uses.
+
+Layout (``dataset.h5``): the seed's tree (``embeddings/questions``,
+``pair_data/index``, ``negatives/hard``, ``steering/centroid``,
+``splits/train`` ...; paths in ``schema``), keyword ids as CSR under
+``pair_data/keyword_ids/{values,offsets}``, config and source fingerprint as
+root attributes, a sha256 of the logical bytes on each dataset.
+
+Uncompressed tensors are stored contiguous and served through ``np.memmap``
+at ``dset.id.get_offset()``: real zero-copy mapping. Compressed tensors use
+whole-row chunks and are gathered chunk by chunk through h5py's chunk cache.
+Files written by upstream's converter (``negatives/hardnegatives``, one
+keyword dataset per pair, splits only as ``{split}_idx.pt``) read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DatasetFormatError, DatasetNotFoundError
+from ..schema import (
+    ATTR_CONFIG,
+    ATTR_LAYOUT,
+    HDF5_FILE,
+    KEYWORD_IDS,
+    SPLIT_H5_GROUP,
+    TENSOR,
+    TensorSpec,
+    split_h5_path,
+)
+from .base import Reader, check_indices
+from .pt import PTReader
+
+CHUNK_TARGET_BYTES = 64 << 10
+CHUNK_CACHE_BYTES = 32 << 20
+
+
+def require_h5py():
+    try:
+        import h5py
+    except ImportError as exc:  # pragma: no cover - exercised only without h5py
+        raise ImportError("HDF5 format requested but h5py is not installed. Install with: pip install h5py") from exc
+    return h5py
+
+
+# --- writing policy -------------------------------------------------------------
+
+
+def rows_per_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_TARGET_BYTES) -> int:
+    """Whole-row chunks of about ``target_bytes``: one random row costs one small chunk."""
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    return int(max(1, min(max(shape[0], 1), target_bytes // max(row_bytes, 1))))
+
+
+def dataset_options(
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    compression: str | None,
+    compression_opts: Any = None,
+    shuffle: bool = True,
+) -> dict[str, Any]:
+    """``create_dataset`` keyword arguments: contiguous when uncompressed (so it maps), row chunks otherwise."""
+    if compression is None:
+        return {}
+    if compression not in ("gzip", "lzf"):
+        raise ValueError(f"compression must be 'gzip', 'lzf' or None, got {compression!r}")
+    chunks = (rows_per_chunk(shape, np.dtype(dtype).itemsize),) + tuple(max(1, s) for s in shape[1:])
+    opts: dict[str, Any] = {"chunks": chunks, "compression": compression, "shuffle": bool(shuffle)}
+    if compression_opts is not None:
+        opts["compression_opts"] = compression_opts
+    return opts
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+class ChunkedRows:
+    """Row access to a chunked (compressed) HDF5 dataset that reads whole chunks.
+
+    h5py's point selection costs milliseconds per call; reading each needed
+    chunk once through the chunk cache and gathering in numpy is far cheaper.
+    """
+
+    def __init__(self, dset: Any):
+        self.dset = dset
+        self.shape = dset.shape
+        self.dtype = dset.dtype
+        self.chunk_rows = dset.chunks[0]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, np.ndarray) and key.dtype.kind in "iu":
+            return self.take_rows(key)
+        return self.dset[key]
+
+    def take_rows(self, indices: np.ndarray) -> np.ndarray:
+        out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
+        if len(indices) == 0:
+            return out
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = indices[order]
+        chunk_of = sorted_idx // self.chunk_rows
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        starts = np.concatenate(([0], bounds))
+        stops = np.concatenate((bounds, [len(sorted_idx)]))
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            first = int(chunk_of[a]) * self.chunk_rows
+            block = self.dset[first : min(first + self.chunk_rows, self.shape[0])]
+            out[order[a:b]] = block[sorted_idx[a:b] - first]
+        return out
+
+
+def map_contiguous(path: Path, dset: Any) -> np.ndarray | None:
+    """A read-only ``np.memmap`` over a contiguous, unfiltered dataset; None if it cannot be mapped."""
+    if dset.chunks is not None or dset.compression is not None or dset.dtype.kind not in "iuf":
+        return None
+    if dset.size == 0:
+        return np.empty(dset.shape, dtype=dset.dtype)
+    offset = dset.id.get_offset()
+    if offset is None:  # never written: HDF5 would read fill values
+        raise DatasetFormatError(f"{path}:{dset.name}: dataset has no data allocated (never written)")
+    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
+
+
+class HDF5Reader(Reader):
+    storage_format = "hdf5"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        use_mmap: bool = True,
+        file_name: str = HDF5_FILE,
+        chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
+    ):
+        super().__init__(directory, use_mmap=use_mmap)
+        self.path = self.directory / file_name
+        self.chunk_cache_bytes = int(chunk_cache_bytes)
+        self._file: Any = None
+        self._keywords: tuple[Any, np.ndarray] | None = None
+        self._pt_fallback: PTReader | None = None
+
+    _process_local = ("_file", "_keywords")
+
+    def _open(self) -> None:
+        h5py = require_h5py()
+        if not self.path.is_file():
+            raise DatasetNotFoundError(f"HDF5 file not found: {self.path}")
+        try:
+            # ~100 slots per cached chunk keeps hash collisions rare (h5py docs).
+            n_slots = max(521, 100 * (self.chunk_cache_bytes // CHUNK_TARGET_BYTES))
+            self._file = h5py.File(
+                self.path, "r", rdcc_nbytes=self.chunk_cache_bytes, rdcc_nslots=n_slots, locking=False
+            )
+        except OSError as exc:
+            raise DatasetFormatError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+
+    def _release(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001 - closing a handle inherited over fork may fail
+                pass
+        super()._release()
+
+    @property
+    def file(self) -> Any:
+        self._ensure_open()
+        return self._file
+
+    def _resolve(self, spec: TensorSpec) -> str | None:
+        for path in (spec.h5_path,) + spec.h5_aliases:
+            if path in self.file:
+                return path
+        return None
+
+    def location(self, name: str) -> str:
+        path = self._resolve(TENSOR[name]) or TENSOR[name].h5_path
+        return f"{self.path}:{path}"
+
+    def location_keywords(self) -> str:
+        return f"{self.path}:{KEYWORD_IDS.h5_group}"
+
+    def location_split(self, split: str) -> str:
+        if SPLIT_H5_GROUP in self.file:
+            return f"{self.path}:{split_h5_path(split)}"
+        return self._pt_splits().location_split(split)
+
+    def has_tensor(self, name: str) -> bool:
+        return self._resolve(TENSOR[name]) is not None
+
+    def _dataset(self, h5_path: str, what: str) -> Any:
+        try:
+            return self.file[h5_path]
+        except KeyError:
+            raise DatasetNotFoundError(f"{self.path}: {what} not found at {h5_path!r}") from None
+
+    def _load_array(self, name: str) -> Any:
+        spec = TENSOR[name]
+        path = self._resolve(spec)
+        if path is None:
+            tried = ", ".join(repr(p) for p in (spec.h5_path,) + spec.h5_aliases)
+            raise DatasetNotFoundError(f"{self.path}: tensor {name!r} not found (looked for {tried})")
+        return self._serve(self._dataset(path, f"tensor {name!r}"))
+
+    def _serve(self, dset: Any) -> Any:
+        mapped = map_contiguous(self.path, dset)
+        if mapped is not None:
+            return mapped if self.use_mmap else np.array(mapped)
+        if dset.chunks is None or not self.use_mmap:
+            return dset[...]
+        return ChunkedRows(dset)
+
+    def split_names(self) -> tuple[str, ...]:
+        if SPLIT_H5_GROUP in self.file:
+            return tuple(sorted(self.file[SPLIT_H5_GROUP].keys()))
+        return self._pt_splits().split_names()
+
+    def _pt_splits(self) -> PTReader:
+        """Upstream's files keep splits only as ``{split}_idx.pt`` beside dataset.h5."""
+        if self._pt_fallback is None:
+            self._pt_fallback = PTReader(self.directory, use_mmap=False)
+        return self._pt_fallback
+
+    def _load_split(self, split: str) -> np.ndarray:
+        if SPLIT_H5_GROUP in self.file:
+            return self._dataset(split_h5_path(split), f"split {split!r}")[...]
+        return self._pt_splits().split(split)
+
+    def keyword_csr(self) -> tuple[Any, np.ndarray]:
+        self._ensure_open()
+        if self._keywords is None:
+            group = self._dataset(KEYWORD_IDS.h5_group, "keyword ids")
+            if group.attrs.get(ATTR_LAYOUT) == "csr" or "offsets" in group:
+                offsets = group["offsets"][...].astype(np.int64, copy=False)
+                self._keywords = (self._serve(group["values"]), offsets)
+            else:
+                self._keywords = self._upstream_keywords(group)
+        return self._keywords
+
+    def keyword_ids(self, pairs: Any) -> list[np.ndarray]:
+        self._ensure_open()
+        group = self._dataset(KEYWORD_IDS.h5_group, "keyword ids")
+        if self._keywords is None and not (group.attrs.get(ATTR_LAYOUT) == "csr" or "offsets" in group):
+            # Upstream's one-dataset-per-pair layout: read only the pairs asked for.
+            pairs = check_indices(self.location_keywords(), np.asarray(pairs), len(group))
+            return [group[str(int(p))][...].astype(KEYWORD_IDS.dtype) for p in pairs]
+        return super().keyword_ids(pairs)
+
+    def _upstream_keywords(self, group: Any) -> tuple[np.ndarray, np.ndarray]:
+        n = len(group)
+        lists = []
+        for p in range(n):
+            if str(p) not in group:
+                raise DatasetFormatError(f"{self.location_keywords()}: pair {p} has no keyword dataset (expected '{p}')")
+            lists.append(group[str(p)][...])
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in lists], out=offsets[1:])
+        values = np.concatenate(lists).astype(KEYWORD_IDS.dtype) if lists else np.empty(0, KEYWORD_IDS.dtype)
+        return values, offsets
+
+    def _embedded_config(self) -> dict[str, Any] | None:
+        raw = self.file.attrs.get(ATTR_CONFIG)
+        return json.loads(raw) if raw is not None else None
+
+    def files(self) -> list[Path]:
+        return [self.path]

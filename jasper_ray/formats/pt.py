@@ -1,0 +1,150 @@
+"""Upstream's per-tensor ``.pt`` layout: reader and writer.
+
+Every load is ``torch.load(weights_only=True)``: dataset files are untrusted,
+and upstream's pickled ``pair_keyword_ids.pt`` (a list of lists of ints) loads
+under it too. With ``use_mmap`` the tensors are mapped, not read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_output
+from ..errors import DatasetFormatError, DatasetNotFoundError
+from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_FILES, TENSOR, split_from_pt_file, split_pt_file
+from .base import Reader
+
+log = logging.getLogger(__name__)
+
+
+def load_pt(path: Path, *, mmap: bool) -> Any:
+    """``torch.load`` with weights_only, and errors that name the file."""
+    if not path.is_file():
+        raise DatasetNotFoundError(f"Required tensor file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise DatasetFormatError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers "
+            f"(loaded with weights_only=True; jasper_ray never unpickles arbitrary objects). {exc}"
+        ) from exc
+    except RuntimeError as exc:
+        if mmap and "mmap" in str(exc).lower():
+            # Pre-1.6 (non-zip) torch.save files cannot be mapped.
+            log.warning("%s cannot be memory-mapped (legacy format); loading it whole", path)
+            return load_pt(path, mmap=False)
+        raise DatasetFormatError(f"{path}: not a readable torch file ({exc})") from exc
+
+
+def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
+    obj = load_pt(path, mmap=mmap)
+    if not isinstance(obj, torch.Tensor):
+        raise DatasetFormatError(f"{path}: expected a tensor, found {type(obj).__name__}")
+    return obj.detach().cpu().numpy()
+
+
+def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream's ``List[List[int]]`` as CSR, checking each entry is a list of ints."""
+    if isinstance(obj, torch.Tensor) and obj.ndim == 2:  # a dense [P, k] tensor is a valid ragged list too
+        obj = obj.tolist()
+    if not isinstance(obj, (list, tuple)):
+        raise DatasetFormatError(f"{where}: expected a list of lists of keyword ids, found {type(obj).__name__}")
+    lengths = np.empty(len(obj) + 1, dtype=np.int64)
+    lengths[0] = 0
+    for p, ids in enumerate(obj):
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise DatasetFormatError(f"{where} at position {p}: expected a list of keyword ids, found {type(ids).__name__}")
+        lengths[p + 1] = len(ids)
+    offsets = np.cumsum(lengths)
+    values = np.empty(int(offsets[-1]), dtype=KEYWORD_IDS.dtype)
+    for p, ids in enumerate(obj):
+        if len(ids):
+            try:
+                values[offsets[p] : offsets[p + 1]] = ids
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise DatasetFormatError(f"{where} at position {p}: expected integer keyword ids, found {ids!r:.80}") from exc
+    return values, offsets
+
+
+class PTReader(Reader):
+    storage_format = "pt"
+
+    def __init__(self, directory: str | os.PathLike, *, use_mmap: bool = True):
+        super().__init__(directory, use_mmap=use_mmap)
+        self._keywords: tuple[np.ndarray, np.ndarray] | None = None
+
+    _process_local = ("_keywords",)
+
+    def location(self, name: str) -> str:
+        return str(self.directory / TENSOR[name].pt_file)
+
+    def location_keywords(self) -> str:
+        return str(self.directory / KEYWORD_IDS.pt_file)
+
+    def location_split(self, split: str) -> str:
+        return str(self.directory / split_pt_file(split))
+
+    def has_tensor(self, name: str) -> bool:
+        return (self.directory / TENSOR[name].pt_file).is_file()
+
+    def _load_array(self, name: str) -> np.ndarray:
+        return load_pt_tensor(self.directory / TENSOR[name].pt_file, mmap=self.use_mmap)
+
+    def split_names(self) -> tuple[str, ...]:
+        names = (split_from_pt_file(p.name) for p in self.directory.glob("*_idx.pt"))
+        return tuple(sorted(n for n in names if n))
+
+    def _load_split(self, split: str) -> np.ndarray:
+        return load_pt_tensor(self.directory / split_pt_file(split), mmap=False)
+
+    def keyword_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        self._ensure_open()
+        if self._keywords is None:
+            path = self.directory / KEYWORD_IDS.pt_file
+            self._keywords = keyword_lists_to_csr(load_pt(path, mmap=False), str(path))
+        return self._keywords
+
+    def files(self) -> list[Path]:
+        return [self.directory / f for f in PT_FILES] + [self.directory / split_pt_file(s) for s in self.split_names()]
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    with atomic_output(path) as temp:
+        torch.save(obj, temp)
+
+
+def write_pt_dataset(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray | torch.Tensor],
+    keyword_ids: Sequence[Sequence[int]],
+    splits: Mapping[str, np.ndarray | torch.Tensor],
+    config: Mapping[str, Any],
+) -> Path:
+    """Write a dataset in upstream's exact layout (what its builder writes and its loader reads).
+
+    ``keyword_ids`` is saved as a plain ``List[List[int]]``, as upstream does.
+    Each file is published atomically.
+    """
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, value in tensors.items():
+        spec = TENSOR[name]
+        tensor = torch.as_tensor(np.ascontiguousarray(value)) if not isinstance(value, torch.Tensor) else value
+        _save_atomic(tensor.contiguous(), directory / spec.pt_file)
+    _save_atomic([[int(k) for k in ids] for ids in keyword_ids], directory / KEYWORD_IDS.pt_file)
+    for split, ids in splits.items():
+        _save_atomic(torch.as_tensor(np.asarray(ids, dtype=np.int64)), directory / split_pt_file(split))
+    with atomic_output(directory / CONFIG_FILE) as temp:
+        temp.write_text(json.dumps(dict(config), indent=2))
+    return directory

@@ -1,0 +1,126 @@
+"""Every tensor of a JASPER dataset, named once.
+
+Readers, writers, validation and conversion look tensors up here by their
+``name`` (the upstream attribute name, which is also the PT file's stem); no
+other module spells a file name or an HDF5 path.
+
+Shape rules use symbols: ``P`` pairs, ``Q`` questions, ``S`` sources,
+``K`` keywords, ``C`` clusters (centroids), ``D`` embedding dim, ``NEG`` the
+number of hard negatives per pair, ``2`` a literal size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+HDF5_FILE = "dataset.h5"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One dense tensor: where it lives in each format and what it must look like."""
+
+    name: str
+    pt_file: str
+    h5_path: str
+    dtype: np.dtype
+    shape: tuple[str, ...]
+    # Paths that older writers (upstream's converter) used for the same tensor.
+    h5_aliases: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> str:
+        return self.shape[0]
+
+
+def _spec(name: str, h5_path: str, dtype: str, shape: tuple[str, ...], aliases: tuple[str, ...] = ()) -> TensorSpec:
+    return TensorSpec(name, f"{name}.pt", h5_path, np.dtype(dtype), shape, aliases)
+
+
+TENSORS: tuple[TensorSpec, ...] = (
+    _spec("question_embs", "embeddings/questions", "float32", ("Q", "D")),
+    _spec("source_embs", "embeddings/sources", "float32", ("S", "D")),
+    _spec("keyword_embs", "embeddings/keywords", "float32", ("K", "D")),
+    _spec("centroid_embs", "embeddings/centroids", "float32", ("C", "D")),
+    _spec("pair_index", "pair_data/index", "int64", ("P", "2")),
+    _spec("pair_cluster_id", "pair_data/cluster_id", "int64", ("P",)),
+    _spec("pair_relevance", "pair_data/relevance", "float32", ("P",)),
+    _spec("hard_negatives", "negatives/hard", "int64", ("P", "NEG"), ("negatives/hardnegatives",)),
+    _spec("negative_tiers", "negatives/tiers", "int64", ("P", "NEG")),
+    _spec("steering_centroid", "steering/centroid", "float32", ("P", "D")),
+    _spec("steering_keyword_weighted", "steering/keyword_weighted", "float32", ("P", "D")),
+    _spec("steering_residual", "steering/residual", "float32", ("P", "D")),
+    _spec("centroid_distances", "steering/distances", "float32", ("P",)),
+)
+TENSOR = {spec.name: spec for spec in TENSORS}
+
+# Which entity table each symbol counts the rows of.
+ENTITY_OF_SYMBOL = {"Q": "question_embs", "S": "source_embs", "K": "keyword_embs", "C": "centroid_embs"}
+
+
+@dataclass(frozen=True)
+class RaggedSpec:
+    """Keyword ids: one sorted list of keyword ids per pair.
+
+    Upstream pickles a ``List[List[int]]`` and its HDF5 converter writes one
+    dataset per pair under ``h5_group``; we write CSR (``values`` + ``offsets``,
+    ``offsets[p]:offsets[p+1]`` are pair ``p``'s ids) in the same group.
+    """
+
+    name: str
+    pt_file: str
+    h5_group: str
+    h5_values: str
+    h5_offsets: str
+    dtype: np.dtype
+
+
+KEYWORD_IDS = RaggedSpec(
+    "pair_keyword_ids",
+    "pair_keyword_ids.pt",
+    "pair_data/keyword_ids",
+    "pair_data/keyword_ids/values",
+    "pair_data/keyword_ids/offsets",
+    np.dtype("int64"),
+)
+
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_DTYPE = np.dtype("int64")
+SPLIT_H5_GROUP = "splits"
+
+
+def split_pt_file(split: str) -> str:
+    return f"{split}_idx.pt"
+
+
+def split_h5_path(split: str) -> str:
+    return f"{SPLIT_H5_GROUP}/{split}"
+
+
+def split_from_pt_file(file_name: str) -> str | None:
+    """``train_idx.pt`` -> ``train``; anything else -> None."""
+    suffix = "_idx.pt"
+    return file_name[: -len(suffix)] if file_name.endswith(suffix) and len(file_name) > len(suffix) else None
+
+
+# Upstream's detection probes only this file to decide a directory holds PT data.
+PT_PROBE = TENSOR["question_embs"].pt_file
+
+# Files a PT dataset consists of (splits are found by pattern).
+PT_FILES = tuple(spec.pt_file for spec in TENSORS) + (KEYWORD_IDS.pt_file,)
+
+STEERING_VARIANTS = ("zero", "centroid", "keyword", "residual")
+# Variant id -> the tensor its steering vector comes from (zero has none).
+STEERING_TENSOR = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
+TIER_RANGE = (1, 4)
+
+# HDF5 attribute names (root and per dataset).
+ATTR_FORMAT_VERSION = "jasper_format_version"
+ATTR_CONFIG = "config_json"
+ATTR_FINGERPRINT = "source_fingerprint"
+ATTR_CHECKSUM = "sha256"
+ATTR_LAYOUT = "layout"
