@@ -9,8 +9,9 @@ Checksums of whole tensors live in the HDF5 file itself (``verify``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 SAMPLE_BLOCKS = 64
 SAMPLE_BYTES = 64 << 10

@@ -26,8 +26,18 @@ MAX_KEYWORDS_PER_PAIR = 5
 QUESTIONS_PER_PAIR = 0.5
 SOURCES_PER_PAIR = 0.8
 BLOCK_ROWS = 16384
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -63,8 +73,9 @@ def _clustered(rng: np.random.Generator, centroids: np.ndarray, clusters: np.nda
     return out
 
 
-def _pick_in_cluster(rng: np.random.Generator, members_sorted: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-                     clusters: np.ndarray) -> np.ndarray:
+def _pick_in_cluster(
+    rng: np.random.Generator, members_sorted: np.ndarray, starts: np.ndarray, counts: np.ndarray, clusters: np.ndarray
+) -> np.ndarray:
     """One random member of each given cluster (every cluster has at least one member)."""
     u = rng.random(clusters.shape)
     return members_sorted[starts[clusters] + (u * counts[clusters]).astype(np.int64)]
@@ -139,12 +150,15 @@ def synth_dataset(
 
     # Negatives in tier blocks: in-cluster, adjacent cluster, other cluster, random other cluster.
     tiers_n = tier_counts(n_neg)
-    neg_cluster = np.concatenate([
-        np.repeat(c[:, None], tiers_n[0], 1),
-        np.repeat(((c + 1) % n_c)[:, None], tiers_n[1], 1),
-        (c[:, None] + 1 + rng.integers(max(1, n_c - 1), size=(n_pairs, tiers_n[2]))) % n_c,
-        (c[:, None] + 1 + rng.integers(max(1, n_c - 1), size=(n_pairs, tiers_n[3]))) % n_c,
-    ], axis=1)
+    neg_cluster = np.concatenate(
+        [
+            np.repeat(c[:, None], tiers_n[0], 1),
+            np.repeat(((c + 1) % n_c)[:, None], tiers_n[1], 1),
+            (c[:, None] + 1 + rng.integers(max(1, n_c - 1), size=(n_pairs, tiers_n[2]))) % n_c,
+            (c[:, None] + 1 + rng.integers(max(1, n_c - 1), size=(n_pairs, tiers_n[3]))) % n_c,
+        ],
+        axis=1,
+    )
     negatives = _pick_in_cluster(rng, src_sorted, src_starts, src_counts, neg_cluster)
     clash = negatives == s[:, None]
     negatives[clash] = (negatives[clash] + 1) % n_s
@@ -155,24 +169,44 @@ def synth_dataset(
     n_train = int(round(split_ratios[0] * n_q))
     n_val = int(round(split_ratios[1] * n_q))
     split_of_q = np.empty(n_q, np.int64)
-    split_of_q[order[:n_train]], split_of_q[order[n_train : n_train + n_val]], split_of_q[order[n_train + n_val :]] = 0, 1, 2
+    split_of_q[order[:n_train]], split_of_q[order[n_train : n_train + n_val]], split_of_q[order[n_train + n_val :]] = (
+        0,
+        1,
+        2,
+    )
     pair_split = split_of_q[q]
     splits = {name: np.flatnonzero(pair_split == i) for i, name in enumerate(("train", "val", "test"))}
 
     config: dict[str, Any] = {
-        "embedding_dim": dim, "n_neg": n_neg, "clustering_source": "synthetic",
+        "embedding_dim": dim,
+        "n_neg": n_neg,
+        "clustering_source": "synthetic",
         "split_ratios": list(split_ratios),
         "steering_probabilities": {"zero": 0.25, "centroid": 0.25, "keyword": 0.25, "residual": 0.25},
         "curriculum": {"mode": "linear", "start_distance": 0.3, "end_distance": 0.7, "warmup_epochs": 10},
-        "n_pairs": n_pairs, "n_questions": n_q, "n_sources": n_s, "n_keywords": n_k, "n_clusters": n_c,
-        "storage_format": "pt", "include_inspection_file": False, "random_seed": seed, "csv_splits": None,
+        "n_pairs": n_pairs,
+        "n_questions": n_q,
+        "n_sources": n_s,
+        "n_keywords": n_k,
+        "n_clusters": n_c,
+        "storage_format": "pt",
+        "include_inspection_file": False,
+        "random_seed": seed,
+        "csv_splits": None,
     }
     tensors = {
-        "question_embs": questions, "source_embs": sources, "keyword_embs": keywords, "centroid_embs": centroids,
-        "pair_index": np.stack([q, s], 1).astype(np.int64), "pair_cluster_id": c.astype(np.int64),
+        "question_embs": questions,
+        "source_embs": sources,
+        "keyword_embs": keywords,
+        "centroid_embs": centroids,
+        "pair_index": np.stack([q, s], 1).astype(np.int64),
+        "pair_cluster_id": c.astype(np.int64),
         "pair_relevance": rng.uniform(0.5, 1.0, n_pairs).astype(np.float32),
-        "hard_negatives": negatives.astype(np.int64), "negative_tiers": tiers.astype(np.int64),
-        "steering_centroid": steer_c, "steering_keyword_weighted": steer_k, "steering_residual": steer_r,
+        "hard_negatives": negatives.astype(np.int64),
+        "negative_tiers": tiers.astype(np.int64),
+        "steering_centroid": steer_c,
+        "steering_keyword_weighted": steer_k,
+        "steering_residual": steer_r,
         "centroid_distances": distances,
     }
     log.info("writing %d pairs (D=%d, n_neg=%d) to %s", n_pairs, dim, n_neg, out_dir)

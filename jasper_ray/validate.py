@@ -7,7 +7,8 @@ Stops at the first error (a ``ValidationError``).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,9 @@ def check_config(config: dict[str, Any]) -> None:
 def symbol_sizes(reader: Reader) -> dict[str, int]:
     """What each shape symbol must equal: entity-table rows, pairs, and D / NEG from the config."""
     sizes = {sym: reader.shape(name)[0] for sym, name in ENTITY_OF_SYMBOL.items()}
-    sizes.update(P=reader.shape("pair_index")[0], D=reader.config["embedding_dim"], NEG=reader.config["n_neg"], **{"2": 2})
+    sizes.update(
+        P=reader.shape("pair_index")[0], D=reader.config["embedding_dim"], NEG=reader.config["n_neg"], **{"2": 2}
+    )
     return sizes
 
 
@@ -48,11 +51,17 @@ def check_shapes(reader: Reader, sizes: dict[str, int]) -> None:
         if dtype != spec.dtype:
             raise ValidationError(where, f"dtype {dtype}", f"dtype {spec.dtype}")
         if len(shape) != len(spec.shape):
-            raise ValidationError(where, f"{len(shape)} dimensions {shape}", f"{len(spec.shape)} dimensions {list(spec.shape)}")
+            raise ValidationError(
+                where, f"{len(shape)} dimensions {shape}", f"{len(spec.shape)} dimensions {list(spec.shape)}"
+            )
         for axis, (got, sym) in enumerate(zip(shape, spec.shape)):
             if got != sizes[sym]:
-                what = {"P": "the number of pairs (rows of pair_index)", "D": f"embedding_dim from {CONFIG_FILE}",
-                        "NEG": f"n_neg from {CONFIG_FILE}", "2": "2"}.get(sym, f"rows of {ENTITY_OF_SYMBOL.get(sym)}")
+                what = {
+                    "P": "the number of pairs (rows of pair_index)",
+                    "D": f"embedding_dim from {CONFIG_FILE}",
+                    "NEG": f"n_neg from {CONFIG_FILE}",
+                    "2": "2",
+                }.get(sym, f"rows of {ENTITY_OF_SYMBOL.get(sym)}")
                 raise ValidationError(where, f"size {got} on axis {axis}", f"{sizes[sym]} ({what})")
     n_kw = reader.n_keyword_pairs()
     if n_kw != sizes["P"]:
@@ -65,8 +74,9 @@ def _blocks(n: int, row_elems: int) -> Iterable[tuple[int, int]]:
         yield a, min(n, a + step)
 
 
-def check_range(where: str, block: np.ndarray, lo: int, hi: int, expected: str, first_row: int = 0,
-                column: int | None = None) -> None:
+def check_range(
+    where: str, block: np.ndarray, lo: int, hi: int, expected: str, first_row: int = 0, column: int | None = None
+) -> None:
     """Every value in [lo, hi); the error names the first bad position."""
     if block.size == 0:
         return
@@ -110,8 +120,12 @@ def check_ranges(reader: Reader, sizes: dict[str, int], bar: Any = None) -> None
         if bad.any():
             i = a + int(np.argmax(bad))
             pair = int(np.searchsorted(offsets, i, side="right") - 1)
-            raise ValidationError(where, f"keyword id {values[i]}", f"a keyword id in [0, {k}) (rows of keyword_embs)",
-                                  f"pair {pair}, entry {i - offsets[pair]}")
+            raise ValidationError(
+                where,
+                f"keyword id {values[i]}",
+                f"a keyword id in [0, {k}) (rows of keyword_embs)",
+                f"pair {pair}, entry {i - offsets[pair]}",
+            )
     for split in reader.split_names():
         ids = reader.split(split)
         where = reader.location_split(split)
@@ -127,8 +141,10 @@ def validate_dataset(reader: Reader, progress: bool = False) -> None:
     check_config(reader.config)
     sizes = symbol_sizes(reader)
     check_shapes(reader, sizes)
-    total = sum(reader.dtype(n).itemsize * int(np.prod(reader.shape(n), dtype=np.int64))
-                for n in ("pair_index", "pair_cluster_id", "hard_negatives", "negative_tiers"))
+    total = sum(
+        reader.dtype(n).itemsize * int(np.prod(reader.shape(n), dtype=np.int64))
+        for n in ("pair_index", "pair_cluster_id", "hard_negatives", "negative_tiers")
+    )
     with tqdm(total=total, unit="B", unit_scale=True, desc="validate", disable=not progress) as bar:
         check_ranges(reader, sizes, bar)
 

@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +99,16 @@ def row_blocks(n_rows: int, row_bytes: int, align: int, block_bytes: int = BLOCK
         yield start, min(start + rows, n_rows)
 
 
-def write_rows(dset: Any, reader: Reader, job: TensorJob, start: int, stop: int, hasher: Any = None,
-               block_bytes: int = BLOCK_BYTES, on_block: Any = None) -> int:
+def write_rows(
+    dset: Any,
+    reader: Reader,
+    job: TensorJob,
+    start: int,
+    stop: int,
+    hasher: Any = None,
+    block_bytes: int = BLOCK_BYTES,
+    on_block: Any = None,
+) -> int:
     """Copy rows ``start:stop`` of ``job`` from ``reader`` into ``dset`` at the same rows."""
     row_bytes = job.nbytes // max(job.shape[0], 1)
     align = dset.chunks[0] if dset.chunks else 1
@@ -179,8 +188,11 @@ def convert_pt_to_hdf5(
         validate_dataset(reader, progress=progress)
     started = time.perf_counter()
     jobs = tensor_jobs(reader)
-    with atomic_output(output) as temp, h5py.File(temp, "w") as f, \
-            _progress(sum(j.nbytes for j in jobs), progress, "convert") as bar:
+    with (
+        atomic_output(output) as temp,
+        h5py.File(temp, "w") as f,
+        _progress(sum(j.nbytes for j in jobs), progress, "convert") as bar,
+    ):
         write_root_attrs(f, reader, compression)
         f.require_group(KEYWORD_IDS.h5_group).attrs[ATTR_LAYOUT] = "csr"
         group = None
@@ -193,8 +205,9 @@ def convert_pt_to_hdf5(
             hasher = hashlib.sha256()
             write_rows(dset, reader, job, 0, job.shape[0], hasher, block_bytes, bar.update)
             dset.attrs[ATTR_CHECKSUM] = hasher.hexdigest()
-    report = ConversionReport(output, reader.nbytes_on_disk(), output.stat().st_size,
-                              time.perf_counter() - started, compression)
+    report = ConversionReport(
+        output, reader.nbytes_on_disk(), output.stat().st_size, time.perf_counter() - started, compression
+    )
     for line in report.lines():
         log.info(line)
     return report

@@ -76,7 +76,9 @@ def detect_format(directory: Path) -> str:
         log.warning(
             "%s is stale: %s changed since it was converted; serving the PT files. "
             "Reconvert with `jasper-ray convert %s`.",
-            h5, ", ".join(changed), directory,
+            h5,
+            ", ".join(changed),
+            directory,
         )
         return "pt"
     if (directory / PT_PROBE).is_file():

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class Reader(ABC):
             self._open()
             self._opened_in = pid
 
-    def _open(self) -> None:
+    def _open(self) -> None:  # noqa: B027 - formats without handles need nothing here
         """Open whatever handle the format keeps per process."""
 
     def close(self) -> None:
@@ -85,7 +86,7 @@ class Reader(ABC):
         for key in self._process_local:
             setattr(self, key, None)
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -195,5 +196,3 @@ class Reader(ABC):
     @property
     def n_pairs(self) -> int:
         return self.shape("pair_index")[0]
-
-

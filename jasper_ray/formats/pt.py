@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,9 @@ def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         if not isinstance(ids, (list, tuple)):
-            raise DatasetFormatError(f"{where} at position {p}: expected a list of keyword ids, found {type(ids).__name__}")
+            raise DatasetFormatError(
+                f"{where} at position {p}: expected a list of keyword ids, found {type(ids).__name__}"
+            )
         lengths[p + 1] = len(ids)
     offsets = np.cumsum(lengths)
     values = np.empty(int(offsets[-1]), dtype=KEYWORD_IDS.dtype)
@@ -71,7 +74,9 @@ def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
             try:
                 values[offsets[p] : offsets[p + 1]] = ids
             except (TypeError, ValueError, OverflowError) as exc:
-                raise DatasetFormatError(f"{where} at position {p}: expected integer keyword ids, found {ids!r:.80}") from exc
+                raise DatasetFormatError(
+                    f"{where} at position {p}: expected integer keyword ids, found {ids!r:.80}"
+                ) from exc
     return values, offsets
 
 

@@ -1,0 +1,196 @@
+"""``jasper-ray``: synth | convert | inspect | verify | demo.
+
+The only module that prints. Bad input ends with a one-line error on stderr
+and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ChecksumError
+
+log = logging.getLogger("jasper_ray")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import pairs_for_size, parse_size, synth_dataset
+
+    n_pairs = pairs_for_size(parse_size(args.size), args.dim, args.neg) if args.size else args.pairs
+    started = time.perf_counter()
+    out = synth_dataset(args.out, n_pairs, args.dim, args.neg, args.seed)
+    nbytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".pt")
+    print(
+        f"wrote {n_pairs} pairs (D={args.dim}, n_neg={args.neg}, seed={args.seed}) to {out}: "
+        f"{nbytes / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+def _compression(text: str) -> str | None:
+    return None if text.lower() in ("none", "") else text
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .writer import convert_pt_to_hdf5
+
+    report = convert_pt_to_hdf5(
+        args.dir, _compression(args.compression), args.level, not args.no_shuffle, progress=not args.quiet
+    )
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _describe_storage(reader, name: str) -> str:
+    arr = reader.array(name)
+    if isinstance(arr, np.memmap):
+        return "mmap"
+    dset = getattr(arr, "dset", None)
+    if dset is not None:
+        return f"chunks={dset.chunks} {dset.compression}{'+shuffle' if dset.shuffle else ''}"
+    return "in RAM"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats import open_dataset
+    from .schema import TENSORS
+
+    reader = open_dataset(args.dir, storage_format=args.format, use_mmap=True)
+    print(f"dataset   {reader.directory}")
+    print(f"format    {reader.storage_format} ({reader.nbytes_on_disk() / 1e6:.1f} MB on disk)")
+    cfg = reader.config
+    print(
+        f"config    embedding_dim={cfg.get('embedding_dim')} n_neg={cfg.get('n_neg')} "
+        f"steering_probabilities={json.dumps(cfg.get('steering_probabilities'))}"
+    )
+    print(f"splits    {', '.join(f'{s}={len(reader.split(s))}' for s in reader.split_names())}")
+    print(f"{'tensor':<27} {'shape':<18} {'dtype':<8} storage")
+    for spec in TENSORS:
+        print(
+            f"{spec.name:<27} {str(reader.shape(spec.name)):<18} {str(reader.dtype(spec.name)):<8} "
+            f"{_describe_storage(reader, spec.name)}"
+        )
+    values, offsets = reader.keyword_csr()
+    print(f"{'pair_keyword_ids':<27} {len(offsets) - 1} pairs, {len(values)} ids")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .formats import open_dataset
+    from .validate import validate_dataset
+
+    reader = open_dataset(args.dir, storage_format=args.format, use_mmap=True)
+    if reader.storage_format == "hdf5":
+        with tqdm(
+            total=reader.nbytes_on_disk(), unit="B", unit_scale=True, desc="checksums", disable=args.quiet
+        ) as bar:
+            problems = reader.verify_checksums(on_block=bar.update)
+        if problems:
+            raise ChecksumError("; ".join(problems))
+    validate_dataset(reader, progress=not args.quiet)
+    print(f"ok: {reader.directory} ({reader.storage_format}) matches its checksums and the schema")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .formats import open_dataset
+    from .synth import pairs_for_size, parse_size, synth_dataset
+    from .writer import convert_pt_to_hdf5
+
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="jasper-demo-"))
+    n_pairs = pairs_for_size(parse_size(args.size), args.dim, args.neg)
+    rows = []
+    t = time.perf_counter()
+    synth_dataset(base, n_pairs, args.dim, args.neg, seed=0)
+    rows.append(("synthesise (PT)", time.perf_counter() - t, f"{n_pairs} pairs, D={args.dim}"))
+    report = convert_pt_to_hdf5(base, "gzip", progress=not args.quiet)
+    rows.append(
+        (
+            "convert -> HDF5 gzip",
+            report.seconds,
+            f"{report.source_bytes / 1e6:.0f} MB -> {report.output_bytes / 1e6:.0f} MB "
+            f"({report.saving_percent:.1f}% saved, {report.mb_per_s:.0f} MB/s)",
+        )
+    )
+    for fmt in ("pt", "hdf5"):
+        t = time.perf_counter()
+        reader = open_dataset(base, storage_format=fmt, use_mmap=True)
+        train = reader.split("train")
+        batch = np.random.default_rng(0).choice(train, size=min(512, len(train)), replace=False)
+        neg = reader.take("source_embs", reader.take("hard_negatives", batch).ravel())
+        rows.append(
+            (
+                f"open {fmt} + gather 512 pairs",
+                time.perf_counter() - t,
+                f"negatives {neg.shape} from {len(train)} train pairs",
+            )
+        )
+    print(f"\njasper_ray demo in {base}")
+    for what, seconds, detail in rows:
+        print(f"  {what:<32} {seconds:7.2f} s   {detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jasper-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in upstream's PT layout")
+    p.add_argument("out")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--pairs", type=int, default=2000)
+    size.add_argument("--size", help="target size on disk, e.g. 2GB (sets --pairs)")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--neg", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("convert", help="convert a PT dataset to dataset.h5 beside it")
+    p.add_argument("dir")
+    p.add_argument("--compression", default="gzip", help="gzip, lzf or none")
+    p.add_argument("--level", type=int, default=None, help="gzip level (compression_opts)")
+    p.add_argument("--no-shuffle", action="store_true", help="turn off the shuffle filter")
+    p.set_defaults(func=_cmd_convert)
+
+    for name, func, text in (
+        ("inspect", _cmd_inspect, "show what a dataset holds and how it is stored"),
+        ("verify", _cmd_verify, "recompute checksums and validate against the schema"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("dir")
+        p.add_argument("--format", default="auto", choices=("auto", "pt", "hdf5"))
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="synthesise, convert and load a dataset; print what happened")
+    p.add_argument("--size", default="200MB")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--neg", type=int, default=12)
+    p.add_argument("--dir", help="where to write (default: a new temporary directory)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, OSError, ImportError, KeyError) as exc:
+        print(f"jasper-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"jasper-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
