@@ -4,8 +4,8 @@ FileNotFoundError keep working (upstream raised those)."""
 from __future__ import annotations
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A directory, file or tensor the dataset needs is not there."""
+class DatasetNotFoundError(FileNotFoundError, ValueError):
+    """A directory, file or tensor the dataset needs is not there (upstream raised ValueError for these)."""
 
 
 class DatasetFormatError(ValueError):
@@ -15,10 +15,14 @@ class DatasetFormatError(ValueError):
 class ValidationError(ValueError):
     """Content that breaks the schema: names where, what was found, what was expected."""
 
-    def __init__(self, where: str, found: object, expected: str, position: object | None = None):
+    def __init__(
+        self, where: str, found: object, expected: str, position: object | None = None, summary: str | None = None
+    ):
         self.where, self.found, self.expected, self.position = where, found, expected, position
         at = f" at position {position}" if position is not None else ""
-        super().__init__(f"{where}{at}: found {found}, expected {expected}")
+        detail = f"{where}{at}: found {found}, expected {expected}"
+        # ``summary`` keeps upstream's wording ("pair_index references question 999, ...") in front.
+        super().__init__(f"{summary} ({detail})" if summary else detail)
 
 
 class StaleDatasetError(ValueError):

@@ -75,7 +75,14 @@ def _blocks(n: int, row_elems: int) -> Iterable[tuple[int, int]]:
 
 
 def check_range(
-    where: str, block: np.ndarray, lo: int, hi: int, expected: str, first_row: int = 0, column: int | None = None
+    where: str,
+    block: np.ndarray,
+    lo: int,
+    hi: int,
+    expected: str,
+    first_row: int = 0,
+    column: int | None = None,
+    summary: str | None = None,
 ) -> None:
     """Every value in [lo, hi); the error names the first bad position."""
     if block.size == 0:
@@ -88,26 +95,40 @@ def check_range(
         position = int(pos[0]) if block.ndim == 1 else tuple(int(x) for x in pos)
         if column is not None:
             position = (int(pos[0]), column)
-        raise ValidationError(where, f"value {value}", expected, position)
+        raise ValidationError(
+            where, f"value {value}", expected, position, summary.format(value=value) if summary else None
+        )
 
 
 def check_ranges(reader: Reader, sizes: dict[str, int], bar: Any = None) -> None:
     q, s, c, k, p = sizes["Q"], sizes["S"], sizes["C"], sizes["K"], sizes["P"]
     lo_tier, hi_tier = TIER_RANGE
-    rules = {  # tensor -> list of (column or None, lo, hi, expected)
-        "pair_index": [(0, 0, q, f"a question id in [0, {q})"), (1, 0, s, f"a source id in [0, {s})")],
-        "pair_cluster_id": [(None, 0, c, f"a cluster id in [0, {c}) (rows of centroid_embs)")],
-        "hard_negatives": [(None, 0, s, f"a source id in [0, {s})")],
-        "negative_tiers": [(None, lo_tier, hi_tier + 1, f"a tier in [{lo_tier}, {hi_tier}]")],
+    rules = {  # tensor -> (column or None, lo, hi, what a value refers to, how many exist)
+        "pair_index": [(0, 0, q, "question", q), (1, 0, s, "source", s)],
+        "pair_cluster_id": [(None, 0, c, "cluster", c)],
+        "hard_negatives": [(None, 0, s, "source", s)],
+        "negative_tiers": [(None, lo_tier, hi_tier + 1, None, None)],
     }
     for name, checks in rules.items():
         where = reader.location(name)
         shape = reader.shape(name)
         for a, b in _blocks(shape[0], int(np.prod(shape[1:], dtype=np.int64))):
             block = reader.read(name, a, b)
-            for column, lo, hi, expected in checks:
+            for column, lo, hi, entity, count in checks:
                 part = block if column is None else block[:, column]
-                check_range(where, part, lo, hi, expected, a, column)
+                if entity is None:
+                    check_range(where, part, lo, hi, f"a tier in [{lo}, {hi - 1}]", a, column)
+                else:
+                    check_range(
+                        where,
+                        part,
+                        lo,
+                        hi,
+                        f"a {entity} id in [0, {count})",
+                        a,
+                        column,
+                        summary=f"{name} references {entity} {{value}}, but only {count} {entity}s exist",
+                    )
             if bar is not None:
                 bar.update(block.nbytes)
     values, offsets = reader.keyword_csr()
@@ -131,7 +152,14 @@ def check_ranges(reader: Reader, sizes: dict[str, int], bar: Any = None) -> None
         where = reader.location_split(split)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise ValidationError(where, f"shape {ids.shape} dtype {ids.dtype}", "a 1-D integer array of pair ids")
-        check_range(where, ids, 0, p, f"a pair id in [0, {p})")
+        check_range(
+            where,
+            ids,
+            0,
+            p,
+            f"a pair id in [0, {p})",
+            summary=f"Split indices reference pair {{value}}, but only {p} pairs exist",
+        )
 
 
 def validate_dataset(reader: Reader, progress: bool = False) -> None:
