@@ -47,6 +47,14 @@ def decide_mmap(nbytes: int, available: int | None = None) -> bool:
     return nbytes > MMAP_THRESHOLD_BYTES or nbytes > MMAP_RAM_SHARE * available
 
 
+def declared_bytes(config: dict) -> int:
+    """Upstream's size estimate from config.json (embedding_dim * n_pairs * 4 * 15); 0 if it says nothing."""
+    try:
+        return int(config["embedding_dim"]) * int(config.get("n_pairs", 0)) * 4 * 15
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def _h5py_available() -> bool:
     try:
         require_h5py()
@@ -96,8 +104,9 @@ def open_dataset(
 ) -> Reader:
     """Open a JASPER dataset directory (or its ``dataset.h5``) for lazy reading.
 
-    ``use_mmap=None`` maps when the files on disk exceed 10 GiB or half the
-    RAM available now; an explicit bool wins. An explicit ``"hdf5"`` whose
+    ``use_mmap=None`` maps when the files on disk (or the size config.json
+    declares) exceed 10 GiB or half the RAM available now; an explicit bool wins.
+    ``options`` tune the HDF5 reader (``chunk_cache_bytes``) and are ignored for PT. An explicit ``"hdf5"`` whose
     PT sources changed since conversion raises ``StaleDatasetError``.
     """
     path = Path(path)
@@ -122,9 +131,15 @@ def open_dataset(
             )
     elif not (path / PT_PROBE).is_file():
         raise DatasetNotFoundError(f"PT files not found in {path} (looked for {PT_PROBE})")
-    reader = READERS[storage_format](path, use_mmap=True, **options)
+    reader = READERS[storage_format](path, use_mmap=True, **(options if storage_format == "hdf5" else {}))
     if use_mmap is None:
-        use_mmap = decide_mmap(reader.nbytes_on_disk())
+        # A config that declares a larger dataset than the files hold is honoured too: mapping is never
+        # the risky choice, loading is.
+        try:
+            declared = declared_bytes(reader.config)
+        except (FileNotFoundError, ValueError):
+            declared = 0
+        use_mmap = decide_mmap(max(reader.nbytes_on_disk(), declared))
     reader.use_mmap = bool(use_mmap)
     return reader
 
