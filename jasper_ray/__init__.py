@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 # --- Public API ---
+from .assembly import SAMPLE_KEYS, assemble_batch, collate
+from .dataset import JASPERSteeringDataset
 from .errors import ChecksumError, DatasetFormatError, DatasetNotFoundError, StaleDatasetError, ValidationError
 from .formats import open_dataset
 from .formats.base import Reader
 from .formats.pt import write_pt_dataset
+from .loader import ResumableLoader, create_loader, set_epoch, validate_first_batch
+from .sampler import ResumableSampler
 from .synth import synth_dataset
 from .validate import validate_dataset
 from .writer import ConversionReport, convert_pt_to_hdf5
@@ -14,6 +18,15 @@ from .writer import ConversionReport, convert_pt_to_hdf5
 __version__ = "0.1.0"
 
 __all__ = [
+    "JASPERSteeringDataset",
+    "ResumableLoader",
+    "ResumableSampler",
+    "SAMPLE_KEYS",
+    "assemble_batch",
+    "collate",
+    "create_loader",
+    "set_epoch",
+    "validate_first_batch",
     "ChecksumError",
     "ConversionReport",
     "DatasetFormatError",

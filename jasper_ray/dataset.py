@@ -1,0 +1,239 @@
+"""``JASPERSteeringDataset``: upstream's torch Dataset API over the format reader.
+
+Same constructor, sample dict, methods and attributes as upstream
+(RAG_supporters), without its bugs: steering variants are a pure function of
+(seed, epoch, pair id) (NOTE in sampling.py); ``set_epoch`` and
+``force_steering`` live in shared memory so persistent DataLoader workers see
+them; ``__getitems__`` assembles a whole batch in one vectorised call; the
+dataset pickles (paths, not handles) so spawn workers work; mmap is real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .assembly import ReaderSource, SampleBatch, TensorSource, assemble_batch
+from .config import read_config_file
+from .errors import DatasetNotFoundError
+from .formats import StorageFormat, open_dataset
+from .formats.base import Reader
+from .sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
+from .schema import CONFIG_FILE, HDF5_FILE, STEERING_VARIANTS, TENSORS
+from .validate import validate_dataset
+
+log = logging.getLogger(__name__)
+
+_NOT_FORCED = -1
+
+
+class _Core:
+    """What the splits of one dataset share: the reader, the placed tensors and the schedule."""
+
+    def __init__(self, reader: Reader, device: torch.device, storage_format: str, validate: bool):
+        if validate:
+            validate_dataset(reader)
+        self.reader = reader
+        self.requested_format = storage_format
+        self.device = device
+        self.schedule = SteeringSchedule(reader.config)
+        self.source = self._make_source()
+
+    def _make_source(self) -> ReaderSource | TensorSource:
+        if self.device.type == "cpu" and self.reader.use_mmap:
+            return ReaderSource(self.reader)
+        return TensorSource(self.reader, self.device)
+
+    def reload(self, validate: bool) -> None:
+        """Reopen the files (they may have been rewritten) and place the tensors again."""
+        self.reader.close()
+        reader = open_dataset(self.reader.directory, self.requested_format, self.reader.use_mmap)
+        if validate:
+            validate_dataset(reader)
+        self.reader, self.source = reader, None
+        self.source = self._make_source()
+
+
+def _tensor_property(name: str) -> property:
+    def get(self: JASPERSteeringDataset) -> torch.Tensor:
+        return self._live_core().source.tensor(name)
+
+    return property(get, doc=f"The whole ``{name}`` tensor (mapped, not copied, when use_mmap).")
+
+
+class JASPERSteeringDataset(Dataset):
+    """One split of a JASPER dataset as a torch ``Dataset`` of upstream's nine-key samples."""
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        split: str,
+        epoch: int = 0,
+        device: torch.device | str | None = None,
+        storage_format: StorageFormat = "auto",
+        use_mmap: bool | None = None,
+        *,
+        seed: int = DEFAULT_SEED,
+        validate: bool = True,
+        _core: _Core | None = None,
+    ):
+        self.dataset_dir = Path(dataset_dir)
+        self.split = split
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if _core is None:
+            if not self.dataset_dir.is_dir():
+                raise DatasetNotFoundError(f"Dataset directory not found: {self.dataset_dir}")
+            if read_config_file(self.dataset_dir) is None and not (self.dataset_dir / HDF5_FILE).is_file():
+                raise DatasetNotFoundError(f"Config file not found: {self.dataset_dir / CONFIG_FILE}")
+            if use_mmap is None and self.device.type != "cpu":
+                use_mmap = False  # tensors are placed on the device whole anyway
+            reader = open_dataset(self.dataset_dir, storage_format, use_mmap)
+            _core = _Core(reader, self.device, storage_format, validate)
+        self._core: _Core | None = _core
+        self.config: dict[str, Any] = _core.reader.config
+        self.storage_format = _core.reader.storage_format
+        self.use_mmap = _core.reader.use_mmap
+        self.embedding_dim = int(self.config["embedding_dim"])
+        self.n_neg = int(self.config["n_neg"])
+        self.split_indices = torch.from_numpy(np.ascontiguousarray(_core.reader.split(split), dtype=np.int64))
+        self._split_ids = self.split_indices.numpy()
+        # [epoch, forced variant]: shared memory, so persistent workers see set_epoch / force_steering.
+        self._control = torch.tensor([int(epoch), _NOT_FORCED], dtype=torch.int64).share_memory_()
+        log.info(
+            "Dataset initialized: %d samples, embedding_dim=%d, n_neg=%d, device=%s, storage=%s, mmap=%s, "
+            "memory=%.1f MB resident (%.1f MB on disk)",
+            len(self),
+            self.embedding_dim,
+            self.n_neg,
+            self.device,
+            self.storage_format,
+            self.use_mmap,
+            _core.source.resident_bytes / 2**20,
+            _core.reader.nbytes_on_disk() / 2**20,
+        )
+
+    # --- state shared with workers -----------------------------------------
+    @property
+    def current_epoch(self) -> int:
+        return int(self._control[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Variants (and curriculum probabilities) of ``epoch`` from the next batch on, in every worker."""
+        self._control[0] = int(epoch)
+
+    def force_steering(self, variant: str | None) -> None:
+        """Serve only ``variant`` ("zero", "centroid", "keyword", "residual"), or sample again with None."""
+        if variant is not None and variant not in VARIANT_ID:
+            raise ValueError(
+                f"Unknown steering variant: {variant!r}; expected one of {list(STEERING_VARIANTS)} or None"
+            )
+        self._control[1] = _NOT_FORCED if variant is None else VARIANT_ID[variant]
+
+    @property
+    def steering_probs(self) -> dict[str, float]:
+        """The variant probabilities at the current epoch."""
+        return self._live_core().schedule.probs(self.current_epoch)
+
+    # --- samples -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._split_ids)
+
+    def variants(self, pair_ids: np.ndarray) -> np.ndarray:
+        forced = int(self._control[1])
+        if forced != _NOT_FORCED:
+            return np.full(len(pair_ids), forced, dtype=np.int64)
+        epoch = self.current_epoch
+        return steering_variants(pair_ids, epoch, self.seed, self._live_core().schedule.probs(epoch))
+
+    def _pair_ids(self, indices: Any) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"Index {bad} out of range [0, {n})")
+        return self._split_ids[idx]
+
+    def get_batch(self, indices: Any) -> dict[str, torch.Tensor]:
+        """The collated batch for split positions ``indices``, in one vectorised call."""
+        pair_ids = self._pair_ids(indices)
+        return assemble_batch(self._live_core().source, pair_ids, self.variants(pair_ids))
+
+    def __getitems__(self, indices: list[int]) -> SampleBatch:
+        return SampleBatch(self.get_batch(indices))
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.item()
+        if not isinstance(idx, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(idx).__name__}")
+        return {key: value[0] for key, value in self.get_batch([idx]).items()}
+
+    # --- upstream's lifecycle -----------------------------------------------------------
+    def _live_core(self) -> _Core:
+        if self._core is None:
+            raise AttributeError(f"{type(self).__name__} for {self.dataset_dir} was closed")
+        return self._core
+
+    def reload_negatives(self) -> None:
+        """Re-read the dataset from disk (rewritten negatives included), validate and place it again."""
+        self._live_core().reload(validate=True)
+
+    def close(self) -> None:
+        """Drop the tensors and handles; the dataset is unusable afterwards (as upstream)."""
+        if self._core is not None:
+            log.info("Closing dataset %s (%s)", self.dataset_dir, self.split)
+            self._core = None
+
+    def __enter__(self) -> JASPERSteeringDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def reader(self) -> Reader:
+        return self._live_core().reader
+
+    @property
+    def pair_keyword_ids(self) -> list[list[int]]:
+        """Upstream's list of lists (built on first access; use ``reader.keyword_ids`` for batches)."""
+        values, offsets = self._live_core().reader.keyword_csr()
+        values = np.asarray(values[:])
+        return [values[offsets[p] : offsets[p + 1]].tolist() for p in range(len(offsets) - 1)]
+
+    @staticmethod
+    def create_combined_splits(
+        dataset_dir: str | os.PathLike,
+        epoch: int = 0,
+        device: torch.device | str | None = None,
+        storage_format: StorageFormat = "auto",
+        use_mmap: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, JASPERSteeringDataset]:
+        """train / val / test over one reader and one copy of the tensors (upstream loaded three)."""
+        first = JASPERSteeringDataset(dataset_dir, "train", epoch, device, storage_format, use_mmap, **kwargs)
+        kwargs.pop("validate", None)
+        out = {"train": first}
+        for split in ("val", "test"):
+            out[split] = JASPERSteeringDataset(
+                dataset_dir, split, epoch, device, storage_format, use_mmap, validate=False, _core=first._core, **kwargs
+            )
+        return out
+
+    @staticmethod
+    def convert_pt_to_hdf5(dataset_dir: str | os.PathLike, compression: str | None = "gzip", **kwargs: Any) -> Any:
+        """Write ``dataset.h5`` beside the PT files (they are kept)."""
+        from .writer import convert_pt_to_hdf5
+
+        return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
+
+
+for _spec in TENSORS:
+    setattr(JASPERSteeringDataset, _spec.name, _tensor_property(_spec.name))

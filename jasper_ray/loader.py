@@ -1,0 +1,154 @@
+"""Loader helpers with upstream's names: ``create_loader``, ``set_epoch``, ``validate_first_batch``.
+
+``create_loader`` returns a ``ResumableLoader``: a DataLoader over the
+batched path (``__getitems__`` + ``collate``) with a ``ResumableSampler``,
+whose ``state_dict()`` counts the samples actually delivered to the training
+loop (not the ones prefetched by workers), so resuming yields exactly the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from .assembly import SAMPLE_KEYS, collate
+from .dataset import JASPERSteeringDataset
+from .sampler import ResumableSampler, make_sampler
+from .sampling import DEFAULT_SEED
+
+log = logging.getLogger(__name__)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that can save and restore its place in an epoch."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.samples_delivered = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        self.samples_delivered = sampler.start if isinstance(sampler, ResumableSampler) else 0
+        for batch in super().__iter__():
+            self.samples_delivered += _batch_len(batch)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError("state_dict needs a ResumableSampler (use create_loader)")
+        return self.sampler.state_dict(self.samples_delivered)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the saved epoch where it stopped (the dataset moves to that epoch too)."""
+        self.sampler.load_state_dict(state)
+        self.samples_delivered = state["samples_seen"]
+        dataset = _jasper_dataset(self)
+        if dataset is not None:
+            dataset.set_epoch(state["epoch"])
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    return len(batch)
+
+
+def _jasper_dataset(loader: DataLoader) -> JASPERSteeringDataset | None:
+    dataset = getattr(loader, "dataset_obj", None) or loader.dataset
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, JASPERSteeringDataset) else None
+
+
+def create_loader(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    num_workers: int = 0,
+    distributed: bool = False,
+    epoch: int = 0,
+    drop_last: bool | None = None,
+    pin_memory: bool = True,
+    *,
+    shuffle: bool | None = None,
+    seed: int = DEFAULT_SEED,
+    persistent_workers: bool | None = None,
+    multiprocessing_context: Any = None,
+    **dataset_kwargs: Any,
+) -> ResumableLoader:
+    """A DataLoader over one split; ``dataset_kwargs`` (``storage_format``, ``use_mmap``, ``device``, ...)
+    go to ``JASPERSteeringDataset``. ``distributed`` shards over the initialised process group."""
+    dataset = JASPERSteeringDataset(dataset_dir, split, epoch=epoch, seed=seed, **dataset_kwargs)
+    shuffle = split == "train" if shuffle is None else shuffle
+    drop_last = split == "train" if drop_last is None else drop_last
+    num_replicas, rank = 1, 0
+    if distributed:
+        num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    sampler = make_sampler(dataset, shuffle=shuffle, seed=seed, epoch=epoch, num_replicas=num_replicas, rank=rank)
+    loader = ResumableLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+    )
+    loader.dataset_obj = dataset  # upstream's attribute names
+    loader.sampler_obj = sampler
+    return loader
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Move the dataset (all its workers) and the sampler to ``epoch``."""
+    dataset = _jasper_dataset(loader)
+    if dataset is not None:
+        dataset.set_epoch(epoch)
+    sampler = getattr(loader, "sampler_obj", None) or loader.sampler
+    if isinstance(sampler, (ResumableSampler, DistributedSampler)):
+        sampler.set_epoch(epoch)
+
+
+def first_batch(loader: DataLoader) -> dict[str, torch.Tensor]:
+    """The loader's first batch, built without iterating the loader (no state moves, no workers start)."""
+    dataset = _jasper_dataset(loader)
+    if dataset is None or loader.dataset is not dataset:
+        return next(iter(loader))
+    indices = list(itertools.islice(iter(loader.sampler), loader.batch_size or 1))
+    return dataset.get_batch(indices)
+
+
+def validate_first_batch(loader: DataLoader) -> bool:
+    """Upstream's checks on the first batch: keys, shapes, finiteness and value ranges."""
+    batch = first_batch(loader)
+    missing = set(SAMPLE_KEYS) ^ set(batch)
+    assert not missing, f"batch keys differ from the expected ones: {sorted(missing)}"
+    b = len(batch["steering_variant"])
+    dataset = _jasper_dataset(loader)
+    d = batch["question_emb"].shape[-1]
+    n_neg = batch["negative_tiers"].shape[-1]
+    sizes = {"D": d, "NEG": n_neg}
+    for key, (shape, dtype) in SAMPLE_KEYS.items():
+        expected = (b, *(sizes[s] for s in shape))
+        assert tuple(batch[key].shape) == expected, f"{key}: shape {tuple(batch[key].shape)}, expected {expected}"
+        assert batch[key].dtype == dtype, f"{key}: dtype {batch[key].dtype}, expected {dtype}"
+    for key in ("question_emb", "target_source_emb", "steering", "negative_embs"):
+        assert torch.isfinite(batch[key]).all(), f"{key} holds NaN or Inf"
+    if dataset is not None:
+        n_clusters = len(dataset.centroid_embs)
+        cid = batch["cluster_id"]
+        assert ((cid >= 0) & (cid < n_clusters)).all(), f"cluster_id outside [0, {n_clusters})"
+    rel, dist, var = batch["relevance"], batch["centroid_distance"], batch["steering_variant"]
+    assert ((rel >= 0) & (rel <= 1)).all(), "relevance outside [0, 1]"
+    assert ((dist >= 0) & (dist <= 2)).all(), "centroid_distance outside [0, 2]"
+    assert ((var >= 0) & (var <= 3)).all(), "steering_variant outside [0, 3]"
+    log.info("first batch ok: %s", {k: tuple(v.shape) for k, v in batch.items()})
+    return True
