@@ -50,9 +50,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_mapped(arr: object) -> bool:
+    """True when an array's memory is a file mapping (np.memmap, or torch's mmap'd storage)."""
+    import mmap
+
+    while arr is not None:
+        if isinstance(arr, (np.memmap, mmap.mmap)):
+            return True
+        arr = getattr(arr, "base", None)
+    return False
+
+
 def _describe_storage(reader, name: str) -> str:
     arr = reader.array(name)
-    if isinstance(arr, np.memmap):
+    if is_mapped(arr) or (reader.storage_format == "pt" and reader.use_mmap):
         return "mmap"
     dset = getattr(arr, "dset", None)
     if dset is not None:

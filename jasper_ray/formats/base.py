@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,11 +31,14 @@ class RowArray(Protocol):
     def __getitem__(self, key: Any) -> np.ndarray: ...
 
 
-def check_indices(where: str, indices: np.ndarray, n_rows: int) -> np.ndarray:
+def check_indices(where: str | Callable[[], str], indices: np.ndarray, n_rows: int) -> np.ndarray:
+    """Indices as int64, or an IndexError naming ``where`` (a callable is only called on error)."""
     indices = np.asarray(indices)
     if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+        where = where() if callable(where) else where
         raise IndexError(f"{where}: indices must be a 1-D integer array, got shape {indices.shape} {indices.dtype}")
     if indices.size and (indices.min() < 0 or indices.max() >= n_rows):
+        where = where() if callable(where) else where
         bad = indices[(indices < 0) | (indices >= n_rows)][0]
         raise IndexError(f"{where}: index {int(bad)} out of range [0, {n_rows})")
     return indices.astype(np.int64, copy=False)
@@ -129,7 +132,7 @@ class Reader(ABC):
     def take(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows at ``indices`` (any order, repeats allowed) as a new array."""
         arr = self.array(name)
-        idx = check_indices(self.location(name), np.asarray(indices), arr.shape[0])
+        idx = check_indices(lambda: self.location(name), np.asarray(indices), arr.shape[0])
         take = getattr(arr, "take_rows", None)
         return take(idx) if take is not None else np.asarray(arr[idx])
 
@@ -160,7 +163,7 @@ class Reader(ABC):
     def keyword_ids(self, pairs: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """The keyword ids of each pair in ``pairs``."""
         values, offsets = self.keyword_csr()
-        pairs = check_indices(f"{self.location_keywords()}", np.asarray(pairs), len(offsets) - 1)
+        pairs = check_indices(self.location_keywords, np.asarray(pairs), len(offsets) - 1)
         return [np.asarray(values[offsets[p] : offsets[p + 1]]) for p in pairs]
 
     def n_keyword_pairs(self) -> int:

@@ -66,10 +66,12 @@ def dataset_options(
     shuffle: bool = True,
 ) -> dict[str, Any]:
     """``create_dataset`` keyword arguments: contiguous when uncompressed (so it maps), row chunks otherwise."""
-    if compression is None:
-        return {}
-    if compression not in ("gzip", "lzf"):
+    if compression is not None and compression not in ("gzip", "lzf"):
         raise ValueError(f"compression must be 'gzip', 'lzf' or None, got {compression!r}")
+    if compression is None or 0 in shape:
+        # Nothing to compress in an empty tensor (a [0, D] keyword table), and HDF5 refuses
+        # a chunk larger than a zero-length axis: store it contiguous.
+        return {}
     chunks = (rows_per_chunk(shape, np.dtype(dtype).itemsize),) + tuple(max(1, s) for s in shape[1:])
     opts: dict[str, Any] = {"chunks": chunks, "compression": compression, "shuffle": bool(shuffle)}
     if compression_opts is not None:
@@ -119,7 +121,7 @@ class ChunkedRows:
 
 
 def map_contiguous(path: Path, dset: Any) -> np.ndarray | None:
-    """A read-only ``np.memmap`` over a contiguous, unfiltered dataset; None if it cannot be mapped."""
+    """A read-only array mapped over a contiguous, unfiltered dataset; None if it cannot be mapped."""
     if dset.chunks is not None or dset.compression is not None or dset.dtype.kind not in "iuf":
         return None
     if dset.size == 0:
@@ -127,7 +129,8 @@ def map_contiguous(path: Path, dset: Any) -> np.ndarray | None:
     offset = dset.id.get_offset()
     if offset is None:  # never written: HDF5 would read fill values
         raise DatasetFormatError(f"{path}:{dset.name}: dataset has no data allocated (never written)")
-    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
+    # A plain ndarray view of the map: same pages, without np.memmap's per-index Python overhead.
+    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape).view(np.ndarray)
 
 
 class HDF5Reader(Reader):

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Samples/s of the local torch path against upstream's per-sample algorithm and an in-RAM ceiling.
+
+    python scripts/bench_loader.py --size 1GB --out /tmp/jr-bench
+    python scripts/bench_loader.py --quick          # 100MB, fewer batches
+
+One synthetic dataset (D=768, n_neg=12), converted to HDF5 gzip and HDF5
+contiguous. For each storage (PT in RAM, PT+mmap, HDF5 contiguous (mmap),
+HDF5 gzip) a DataLoader (batch 256, workers 0 and 2, fork) runs:
+- batched: ``create_loader`` (``__getitems__`` + pass-through collate);
+- per-sample: the same dataset with ``__getitems__`` hidden, so the DataLoader
+  calls ``__getitem__`` per index and ``default_collate`` stacks;
+and, once, the references measured in the same run:
+- upstream-style: a short re-implementation of upstream's ``__getitem__``
+  (tensors in RAM, one ``rng.choice`` and three ``.item()`` per sample);
+- ceiling: ``assemble_batch`` over the same tensors in RAM, no DataLoader.
+Throughput counts samples after the first (warm-up) batch; the page cache is warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import fmt_rate, fmt_ratio, print_table, setup_logging  # noqa: E402
+
+import jasper_ray  # noqa: E402
+from jasper_ray.assembly import TensorSource, assemble_batch  # noqa: E402
+from jasper_ray.formats import open_dataset  # noqa: E402
+from jasper_ray.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
+
+log = logging.getLogger("bench.loader")
+BATCH = 256
+VARIANT_NAMES = ("zero", "centroid", "keyword", "residual")
+
+
+class PerSample(Dataset):
+    """The dataset without ``__getitems__``: DataLoader falls back to one ``__getitem__`` per index."""
+
+    def __init__(self, dataset: jasper_ray.JASPERSteeringDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+
+class UpstreamStyle(Dataset):
+    """Upstream's algorithm (UPSTREAM.md section 2): in-RAM tensors, one RNG draw and three .item() per sample."""
+
+    def __init__(self, directory: Path, split: str, probs: dict[str, float], epoch: int = 0):
+        load = lambda name: torch.load(directory / f"{name}.pt", weights_only=True)  # noqa: E731
+        self.split_indices = load(f"{split}_idx")
+        self.pair_index, self.question_embs, self.source_embs = (
+            load("pair_index"),
+            load("question_embs"),
+            load("source_embs"),
+        )
+        self.hard_negatives, self.negative_tiers = load("hard_negatives"), load("negative_tiers")
+        self.pair_cluster_id, self.pair_relevance = load("pair_cluster_id"), load("pair_relevance")
+        self.centroid_distances = load("centroid_distances")
+        self.steering = {
+            "centroid": load("steering_centroid"),
+            "keyword": load("steering_keyword_weighted"),
+            "residual": load("steering_residual"),
+        }
+        self.probs = probs
+        self.rng = np.random.default_rng(42 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.split_indices)
+
+    def __getitem__(self, idx: int):
+        pair_idx = self.split_indices[idx].item()
+        q_idx, s_idx = self.pair_index[pair_idx]
+        q_idx, s_idx = q_idx.item(), s_idx.item()
+        variant = self.rng.choice(list(self.probs.keys()), p=list(self.probs.values()))
+        q = self.question_embs[q_idx]
+        steering = torch.zeros(q.shape[0], dtype=q.dtype) if variant == "zero" else self.steering[variant][pair_idx]
+        return {
+            "question_emb": q,
+            "target_source_emb": self.source_embs[s_idx],
+            "steering": steering,
+            "negative_embs": self.source_embs[self.hard_negatives[pair_idx]],
+            "cluster_id": self.pair_cluster_id[pair_idx],
+            "relevance": self.pair_relevance[pair_idx],
+            "centroid_distance": self.centroid_distances[pair_idx],
+            "steering_variant": torch.tensor(VARIANT_NAMES.index(variant), dtype=torch.long),
+            "negative_tiers": self.negative_tiers[pair_idx],
+        }
+
+
+def throughput(batches, max_batches: int) -> float:
+    """Samples/s over up to ``max_batches`` batches after the first."""
+    it = iter(batches)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(it):
+        n += len(batch["steering_variant"])
+        if i + 1 >= max_batches:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def loader(dataset: Dataset, workers: int, batched: bool) -> DataLoader:
+    sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        dataset,
+        batch_size=BATCH,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=jasper_ray.collate if batched else default_collate,
+        multiprocessing_context="fork" if workers else None,
+        persistent_workers=False,
+    )
+
+
+def ceiling(directory: Path, max_batches: int) -> float:
+    """assemble_batch on tensors already in RAM, fed random batches directly: no DataLoader, no file."""
+    reader = open_dataset(directory, "pt", use_mmap=False)
+    source = TensorSource(reader)
+    train = reader.split("train")
+    rng = np.random.default_rng(0)
+    variants = rng.integers(0, 4, BATCH)
+
+    def batches():
+        while True:
+            yield assemble_batch(source, rng.choice(train, BATCH), variants)
+
+    return throughput(batches(), max_batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1GB")
+    parser.add_argument("--out", default="/tmp")
+    parser.add_argument("--batches", type=int, default=60, help="timed batches per row")
+    parser.add_argument("--quick", action="store_true", help="100MB and 15 batches")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    setup_logging()
+    if args.quick:
+        args.size, args.batches = "100MB", 15
+    n_pairs = pairs_for_size(parse_size(args.size), 768, 12)
+    root = Path(args.out) / f"bench-loader-{n_pairs}"
+    pt_dir, contiguous_dir = root / "pt", root / "contiguous"
+    try:
+        log.info("synthesising %d pairs (%s) in %s", n_pairs, args.size, root)
+        synth_dataset(pt_dir, n_pairs, 768, 12, seed=0)
+        jasper_ray.convert_pt_to_hdf5(pt_dir, "gzip", progress=False)
+        contiguous_dir.mkdir(parents=True, exist_ok=True)
+        jasper_ray.convert_pt_to_hdf5(pt_dir, None, output=contiguous_dir / "dataset.h5", progress=False)
+        shutil.copy(pt_dir / "config.json", contiguous_dir / "config.json")
+        disk = sum(p.stat().st_size for p in pt_dir.glob("*.pt"))
+
+        storages = {
+            "PT in RAM": dict(dataset_dir=pt_dir, storage_format="pt", use_mmap=False),
+            "PT + mmap": dict(dataset_dir=pt_dir, storage_format="pt", use_mmap=True),
+            "HDF5 contiguous (mmap)": dict(dataset_dir=contiguous_dir, storage_format="hdf5", use_mmap=True),
+            "HDF5 gzip": dict(dataset_dir=pt_dir, storage_format="hdf5", use_mmap=True),
+        }
+        log.info("references")
+        probs = jasper_ray.JASPERSteeringDataset(pt_dir, "train", storage_format="pt", validate=False).steering_probs
+        upstream = {
+            w: throughput(loader(UpstreamStyle(pt_dir, "train", probs), w, False), args.batches) for w in (0, 2)
+        }
+        top = ceiling(pt_dir, args.batches)
+        rows = [
+            (
+                "in-RAM vectorised gather (ceiling)",
+                "PT in RAM",
+                "-",
+                fmt_rate(top),
+                fmt_ratio(top / upstream[0]),
+                "1.00x",
+            ),
+        ]
+        rows += [
+            (
+                "upstream-style per-sample",
+                "PT in RAM",
+                w,
+                fmt_rate(upstream[w]),
+                fmt_ratio(upstream[w] / upstream[0]),
+                fmt_ratio(upstream[w] / top),
+            )
+            for w in (0, 2)
+        ]
+        for name, kwargs in storages.items():
+            for workers in (0, 2):
+                for batched in (True, False):
+                    log.info("%s, %d workers, %s", name, workers, "batched" if batched else "per-sample")
+                    ds = jasper_ray.JASPERSteeringDataset(split="train", validate=False, **kwargs)
+                    rate = throughput(loader(ds if batched else PerSample(ds), workers, batched), args.batches)
+                    rows.append(
+                        (
+                            "batched (__getitems__)" if batched else "per-sample (__getitem__)",
+                            name,
+                            workers,
+                            fmt_rate(rate),
+                            fmt_ratio(rate / upstream[0]),
+                            fmt_ratio(rate / top),
+                        )
+                    )
+        print_table(
+            f"DataLoader samples/s, batch {BATCH}, {n_pairs} pairs, D=768, n_neg=12, PT files {disk / 1e9:.2f} GB",
+            ["path", "storage", "workers", "samples/s", "vs upstream-style (0 workers)", "vs ceiling"],
+            rows,
+            notes=[
+                f"{args.batches} timed batches per row after one warm-up batch; page cache warm; fork workers",
+                "targets: batched >= 5x upstream-style; >= 0.5x ceiling on in-RAM and mmap'd data",
+                f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
+            ],
+        )
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
