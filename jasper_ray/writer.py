@@ -10,7 +10,6 @@ complete and synced. The parallel converter builds on the same pieces
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,12 +22,14 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_output
+from .checksum import BlockHasher, block_rows, combine
 from .fingerprint import fingerprint
 from .formats import open_dataset
 from .formats.base import Reader
 from .formats.hdf5 import dataset_options, require_h5py, rows_per_chunk
 from .schema import (
     ATTR_CHECKSUM,
+    ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
     ATTR_FINGERPRINT,
     ATTR_FORMAT_VERSION,
@@ -105,21 +106,32 @@ def write_rows(
     job: TensorJob,
     start: int,
     stop: int,
-    hasher: Any = None,
+    hasher: BlockHasher | None = None,
     block_bytes: int = BLOCK_BYTES,
     on_block: Any = None,
+    dest_start: int | None = None,
 ) -> int:
-    """Copy rows ``start:stop`` of ``job`` from ``reader`` into ``dset`` at the same rows."""
+    """Copy rows ``start:stop`` of ``job`` from ``reader`` into ``dset`` (at ``dest_start``, default ``start``)."""
     row_bytes = job.nbytes // max(job.shape[0], 1)
     align = dset.chunks[0] if dset.chunks else 1
+    offset = (start if dest_start is None else dest_start) - start
     for a, b in row_blocks(stop - start, row_bytes, align, block_bytes):
         block = read_rows(reader, job, start + a, start + b)
         if hasher is not None:
-            hasher.update(memoryview(block).cast("B"))
-        dset[start + a : start + b] = block
+            hasher.update(block)
+        dset[offset + start + a : offset + start + b] = block
         if on_block is not None:
             on_block(block.nbytes)
     return stop - start
+
+
+def new_hasher(job: TensorJob) -> BlockHasher:
+    return BlockHasher(block_rows(job.shape, job.dtype.itemsize), job.nbytes // max(job.shape[0], 1))
+
+
+def set_checksum(dset: Any, job: TensorJob, digests: list[bytes]) -> None:
+    dset.attrs[ATTR_CHECKSUM] = combine(digests)
+    dset.attrs[ATTR_CHECKSUM_BLOCK_ROWS] = block_rows(job.shape, job.dtype.itemsize)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -202,9 +214,9 @@ def convert_pt_to_hdf5(
                 log.info(GROUP_MESSAGES[group])
             opts = dataset_options(job.shape, job.dtype, compression, compression_opts, shuffle)
             dset = f.create_dataset(job.h5_path, shape=job.shape, dtype=job.dtype, **opts)
-            hasher = hashlib.sha256()
+            hasher = new_hasher(job)
             write_rows(dset, reader, job, 0, job.shape[0], hasher, block_bytes, bar.update)
-            dset.attrs[ATTR_CHECKSUM] = hasher.hexdigest()
+            set_checksum(dset, job, hasher.finish())
     report = ConversionReport(
         output, reader.nbytes_on_disk(), output.stat().st_size, time.perf_counter() - started, compression
     )

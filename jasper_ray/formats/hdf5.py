@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..schema import (
     ATTR_CHECKSUM,
+    ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
     ATTR_LAYOUT,
     HDF5_FILE,
@@ -272,9 +273,9 @@ class HDF5Reader(Reader):
         values = np.concatenate(lists).astype(KEYWORD_IDS.dtype) if lists else np.empty(0, KEYWORD_IDS.dtype)
         return values, offsets
 
-    def verify_checksums(self, block_bytes: int = 64 << 20, on_block: Any = None) -> list[str]:
-        """Recompute every recorded sha256; return one message per dataset that does not match."""
-        import hashlib
+    def verify_checksums(self, on_block: Any = None) -> list[str]:
+        """Recompute every recorded checksum; return one message per dataset that does not match."""
+        from ..checksum import BlockHasher, combine
 
         problems: list[str] = []
 
@@ -282,20 +283,23 @@ class HDF5Reader(Reader):
             recorded = getattr(obj, "attrs", {}).get(ATTR_CHECKSUM)
             if recorded is None or not hasattr(obj, "shape"):
                 return
-            h = hashlib.sha256()
-            rows = max(1, block_bytes // max(1, obj.dtype.itemsize * int(np.prod(obj.shape[1:], dtype=np.int64))))
+            rows = int(obj.attrs.get(ATTR_CHECKSUM_BLOCK_ROWS, max(1, obj.shape[0])))
+            row_bytes = obj.dtype.itemsize * int(np.prod(obj.shape[1:], dtype=np.int64))
+            hasher = BlockHasher(rows, row_bytes)
+            a = 0
             try:
                 for a in range(0, obj.shape[0], rows):
-                    block = np.ascontiguousarray(obj[a : a + rows])
-                    h.update(memoryview(block).cast("B"))
+                    block = obj[a : a + rows]
+                    hasher.update(block)
                     if on_block is not None:
                         on_block(block.nbytes)
             except OSError as exc:
                 problems.append(f"{self.path}:{name}: cannot be decoded near row {a} ({exc})")
                 return
-            if h.hexdigest() != recorded:
+            got = combine(hasher.finish())
+            if got != recorded:
                 problems.append(
-                    f"{self.path}:{name}: sha256 {h.hexdigest()[:16]}... does not match "
+                    f"{self.path}:{name}: checksum {got[:16]}... does not match "
                     f"the recorded {recorded[:16]}... (the stored bytes changed)"
                 )
 
