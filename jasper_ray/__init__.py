@@ -10,6 +10,7 @@ from .formats import open_dataset
 from .formats.base import Reader
 from .formats.pt import write_pt_dataset
 from .loader import ResumableLoader, create_loader, set_epoch, validate_first_batch
+from .ray_convert import ConversionError, convert
 from .sampler import ResumableSampler
 from .synth import synth_dataset
 from .validate import validate_dataset
@@ -28,6 +29,8 @@ __all__ = [
     "set_epoch",
     "validate_first_batch",
     "ChecksumError",
+    "ConversionError",
+    "convert",
     "ConversionReport",
     "DatasetFormatError",
     "DatasetNotFoundError",

@@ -40,11 +40,26 @@ def _compression(text: str) -> str | None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .writer import convert_pt_to_hdf5
+    compression, shuffle = _compression(args.compression), not args.no_shuffle
+    if args.single_process:
+        from .writer import convert_pt_to_hdf5
 
-    report = convert_pt_to_hdf5(
-        args.dir, _compression(args.compression), args.level, not args.no_shuffle, progress=not args.quiet
-    )
+        report = convert_pt_to_hdf5(args.dir, compression, args.level, shuffle, progress=not args.quiet)
+    else:
+        from .ray_convert import convert
+        from .synth import parse_size
+
+        report = convert(
+            args.dir,
+            compression=compression,
+            compression_opts=args.level,
+            shuffle=shuffle,
+            num_workers=args.workers,
+            address=args.address,
+            layout=args.layout,
+            shard_bytes=parse_size(args.shard_size),
+            progress=not args.quiet,
+        )
     for line in report.lines():
         print(line)
     return 0
@@ -169,11 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("convert", help="convert a PT dataset to dataset.h5 beside it")
+    p = sub.add_parser("convert", help="convert a PT dataset to HDF5 beside it, in parallel on Ray")
     p.add_argument("dir")
     p.add_argument("--compression", default="gzip", help="gzip, lzf or none")
     p.add_argument("--level", type=int, default=None, help="gzip level (compression_opts)")
     p.add_argument("--no-shuffle", action="store_true", help="turn off the shuffle filter")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster ('auto', ip:port; or set RAY_ADDRESS)")
+    p.add_argument(
+        "--layout",
+        default="single",
+        choices=("single", "sharded"),
+        help="one dataset.h5, or dataset.shards/ + manifest",
+    )
+    p.add_argument("--shard-size", default="256MB", help="bytes of source data per shard task")
+    p.add_argument("--single-process", action="store_true", help="convert in this process, without Ray")
     p.set_defaults(func=_cmd_convert)
 
     for name, func, text in (
@@ -199,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError, KeyError) as exc:
+    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as exc:
         print(f"jasper-ray {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

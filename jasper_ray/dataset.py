@@ -60,6 +60,15 @@ class _Core:
         self.source = self._make_source()
 
 
+def _check_split(reader: Reader, split: str) -> None:
+    """Upstream's wording for a split that is not there."""
+    if split not in reader.split_names():
+        raise DatasetNotFoundError(
+            f"Split file not found: {reader.location_split(split)}. "
+            f"Valid splits are: {', '.join(reader.split_names()) or 'none'}"
+        )
+
+
 def _tensor_property(name: str) -> property:
     def get(self: JASPERSteeringDataset) -> torch.Tensor:
         return self._live_core().source.tensor(name)
@@ -95,15 +104,19 @@ class JASPERSteeringDataset(Dataset):
             if use_mmap is None and self.device.type != "cpu":
                 use_mmap = False  # tensors are placed on the device whole anyway
             reader = open_dataset(self.dataset_dir, storage_format, use_mmap)
+            _check_split(reader, split)  # before validating everything, as upstream
             _core = _Core(reader, self.device, storage_format, validate)
+        _check_split(_core.reader, split)
         self._core: _Core | None = _core
         self.config: dict[str, Any] = _core.reader.config
         self.storage_format = _core.reader.storage_format
         self.use_mmap = _core.reader.use_mmap
         self.embedding_dim = int(self.config["embedding_dim"])
         self.n_neg = int(self.config["n_neg"])
-        self.split_indices = torch.from_numpy(np.ascontiguousarray(_core.reader.split(split), dtype=np.int64))
-        self._split_ids = self.split_indices.numpy()
+        # numpy owns the ids and the tensor views them, not the reverse: pickling for spawn workers moves a
+        # tensor's storage into shared memory, which would leave a numpy view of it dangling.
+        self._split_ids = np.array(_core.reader.split(split), dtype=np.int64)
+        self.split_indices = torch.from_numpy(self._split_ids)
         # [epoch, forced variant]: shared memory, so persistent workers see set_epoch / force_steering.
         self._control = torch.tensor([int(epoch), _NOT_FORCED], dtype=torch.int64).share_memory_()
         log.info(
@@ -229,10 +242,17 @@ class JASPERSteeringDataset(Dataset):
 
     @staticmethod
     def convert_pt_to_hdf5(dataset_dir: str | os.PathLike, compression: str | None = "gzip", **kwargs: Any) -> Any:
-        """Write ``dataset.h5`` beside the PT files (they are kept)."""
-        from .writer import convert_pt_to_hdf5
+        """Write ``dataset.h5`` beside the PT files (they are kept): in parallel on Ray when Ray is
+        importable (``jasper_ray.convert``), else in this process."""
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            from .writer import convert_pt_to_hdf5
 
-        return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
+            return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
+        from .ray_convert import convert
+
+        return convert(dataset_dir, compression=compression, **kwargs)
 
 
 for _spec in TENSORS:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,10 @@ class ConversionReport:
     output_bytes: int
     seconds: float
     compression: str | None
+    shards: int = 1
+    shards_reused: int = 0
+    assembly_seconds: float = 0.0
+    results: dict = field(default_factory=dict, repr=False)
 
     @property
     def saving_percent(self) -> float:
@@ -161,15 +165,21 @@ class ConversionReport:
             f"Conversion complete. HDF5 file saved to {self.output}",
             f"File sizes: PT format={self.source_bytes / 2**20:.1f} MB, HDF5={self.output_bytes / 2**20:.1f} MB "
             f"(compression: {self.saving_percent:.1f}%)",
-            f"Wall time: {self.seconds:.2f} s ({self.mb_per_s:.1f} MB/s)",
+            f"Wall time: {self.seconds:.2f} s ({self.mb_per_s:.1f} MB/s)"
+            + (
+                f", {self.shards} shards ({self.shards_reused} reused), assembly {self.assembly_seconds:.2f} s"
+                if self.shards > 1
+                else ""
+            ),
         ]
 
 
-def write_root_attrs(f: Any, reader: Reader, compression: str | None) -> None:
+def write_root_attrs(f: Any, config: dict, source_fingerprint: dict, compression: str | None) -> None:
     f.attrs[ATTR_FORMAT_VERSION] = FORMAT_VERSION
-    f.attrs[ATTR_CONFIG] = json.dumps(reader.config)
-    f.attrs[ATTR_FINGERPRINT] = json.dumps(fingerprint(reader.files()))
+    f.attrs[ATTR_CONFIG] = json.dumps(config)
+    f.attrs[ATTR_FINGERPRINT] = json.dumps(source_fingerprint)
     f.attrs["compression"] = compression or "none"
+    f.require_group(KEYWORD_IDS.h5_group).attrs[ATTR_LAYOUT] = "csr"
 
 
 def convert_pt_to_hdf5(
@@ -205,8 +215,7 @@ def convert_pt_to_hdf5(
         h5py.File(temp, "w") as f,
         _progress(sum(j.nbytes for j in jobs), progress, "convert") as bar,
     ):
-        write_root_attrs(f, reader, compression)
-        f.require_group(KEYWORD_IDS.h5_group).attrs[ATTR_LAYOUT] = "csr"
+        write_root_attrs(f, reader.config, fingerprint(reader.files()), compression)
         group = None
         for job in jobs:
             if job.h5_path.split("/")[0] != group:

@@ -7,7 +7,6 @@ name to reader class.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,14 +14,15 @@ from typing import Literal
 
 from ..errors import DatasetNotFoundError, StaleDatasetError
 from ..fingerprint import changed_files
-from ..schema import ATTR_FINGERPRINT, HDF5_FILE, PT_PROBE
+from ..schema import HDF5_FILE, PT_PROBE
 from .base import Reader
 from .hdf5 import HDF5Reader, require_h5py
 from .pt import PTReader
+from .sharded import MANIFEST, SHARDS_DIR, ShardedHDF5Reader
 
 log = logging.getLogger(__name__)
 
-READERS: dict[str, type[Reader]] = {"pt": PTReader, "hdf5": HDF5Reader}
+FORMATS = ("pt", "hdf5")
 StorageFormat = Literal["auto", "pt", "hdf5"]
 
 # Upstream's threshold: mmap above 10 GB.
@@ -63,22 +63,39 @@ def _h5py_available() -> bool:
     return True
 
 
-def stale_sources(directory: Path, hdf5: HDF5Reader) -> list[str]:
-    """PT files beside ``dataset.h5`` that changed since it was converted from them."""
+def stale_sources(directory: Path, converted: Reader) -> list[str]:
+    """PT files beside converted data that changed since it was converted from them."""
     pt_files = PTReader(directory).files()
     if not any(p.is_file() for p in pt_files):
         return []
-    raw = hdf5.file.attrs.get(ATTR_FINGERPRINT)
-    if raw is None:
+    recorded = converted.source_fingerprint()
+    if recorded is None:
         return []  # upstream's files record nothing; we cannot tell
-    return changed_files(directory, json.loads(raw), pt_files)
+    return changed_files(directory, recorded, pt_files)
+
+
+def hdf5_reader(directory: Path, **options) -> Reader:
+    """``dataset.h5`` if present, else the sharded layout (``dataset.shards/manifest.json``)."""
+    if (
+        not (directory / options.get("file_name", HDF5_FILE)).is_file()
+        and (directory / SHARDS_DIR / MANIFEST).is_file()
+    ):
+        options.pop("file_name", None)
+        return ShardedHDF5Reader(directory, **options)
+    return HDF5Reader(directory, **options)
+
+
+def _has_hdf5(directory: Path) -> bool:
+    return (directory / HDF5_FILE).is_file() or (directory / SHARDS_DIR / MANIFEST).is_file()
 
 
 def detect_format(directory: Path) -> str:
-    """HDF5 if ``dataset.h5`` is there (and h5py imports) and is not stale, else PT."""
-    h5 = directory / HDF5_FILE
-    if h5.is_file() and _h5py_available():
-        changed = stale_sources(directory, HDF5Reader(directory))
+    """HDF5 if ``dataset.h5`` or ``dataset.shards/`` is there (and h5py imports) and is not stale, else PT."""
+    if _has_hdf5(directory) and _h5py_available():
+        converted = hdf5_reader(directory)
+        h5 = converted.path
+        changed = stale_sources(directory, converted)
+        converted.close()
         if not changed:
             return "hdf5"
         log.warning(
@@ -117,11 +134,13 @@ def open_dataset(
         raise DatasetNotFoundError(f"Dataset directory not found: {path}")
     if storage_format == "auto":
         storage_format = detect_format(path)
-    elif storage_format not in READERS:
+    elif storage_format not in FORMATS:
         raise ValueError(f"Invalid storage_format: {storage_format}. Must be 'auto', 'pt', or 'hdf5'")
     elif storage_format == "hdf5":
         require_h5py()
-        h5 = HDF5Reader(path, **options)
+        h5 = hdf5_reader(path, **options)
+        if not h5.path.exists():
+            raise DatasetNotFoundError(f"HDF5 file not found: {h5.path}")
         changed = stale_sources(path, h5)
         h5.close()
         if changed:
@@ -131,7 +150,7 @@ def open_dataset(
             )
     elif not (path / PT_PROBE).is_file():
         raise DatasetNotFoundError(f"PT files not found in {path} (looked for {PT_PROBE})")
-    reader = READERS[storage_format](path, use_mmap=True, **(options if storage_format == "hdf5" else {}))
+    reader = hdf5_reader(path, **options) if storage_format == "hdf5" else PTReader(path)
     if use_mmap is None:
         # A config that declares a larger dataset than the files hold is honoured too: mapping is never
         # the risky choice, loading is.
@@ -144,4 +163,4 @@ def open_dataset(
     return reader
 
 
-__all__ = ["HDF5Reader", "PTReader", "Reader", "open_dataset", "detect_format", "decide_mmap", "READERS"]
+__all__ = ["HDF5Reader", "PTReader", "Reader", "ShardedHDF5Reader", "open_dataset", "detect_format", "decide_mmap"]

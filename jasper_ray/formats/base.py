@@ -188,6 +188,10 @@ class Reader(ABC):
     def _embedded_config(self) -> dict[str, Any] | None:
         return None
 
+    def source_fingerprint(self) -> dict[str, Any] | None:
+        """The fingerprint of the PT files this data was converted from (None for sources themselves)."""
+        return None
+
     # --- sizes -------------------------------------------------------------------
     @abstractmethod
     def files(self) -> list[Path]:

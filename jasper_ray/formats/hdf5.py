@@ -27,6 +27,7 @@ from ..schema import (
     ATTR_CHECKSUM,
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
+    ATTR_FINGERPRINT,
     ATTR_LAYOUT,
     HDF5_FILE,
     KEYWORD_IDS,
@@ -134,6 +135,33 @@ def map_contiguous(path: Path, dset: Any) -> np.ndarray | None:
     return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape).view(np.ndarray)
 
 
+def serve_dataset(path: Path, dset: Any, use_mmap: bool) -> Any:
+    """How a reader hands out one HDF5 dataset: mapped, chunk-gathered, or read into RAM."""
+    mapped = map_contiguous(path, dset)
+    if mapped is not None:
+        return mapped if use_mmap else np.array(mapped)
+    if dset.chunks is None or not use_mmap:
+        return dset[...]
+    return ChunkedRows(dset)
+
+
+def open_h5(path: Path, chunk_cache_bytes: int) -> Any:
+    """Open read-only, without HDF5 file locking (it fails on NFS/Lustre), with a chunk cache sized for rows."""
+    h5py = require_h5py()
+    # ~100 slots per cached chunk keeps hash collisions rare (h5py docs).
+    cache = {"rdcc_nbytes": chunk_cache_bytes, "rdcc_nslots": max(521, 100 * (chunk_cache_bytes // CHUNK_TARGET_BYTES))}
+    try:
+        try:
+            return h5py.File(path, "r", locking=False, **cache)
+        except OSError as exc:
+            if "locking" not in str(exc):
+                raise
+            # The file is already open in this process with other locking flags; HDF5 wants them equal.
+            return h5py.File(path, "r", **cache)
+    except OSError as exc:
+        raise DatasetFormatError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
 class HDF5Reader(Reader):
     storage_format = "hdf5"
 
@@ -155,17 +183,9 @@ class HDF5Reader(Reader):
     _process_local = ("_file", "_keywords")
 
     def _open(self) -> None:
-        h5py = require_h5py()
         if not self.path.is_file():
             raise DatasetNotFoundError(f"HDF5 file not found: {self.path}")
-        try:
-            # ~100 slots per cached chunk keeps hash collisions rare (h5py docs).
-            n_slots = max(521, 100 * (self.chunk_cache_bytes // CHUNK_TARGET_BYTES))
-            self._file = h5py.File(
-                self.path, "r", rdcc_nbytes=self.chunk_cache_bytes, rdcc_nslots=n_slots, locking=False
-            )
-        except OSError as exc:
-            raise DatasetFormatError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        self._file = open_h5(self.path, self.chunk_cache_bytes)
 
     def _release(self) -> None:
         if self._file is not None:
@@ -216,12 +236,11 @@ class HDF5Reader(Reader):
         return self._serve(self._dataset(path, f"tensor {name!r}"))
 
     def _serve(self, dset: Any) -> Any:
-        mapped = map_contiguous(self.path, dset)
-        if mapped is not None:
-            return mapped if self.use_mmap else np.array(mapped)
-        if dset.chunks is None or not self.use_mmap:
-            return dset[...]
-        return ChunkedRows(dset)
+        return serve_dataset(self.path, dset, self.use_mmap)
+
+    def source_fingerprint(self) -> dict | None:
+        raw = self.file.attrs.get(ATTR_FINGERPRINT)
+        return json.loads(raw) if raw is not None else None
 
     def split_names(self) -> tuple[str, ...]:
         if SPLIT_H5_GROUP in self.file:

@@ -1,0 +1,210 @@
+"""Parallel PT -> HDF5 conversion on Ray: plan, schedule shard tasks, assemble.
+
+Thin by design: the plan, the shard files, assembly and the manifest are in
+``shards`` (no Ray there). This module connects to Ray, submits one task per
+shard with retries, shows progress, names failed shards, and cleans up.
+
+Where it runs: with no ``address`` and no ``RAY_ADDRESS``, a local Ray on this
+machine with ``num_workers`` (default: all) CPUs; with ``address="auto"``, an
+``ip:port`` or ``RAY_ADDRESS``, an existing cluster, and then the dataset
+directory must be on a filesystem every node sees (NFS, Lustre, a shared
+volume): tasks open the sources and write shards by path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .formats import open_dataset
+from .shards import (
+    SHARD_BYTES,
+    ConversionPlan,
+    ShardResult,
+    ShardTask,
+    WorkDir,
+    assemble_single,
+    default_output,
+    plan_conversion,
+    publish_sharded,
+    work_dir_for,
+    write_shard,
+)
+from .writer import ConversionReport, _progress
+
+log = logging.getLogger(__name__)
+
+READER_ENV = {"HDF5_USE_FILE_LOCKING": "FALSE"}
+
+
+class ConversionError(RuntimeError):
+    """Shards failed after their retries; names them."""
+
+
+def _require_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(
+            "Parallel conversion needs Ray: pip install 'ray[data,train]' (or pip install jasper-ray). "
+            "Without Ray, jasper_ray.convert_pt_to_hdf5 converts in one process."
+        ) from exc
+    return ray
+
+
+def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
+    """Make sure Ray is up; return True when this call started it (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": READER_ENV}, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_workers or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": READER_ENV},
+            log_to_driver=False,
+        )
+    return True
+
+
+def _shard_task(task: ShardTask, inject_failure: str | None) -> ShardResult:
+    os.environ.update(READER_ENV)
+    return write_shard(task, inject_failure)
+
+
+def run_shards(
+    ray: Any,
+    tasks: list[ShardTask],
+    *,
+    max_retries: int,
+    progress: bool,
+    total_bytes: int,
+    inject_failure: dict[str, str] | None = None,
+    max_in_flight: int | None = None,
+) -> dict[str, ShardResult]:
+    """Run every shard task; return results by shard id, or raise ConversionError naming the failures."""
+    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_shard_task)
+    remote = remote.options(runtime_env={"env_vars": READER_ENV})
+    inject_failure = inject_failure or {}
+    bytes_of = {
+        t.shard.shard_id: t.job.nbytes * (t.shard.stop - t.shard.start) // max(t.job.shape[0], 1) for t in tasks
+    }
+    queue = list(tasks)
+    limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[Any, ShardTask] = {}
+    results: dict[str, ShardResult] = {}
+    failures: list[str] = []
+    with _progress(total_bytes, progress, "convert") as bar:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                task = queue.pop(0)
+                pending[remote.remote(task, inject_failure.get(task.shard.shard_id))] = task
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                task = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - reported by shard name below
+                    failures.append(
+                        f"{task.shard.shard_id} (rows {task.shard.start}:{task.shard.stop} of "
+                        f"{task.job.h5_path}): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    )
+                    continue
+                results[result.shard_id] = result
+                bar.update(bytes_of[result.shard_id])
+    if failures:
+        raise ConversionError(f"{len(failures)} shard(s) failed after {max_retries} retries: " + "; ".join(failures))
+    return results
+
+
+def convert(
+    dataset_dir: str | os.PathLike,
+    *,
+    compression: str | None = "gzip",
+    compression_opts: Any = None,
+    shuffle: bool = True,
+    num_workers: int | None = None,
+    address: str | None = None,
+    layout: str = "single",
+    shard_bytes: int = SHARD_BYTES,
+    max_retries: int = 3,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+    validate: bool = True,
+    keep_ray: bool = False,
+    _inject_failure: dict[str, str] | None = None,
+) -> ConversionReport:
+    """Convert a PT dataset to HDF5 with Ray tasks: ``dataset.h5`` (``layout="single"``) or
+    ``dataset.shards/`` + manifest (``layout="sharded"``).
+
+    Resumable: shards finished by an earlier, interrupted run with the same
+    sources and options are verified and reused. The output appears complete
+    or not at all. ``_inject_failure`` maps shard ids to marker paths: that
+    shard's first attempt fails (for tests of retries).
+    """
+    from .validate import validate_dataset
+
+    if layout not in ("single", "sharded"):
+        raise ValueError(f"layout must be 'single' or 'sharded', got {layout!r}")
+    ray = _require_ray()
+    dataset_dir = Path(dataset_dir)
+    output = Path(output) if output is not None else default_output(dataset_dir, layout)
+    started = time.perf_counter()
+    reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
+    log.info("Converting PT format to HDF5 in %s (Ray, layout=%s)", dataset_dir, layout)
+    if validate:
+        validate_dataset(reader, progress=progress)
+    plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes)
+    work = WorkDir(work_dir_for(output), plan)
+    started_ray = _connect(ray, address, num_workers)
+    try:
+        with work:
+            reused = work.existing_shards()
+            if reused:
+                log.info(
+                    "resuming: %d of %d shards are on disk from an earlier run; verifying them",
+                    reused,
+                    len(plan.shards),
+                )
+            results = run_shards(
+                ray,
+                plan.tasks(work.path),
+                max_retries=max_retries,
+                progress=progress,
+                total_bytes=plan.total_bytes,
+                inject_failure=_inject_failure,
+            )
+            shards_done = time.perf_counter()
+            if layout == "single":
+                assemble_single(plan, work.path, output, results)
+        if layout == "single":
+            work.remove()
+        else:
+            publish_sharded(plan, work.path, output, results)
+        assembled = time.perf_counter()
+    finally:
+        if started_ray and not keep_ray:
+            ray.shutdown()
+    out_bytes = output.stat().st_size if output.is_file() else sum(p.stat().st_size for p in output.iterdir())
+    report = ConversionReport(
+        output,
+        reader.nbytes_on_disk(),
+        out_bytes,
+        assembled - started,
+        compression,
+        len(plan.shards),
+        sum(r.reused for r in results.values()),
+        assembled - shards_done,
+        results,
+    )
+    for line in report.lines():
+        log.info(line)
+    return report
+
+
+__all__ = ["convert", "ConversionError", "ConversionPlan"]
