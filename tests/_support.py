@@ -1,0 +1,213 @@
+"""Helpers shared by the format-core tests (imported as ``_support``; tests/ is on sys.path).
+
+Everything here reads the PT files with plain ``torch.load(weights_only=True)``
+and h5py, independently of jasper_ray's readers, so tests compare the readers
+against the raw source and not against themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from jasper_ray.schema import KEYWORD_IDS, TENSORS, split_from_pt_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Upstream's converter spells its HDF5 paths by string rewriting (UPSTREAM.md 1.3);
+# spelled out here on purpose, independently of jasper_ray.schema.
+UPSTREAM_H5_PATHS = {
+    "question_embs": "embeddings/questions",
+    "source_embs": "embeddings/sources",
+    "keyword_embs": "embeddings/keywords",
+    "centroid_embs": "embeddings/centroids",
+    "pair_index": "pair_data/index",
+    "pair_cluster_id": "pair_data/cluster_id",
+    "pair_relevance": "pair_data/relevance",
+    "hard_negatives": "negatives/hardnegatives",
+    "negative_tiers": "negatives/tiers",
+    "steering_centroid": "steering/centroid",
+    "steering_keyword_weighted": "steering/keyword_weighted",
+    "steering_residual": "steering/residual",
+    "centroid_distances": "steering/distances",
+}
+
+
+@dataclass
+class Expected:
+    """The PT source of a dataset, loaded whole with torch.load(weights_only=True)."""
+
+    tensors: dict[str, np.ndarray]
+    keyword_ids: list[list[int]]
+    splits: dict[str, np.ndarray]
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.tensors["pair_index"])
+
+
+def load_pt(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_expected(directory: Path) -> Expected:
+    directory = Path(directory)
+    tensors = {spec.name: load_pt(directory / spec.pt_file).numpy() for spec in TENSORS}
+    keyword_ids = load_pt(directory / KEYWORD_IDS.pt_file)
+    splits = {}
+    for path in sorted(directory.glob("*_idx.pt")):
+        splits[split_from_pt_file(path.name)] = load_pt(path).numpy()
+    config = json.loads((directory / "config.json").read_text())
+    return Expected(tensors, keyword_ids, splits, config)
+
+
+def assert_bits_equal(got: Any, want: np.ndarray, what: str = "") -> None:
+    """Same dtype, same shape, same bytes (bit for bit, NaN-safe)."""
+    got = np.asarray(got)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if np.ascontiguousarray(got).tobytes() != np.ascontiguousarray(want).tobytes():
+        np.testing.assert_array_equal(got, want, err_msg=what)
+        raise AssertionError(f"{what}: values equal but bytes differ (signed zeros or NaN payloads)")
+
+
+def save_pt(directory: Path, file_name: str, value: Any) -> None:
+    """Overwrite one PT file the way upstream's builder writes it."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    torch.save(value, Path(directory) / file_name)
+
+
+def edit_config(directory: Path, **changes: Any) -> None:
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            config.pop(key)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))
+
+
+_DELETE = object()
+DELETE = _DELETE
+
+
+def write_upstream_hdf5(directory: Path, *, with_splits: bool = True, compression: str | None = "gzip") -> Path:
+    """``dataset.h5`` exactly as upstream's ``convert_pt_to_hdf5`` writes it (UPSTREAM.md 1.3 and 4).
+
+    One ``create_dataset(data=..., compression=...)`` per tensor, no chunks,
+    no shuffle, no attributes; keyword ids as one int32 dataset per pair,
+    uncompressed; splits compressed under ``splits/`` (absent if
+    ``with_splits`` is false, as in files from before the group existed).
+    """
+    directory = Path(directory)
+    path = directory / "dataset.h5"
+    with h5py.File(path, "w") as f:
+        for group in ("embeddings", "pair_data", "negatives", "steering") + (("splits",) if with_splits else ()):
+            f.create_group(group)
+        for name, h5_path in UPSTREAM_H5_PATHS.items():
+            tensor = load_pt(directory / f"{name}.pt")
+            f.create_dataset(h5_path, data=tensor.numpy(), compression=compression)
+        kw_group = f["pair_data"].create_group("keyword_ids")
+        for i, kw_list in enumerate(load_pt(directory / "pair_keyword_ids.pt")):
+            kw_group.create_dataset(str(i), data=np.array(kw_list, dtype=np.int32))
+        if with_splits:
+            for split in ("train", "val", "test"):
+                split_path = directory / f"{split}_idx.pt"
+                if split_path.exists():
+                    f["splits"].create_dataset(split, data=load_pt(split_path).numpy(), compression=compression)
+    return path
+
+
+def mapping_of(arr: Any) -> np.memmap | None:
+    """The np.memmap an array is (or is a view of), or None if its bytes are not mapped that way."""
+    while arr is not None:
+        if isinstance(arr, np.memmap):
+            return arr
+        arr = getattr(arr, "base", None)
+    return None
+
+
+def block_checksum(array: np.ndarray, block_rows: int) -> str:
+    """sha256 over the sha256 digests of consecutive ``block_rows``-row blocks (jasper_ray's tensor checksum)."""
+    array = np.ascontiguousarray(array)
+    outer = hashlib.sha256()
+    for a in range(0, len(array), max(1, block_rows)):
+        outer.update(hashlib.sha256(array[a : a + block_rows].tobytes()).digest())
+    return outer.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child Pythons: the repository importable, no stray threads."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# --- workers for fork / spawn tests (module level, so spawn children import them) ----------------
+
+
+def take_in_worker(reader: Any, name: str, indices: np.ndarray) -> dict[str, Any]:
+    """What a worker process reads through a reader it received (pickled or inherited)."""
+    return {
+        "pid": os.getpid(),
+        "rows": reader.take(name, indices),
+        "range": reader.read(name, 3, 11),
+        "keywords": reader.keyword_ids(indices[:7]),
+        "split": reader.split("val"),
+    }
+
+
+def take_into_queue(reader: Any, name: str, indices: np.ndarray, queue: Any) -> None:
+    try:
+        queue.put(take_in_worker(reader, name, indices))
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
+        queue.put(repr(exc))
+
+
+class ReaderTorchDataset(Dataset):
+    """A tiny torch Dataset over several readers: item i is row ``ids[i]`` of ``name`` from each."""
+
+    def __init__(self, readers: dict[str, Any], name: str, ids: np.ndarray):
+        self.readers, self.name, self.ids = readers, name, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        pair = int(self.ids[i])
+        out = {key: torch.from_numpy(r.take(self.name, [pair])[0]) for key, r in self.readers.items()}
+        out["pid"] = torch.tensor(os.getpid())
+        out["kw_count"] = torch.tensor([len(r.keyword_ids([pair])[0]) for r in self.readers.values()])
+        return out
