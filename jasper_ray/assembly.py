@@ -12,7 +12,7 @@ the host). Imports no Ray.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,6 +40,8 @@ class Source(Protocol):
 
     def take(self, name: str, indices: np.ndarray | torch.Tensor) -> torch.Tensor: ...
 
+    def row_shape(self, name: str) -> tuple[int, ...]: ...
+
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy`` without the read-only warning (mapped arrays are read-only; we never write them)."""
@@ -64,6 +66,9 @@ class ReaderSource:
     def tensor(self, name: str) -> torch.Tensor:
         return as_tensor(np.asarray(self.reader.read(name)))
 
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)[1:]
+
     @property
     def resident_bytes(self) -> int:
         return 0
@@ -84,37 +89,59 @@ class TensorSource:
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape[1:])
+
     @property
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def assemble_batch(source: Source, pair_ids: np.ndarray, variants: np.ndarray) -> dict[str, torch.Tensor]:
-    """The collated batch for ``pair_ids`` with the given steering ``variants`` (0..3), shapes ``[B, ...]``."""
+def assemble_batch(
+    source: Source, pair_ids: np.ndarray, variants: np.ndarray, keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The collated batch for ``pair_ids`` with the given steering ``variants`` (0..3), shapes ``[B, ...]``.
+
+    ``keys`` (default: all of ``SAMPLE_KEYS``) selects what to build; nothing else is read.
+    """
+    keys = list(SAMPLE_KEYS) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in SAMPLE_KEYS]
+    if unknown:
+        raise KeyError(f"unknown sample key(s) {unknown}; known: {list(SAMPLE_KEYS)}")
     pair_ids = np.asarray(pair_ids, dtype=np.int64)
     variants = np.asarray(variants, dtype=np.int64)
-    index = source.take("pair_index", pair_ids)
-    question = source.take("question_embs", index[:, 0])
-    negatives = source.take("hard_negatives", pair_ids)
-    n, n_neg = negatives.shape
-    negative_embs = source.take("source_embs", negatives.reshape(-1))
-    steering = torch.zeros_like(question)  # on the source's device: batches mixing variants collate
-    for variant, name in STEERING_TENSOR.items():
-        positions = np.flatnonzero(variants == variant)
-        if len(positions):
-            rows = source.take(name, pair_ids[positions])
-            steering.index_copy_(0, torch.from_numpy(positions).to(steering.device, non_blocking=True), rows)
-    return {
-        "question_emb": question,
-        "target_source_emb": source.take("source_embs", index[:, 1]),
-        "steering": steering,
-        "negative_embs": negative_embs.reshape(n, n_neg, -1),
-        "cluster_id": source.take("pair_cluster_id", pair_ids),
-        "relevance": source.take("pair_relevance", pair_ids),
-        "centroid_distance": source.take("centroid_distances", pair_ids),
-        "steering_variant": torch.from_numpy(variants).to(steering.device, non_blocking=True),
-        "negative_tiers": source.take("negative_tiers", pair_ids),
+    n = len(pair_ids)
+    index = source.take("pair_index", pair_ids) if {"question_emb", "target_source_emb"} & set(keys) else None
+    per_pair = {
+        "cluster_id": "pair_cluster_id",
+        "relevance": "pair_relevance",
+        "centroid_distance": "centroid_distances",
+        "negative_tiers": "negative_tiers",
     }
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key == "question_emb":
+            out[key] = source.take("question_embs", index[:, 0])
+        elif key == "target_source_emb":
+            out[key] = source.take("source_embs", index[:, 1])
+        elif key == "negative_embs":
+            negatives = source.take("hard_negatives", pair_ids)
+            rows = source.take("source_embs", negatives.reshape(-1))
+            out[key] = rows.reshape(n, negatives.shape[1], rows.shape[-1])  # not -1: n may be 0
+        elif key == "steering":
+            # Made on the source's device: batches mixing variants collate.
+            steering = torch.zeros((n, *source.row_shape("steering_centroid")), device=source.device)
+            for variant, name in STEERING_TENSOR.items():
+                positions = np.flatnonzero(variants == variant)
+                if len(positions):
+                    rows = source.take(name, pair_ids[positions])
+                    steering.index_copy_(0, torch.from_numpy(positions).to(steering.device, non_blocking=True), rows)
+            out[key] = steering
+        elif key == "steering_variant":
+            out[key] = torch.from_numpy(variants).to(source.device, non_blocking=True)
+        else:
+            out[key] = source.take(per_pair[key], pair_ids)
+    return out
 
 
 class SampleBatch(Sequence):
