@@ -1,4 +1,7 @@
-"""``jasper-ray``: synth, convert, inspect and verify; verify catches a flipped byte; bad input is one line."""
+"""``jasper-ray``: synth, convert, inspect and verify; verify catches a flipped byte; bad input is one line.
+
+``convert`` runs with ``--single-process``: these tests never start Ray (the Ray converter has its own tests).
+"""
 
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def test_synth_convert_inspect_verify(tmp_path: Path, capsys) -> None:
     assert expected.n_pairs == 300 and expected.tensors["hard_negatives"].shape == (300, 4)
     assert expected.tensors["question_embs"].shape[1] == 16
 
-    assert main(["-q", "convert", str(out), "--compression", "lzf"]) == 0
+    assert main(["-q", "convert", str(out), "--compression", "lzf", "--single-process"]) == 0
     said = capsys.readouterr().out
     assert f"Conversion complete. HDF5 file saved to {out / 'dataset.h5'}" in said
     assert "File sizes: PT format=" in said
@@ -146,7 +149,8 @@ def test_verify_reports_validation_errors(dataset_copy: Path, small_expected, ca
 @pytest.mark.parametrize("command", ["inspect", "verify", "convert"])
 def test_missing_directory_is_a_one_line_error(tmp_path: Path, capsys, command) -> None:
     missing = tmp_path / "nowhere"
-    assert main(["-q", command, str(missing)]) != 0
+    extra = ["--single-process"] if command == "convert" else []  # no Ray in these tests
+    assert main(["-q", command, str(missing), *extra]) != 0
     line = one_line_error(capsys.readouterr().err, command)
     assert str(missing) in line
 
@@ -168,7 +172,10 @@ def test_empty_directory_names_what_was_looked_for(tmp_path: Path, capsys) -> No
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["convert", "{ds}", "--compression", "zstd"], "compression must be 'gzip', 'lzf' or None, got 'zstd'"),
+        (
+            ["convert", "{ds}", "--compression", "zstd", "--single-process"],
+            "compression must be 'gzip', 'lzf' or None, got 'zstd'",
+        ),
         (["synth", "{tmp}/x", "--size", "lots"], "size 'lots'"),
         (["inspect", "{ds}", "--format", "hdf5"], "HDF5 file not found"),
     ],
@@ -188,7 +195,7 @@ def test_unknown_command_exits_non_zero(capsys) -> None:
 
 
 def test_convert_none_compression_writes_a_mappable_file(dataset_copy: Path, capsys) -> None:
-    assert main(["-q", "convert", str(dataset_copy), "--compression", "none"]) == 0
+    assert main(["-q", "convert", str(dataset_copy), "--compression", "none", "--single-process"]) == 0
     with h5py.File(dataset_copy / "dataset.h5", "r") as f:
         assert all(f[s.h5_path].chunks is None for s in TENSORS)
         assert np.asarray(f["pair_data/index"][:2]).shape == (2, 2)
