@@ -44,6 +44,10 @@ class _Core:
         self.device = device
         self.schedule = SteeringSchedule(reader.config)
         self.source = self._make_source()
+        # Bumped by every reload, in shared memory: copies of this core in DataLoader workers (persistent
+        # ones too) see it and reload before their next batch.
+        self.generation = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.loaded_generation = 0
 
     def _make_source(self) -> ReaderSource | TensorSource:
         if self.device.type == "cpu" and self.reader.use_mmap:
@@ -51,7 +55,19 @@ class _Core:
         return TensorSource(self.reader, self.device)
 
     def reload(self, validate: bool) -> None:
-        """Reopen the files (they may have been rewritten) and place the tensors again."""
+        """Reopen the files (they may have been rewritten) and place the tensors again, in every process."""
+        self._reopen(validate)
+        self.generation += 1
+        self.loaded_generation = int(self.generation)
+
+    def sync(self) -> None:
+        """Catch up with a reload done by another process (the main one, for a worker)."""
+        generation = int(self.generation)
+        if generation != self.loaded_generation:
+            self._reopen(validate=False)  # the process that reloaded has validated
+            self.loaded_generation = generation
+
+    def _reopen(self, validate: bool) -> None:
         self.reader.close()
         reader = open_dataset(self.reader.directory, self.requested_format, self.reader.use_mmap)
         if validate:
@@ -192,6 +208,7 @@ class JASPERSteeringDataset(Dataset):
     def _live_core(self) -> _Core:
         if self._core is None:
             raise AttributeError(f"{type(self).__name__} for {self.dataset_dir} was closed")
+        self._core.sync()
         return self._core
 
     def reload_negatives(self) -> None:

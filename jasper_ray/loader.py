@@ -31,23 +31,31 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.samples_delivered = 0
+        self._delivered_epoch: int | None = None  # the epoch samples_delivered counts in
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.sampler
         self.samples_delivered = sampler.start if isinstance(sampler, ResumableSampler) else 0
+        self._delivered_epoch = getattr(sampler, "epoch", None)
         for batch in super().__iter__():
             self.samples_delivered += _batch_len(batch)
             yield batch
+        if isinstance(sampler, ResumableSampler):
+            sampler.start = 0  # a resumed epoch is done: the next pass is a whole epoch
 
     def state_dict(self) -> dict[str, int]:
         if not isinstance(self.sampler, ResumableSampler):
             raise TypeError("state_dict needs a ResumableSampler (use create_loader)")
-        return self.sampler.state_dict(self.samples_delivered)
+        sampler = self.sampler
+        # After set_epoch and before the new epoch's first batch, nothing of the new epoch was delivered.
+        seen = self.samples_delivered if self._delivered_epoch == sampler.epoch else sampler.start
+        return sampler.state_dict(seen)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue the saved epoch where it stopped (the dataset moves to that epoch too)."""
         self.sampler.load_state_dict(state)
         self.samples_delivered = state["samples_seen"]
+        self._delivered_epoch = state["epoch"]
         dataset = _jasper_dataset(self)
         if dataset is not None:
             dataset.set_epoch(state["epoch"])
@@ -98,7 +106,7 @@ def create_loader(
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=drop_last,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and dataset.device.type == "cpu",  # batches already on a device cannot be pinned
         persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )

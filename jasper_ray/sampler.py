@@ -80,8 +80,11 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples - self.start
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning."""
-        self.epoch, self.start = epoch, 0
+        """Start ``epoch`` from its beginning; the epoch a loaded state resumes keeps its resume point
+        (training loops call ``set_epoch`` at the top of every epoch, the resumed one included)."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
 
     def state_dict(self, samples_seen: int) -> dict[str, int]:
         return {

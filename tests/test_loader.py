@@ -1,0 +1,212 @@
+"""The resumable sampler and loader: mid-epoch resume, per-rank shards, world-size checks."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jasper_ray import ResumableSampler, create_loader, set_epoch
+from jasper_ray.sampler import make_sampler
+
+pytest.register_assert_rewrite("_fixtures_dataset")
+from _fixtures_dataset import assert_batches_equal  # noqa: E402
+
+pytest_plugins = ["_fixtures_dataset"]
+pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning")
+
+BATCH = 16
+
+
+def take(loader, k: int) -> list[dict[str, torch.Tensor]]:
+    return list(itertools.islice(iter(loader), k))
+
+
+def assert_same_batches(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_batches_equal(a, b, f"batch {i}")
+
+
+# --- mid-epoch resume -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resume_mid_epoch_yields_exactly_the_rest(synth_dir: Path, drop_last: bool) -> None:
+    full = list(create_loader(synth_dir, "train", BATCH, shuffle=True, drop_last=drop_last, epoch=3))
+    k = 5
+    loader = create_loader(synth_dir, "train", BATCH, shuffle=True, drop_last=drop_last, epoch=3)
+    first = take(loader, k)
+    assert_same_batches(first, full[:k])
+    state = loader.state_dict()
+    assert state == {
+        "seed": 42,
+        "epoch": 3,
+        "samples_seen": k * BATCH,
+        "num_replicas": 1,
+        "rank": 0,
+        "dataset_len": len(loader.dataset_obj),
+    }
+    resumed = create_loader(synth_dir, "train", BATCH, shuffle=True, drop_last=drop_last)  # built at epoch 0
+    resumed.load_state_dict(state)
+    assert resumed.dataset_obj.current_epoch == 3
+    assert len(resumed) == len(full) - k
+    rest = list(resumed)
+    assert_same_batches(rest, full[k:])
+    # Resume twice in a row: the second save continues counting from the first.
+    again = create_loader(synth_dir, "train", BATCH, shuffle=True, drop_last=drop_last)
+    again.load_state_dict(state)
+    take(again, 2)
+    state2 = again.state_dict()
+    assert state2["samples_seen"] == (k + 2) * BATCH
+    third = create_loader(synth_dir, "train", BATCH, shuffle=True, drop_last=drop_last)
+    third.load_state_dict(state2)
+    assert_same_batches(list(third), full[k + 2 :])
+
+
+def test_resume_in_a_later_epoch(synth_dir: Path) -> None:
+    loader = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    epoch0 = list(loader)
+    set_epoch(loader, 1)
+    epoch1 = list(loader)
+    assert not torch.equal(epoch0[0]["question_emb"], epoch1[0]["question_emb"])  # a new shuffle
+    set_epoch(loader, 1)
+    take(loader, 3)
+    state = loader.state_dict()
+    assert (state["epoch"], state["samples_seen"]) == (1, 3 * BATCH)
+    resumed = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    resumed.load_state_dict(state)
+    assert_same_batches(list(resumed), epoch1[3:])
+    # The next epoch starts from its beginning again.
+    set_epoch(resumed, 2)
+    fresh = create_loader(synth_dir, "train", BATCH, shuffle=True, epoch=2)
+    assert_same_batches(list(resumed), list(fresh))
+
+
+def test_trainer_style_loop_resumes_then_moves_on(synth_dir: Path) -> None:
+    """Training loops call set_epoch at the top of every epoch, the resumed one included."""
+    epoch2 = list(create_loader(synth_dir, "train", BATCH, shuffle=True, epoch=2))
+    epoch3 = list(create_loader(synth_dir, "train", BATCH, shuffle=True, epoch=3))
+    loader = create_loader(synth_dir, "train", BATCH, shuffle=True, epoch=2)
+    take(loader, 4)
+    state = loader.state_dict()
+    resumed = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    resumed.load_state_dict(state)
+    seen = []
+    for epoch in (2, 3):
+        set_epoch(resumed, epoch)
+        seen.append(list(resumed))
+    assert_same_batches(seen[0], epoch2[4:])
+    assert_same_batches(seen[1], epoch3)
+
+
+def test_next_pass_after_a_resumed_epoch_is_whole(synth_dir: Path) -> None:
+    full = list(create_loader(synth_dir, "train", BATCH, shuffle=True))
+    loader = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    take(loader, 3)
+    resumed = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    resumed.load_state_dict(loader.state_dict())
+    assert_same_batches(list(resumed), full[3:])
+    assert len(resumed) == len(full)
+    assert_same_batches(list(resumed), full)  # same epoch again (no set_epoch): all of it
+
+
+def test_state_saved_between_epochs_resumes_the_new_epoch_whole(synth_dir: Path) -> None:
+    loader = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    list(loader)
+    set_epoch(loader, 1)
+    state = loader.state_dict()  # a checkpoint at the top of epoch 1, before its first batch
+    assert (state["epoch"], state["samples_seen"]) == (1, 0)
+    resumed = create_loader(synth_dir, "train", BATCH, shuffle=True)
+    resumed.load_state_dict(state)
+    assert_same_batches(list(resumed), list(create_loader(synth_dir, "train", BATCH, shuffle=True, epoch=1)))
+
+
+def test_state_after_a_full_epoch_and_at_start(synth_dir: Path) -> None:
+    loader = create_loader(synth_dir, "val", BATCH)
+    assert loader.state_dict()["samples_seen"] == 0
+    list(loader)
+    assert loader.state_dict()["samples_seen"] == len(loader.dataset_obj)  # val keeps its last short batch
+    resumed = create_loader(synth_dir, "val", BATCH)
+    resumed.load_state_dict(loader.state_dict())
+    assert list(resumed) == []
+
+
+def test_resume_with_a_different_dataset_size_or_world_size_raises(synth_dir: Path) -> None:
+    state = create_loader(synth_dir, "train", BATCH).state_dict()
+    val = create_loader(synth_dir, "val", BATCH)
+    with pytest.raises(ValueError, match="same world size"):
+        val.load_state_dict(state)
+    two = make_sampler(100, shuffle=True, num_replicas=2, rank=0)
+    three = make_sampler(100, shuffle=True, num_replicas=3, rank=0)
+    with pytest.raises(ValueError, match="same world size"):
+        three.load_state_dict(two.state_dict(10))
+    with pytest.raises(ValueError, match="samples_seen"):
+        two.load_state_dict({**two.state_dict(0), "samples_seen": 51})
+
+
+def test_sampler_state_roundtrip_per_rank() -> None:
+    for rank in range(3):
+        s = make_sampler(101, shuffle=True, num_replicas=3, rank=rank, epoch=4)
+        whole = list(s)
+        t = make_sampler(101, shuffle=True, num_replicas=3, rank=rank)
+        t.load_state_dict(s.state_dict(13))
+        assert list(t) == whole[13:]
+        assert len(t) == len(whole) - 13
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shards_padded_cover_everything(shuffle: bool) -> None:
+    shards = [list(make_sampler(10, shuffle=shuffle, num_replicas=3, rank=r, epoch=1)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    flat = list(itertools.chain(*shards))
+    assert sorted(set(flat)) == list(range(10))
+    counts = np.bincount(flat, minlength=10)
+    assert counts.sum() == 12 and counts.max() == 2 and (counts == 2).sum() == 2
+    # Padding repeats the first indices of the epoch's order.
+    order = list(make_sampler(10, shuffle=shuffle, epoch=1))
+    assert sorted(np.flatnonzero(counts == 2).tolist()) == sorted(order[:2])
+    # Apart from the padding, ranks are disjoint.
+    for a, b in itertools.combinations(range(3), 2):
+        assert set(shards[a]) & set(shards[b]) <= set(order[:2])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shards_drop_last_drops_exactly_the_remainder(shuffle: bool) -> None:
+    shards = [list(make_sampler(10, shuffle=shuffle, num_replicas=3, rank=r, drop_last=True)) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    flat = list(itertools.chain(*shards))
+    assert len(set(flat)) == 9 == len(flat)  # disjoint
+    assert len(set(range(10)) - set(flat)) == 10 % 3
+
+
+def test_shards_even_split_needs_no_padding() -> None:
+    shards = [list(make_sampler(12, shuffle=True, num_replicas=4, rank=r)) for r in range(4)]
+    assert sorted(itertools.chain(*shards)) == list(range(12))
+
+
+def test_shard_order_is_a_function_of_seed_and_epoch() -> None:
+    a = list(make_sampler(50, shuffle=True, epoch=2, seed=7))
+    assert a == list(make_sampler(50, shuffle=True, epoch=2, seed=7))
+    assert a != list(make_sampler(50, shuffle=True, epoch=3, seed=7))
+    assert a != list(make_sampler(50, shuffle=True, epoch=2, seed=8))
+    s = make_sampler(50, shuffle=True, seed=7)
+    s.set_epoch(2)
+    assert list(s) == a
+
+
+def test_padding_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="jasper_ray"):
+        make_sampler(10, shuffle=True, num_replicas=3, rank=0)
+    assert any("2 of 10 samples repeated" in r.getMessage() for r in caplog.records)
+
+
+def test_sampler_rejects_a_bad_rank() -> None:
+    with pytest.raises(ValueError, match="rank 3"):
+        ResumableSampler(10, num_replicas=3, rank=3)
