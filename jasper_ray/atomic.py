@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def remove_orphan_temps(final: Path) -> list[Path]:
         pid = path.name[len(prefix) :]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             log.info("removing %s left by a writer that died", path)
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed

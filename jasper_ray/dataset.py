@@ -125,8 +125,6 @@ class JASPERSteeringDataset(Dataset):
         _check_split(_core.reader, split)
         self._core: _Core | None = _core
         self.config: dict[str, Any] = _core.reader.config
-        self.storage_format = _core.reader.storage_format
-        self.use_mmap = _core.reader.use_mmap
         self.embedding_dim = int(self.config["embedding_dim"])
         self.n_neg = int(self.config["n_neg"])
         # numpy owns the ids and the tensor views them, not the reverse: pickling for spawn workers moves a
@@ -147,6 +145,15 @@ class JASPERSteeringDataset(Dataset):
             _core.source.resident_bytes / 2**20,
             _core.reader.nbytes_on_disk() / 2**20,
         )
+
+    @property
+    def storage_format(self) -> str:
+        """ "pt" or "hdf5": what is being served now (a reload may fall back from a stale dataset.h5)."""
+        return self._live_core().reader.storage_format
+
+    @property
+    def use_mmap(self) -> bool:
+        return self._live_core().reader.use_mmap
 
     # --- state shared with workers -----------------------------------------
     @property
@@ -259,17 +266,21 @@ class JASPERSteeringDataset(Dataset):
 
     @staticmethod
     def convert_pt_to_hdf5(dataset_dir: str | os.PathLike, compression: str | None = "gzip", **kwargs: Any) -> Any:
-        """Write ``dataset.h5`` beside the PT files (they are kept): in parallel on Ray when Ray is
-        importable (``jasper_ray.convert``), else in this process."""
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            from .writer import convert_pt_to_hdf5
+        """Write ``dataset.h5`` beside the PT files (they are kept).
 
-            return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
-        from .ray_convert import convert
+        Converts in parallel with Ray tasks (``jasper_ray.convert``) when Ray is importable and worth
+        its start-up: a Ray session is already running, ``RAY_ADDRESS`` names a cluster, or the data is
+        larger than one shard. Otherwise in this process (``jasper_ray.convert_pt_to_hdf5``).
+        """
+        from .ray_convert import ray_worthwhile
 
-        return convert(dataset_dir, compression=compression, **kwargs)
+        if ray_worthwhile(dataset_dir):
+            from .ray_convert import convert
+
+            return convert(dataset_dir, compression=compression, **kwargs)
+        from .writer import convert_pt_to_hdf5
+
+        return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
 
 
 for _spec in TENSORS:

@@ -55,6 +55,18 @@ def _require_ray():
     return ray
 
 
+def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = SHARD_BYTES) -> bool:
+    """Whether converting with Ray beats one process: Ray importable and running, a cluster named,
+    or more than one shard of data (a local Ray takes seconds to start)."""
+    try:
+        ray = _require_ray()
+    except ImportError:
+        return False
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return True
+    return open_dataset(dataset_dir, storage_format="pt").nbytes_on_disk() > shard_bytes
+
+
 def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
     """Make sure Ray is up; return True when this call started it (and so must stop it)."""
     if ray.is_initialized():
@@ -75,6 +87,16 @@ def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
 def _shard_task(task: ShardTask, inject_failure: str | None) -> ShardResult:
     os.environ.update(READER_ENV)
     return write_shard(task, inject_failure)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a task failed, on one line: the task's own exception (a RayTaskError's first line is only
+    ``ray::_shard_task() (pid=..., ip=...)``), else Ray's (a worker that died)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}"
 
 
 def run_shards(
@@ -112,7 +134,7 @@ def run_shards(
                 except Exception as exc:  # noqa: BLE001 - reported by shard name below
                     failures.append(
                         f"{task.shard.shard_id} (rows {task.shard.start}:{task.shard.stop} of "
-                        f"{task.job.h5_path}): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                        f"{task.job.h5_path}): {_reason(exc)}"
                     )
                     continue
                 results[result.shard_id] = result
@@ -164,24 +186,30 @@ def convert(
     started_ray = _connect(ray, address, num_workers)
     try:
         with work:
-            reused = work.existing_shards()
-            if reused:
-                log.info(
-                    "resuming: %d of %d shards are on disk from an earlier run; verifying them",
-                    reused,
-                    len(plan.shards),
+            try:
+                reused = work.existing_shards()
+                if reused:
+                    log.info(
+                        "resuming: %d of %d shards are on disk from an earlier run; verifying them",
+                        reused,
+                        len(plan.shards),
+                    )
+                results = run_shards(
+                    ray,
+                    plan.tasks(work.path),
+                    max_retries=max_retries,
+                    progress=progress,
+                    total_bytes=plan.total_bytes,
+                    inject_failure=_inject_failure,
                 )
-            results = run_shards(
-                ray,
-                plan.tasks(work.path),
-                max_retries=max_retries,
-                progress=progress,
-                total_bytes=plan.total_bytes,
-                inject_failure=_inject_failure,
-            )
-            shards_done = time.perf_counter()
-            if layout == "single":
-                assemble_single(plan, work.path, output, results)
+                shards_done = time.perf_counter()
+                if layout == "single":
+                    assemble_single(plan, work.path, output, results)
+            except Exception:
+                # A failure leaves nothing behind (the disk may be full). An interrupt or a crash
+                # (KeyboardInterrupt, SIGKILL) keeps the finished shards for a re-run to reuse.
+                work.remove()
+                raise
         if layout == "single":
             work.remove()
         else:

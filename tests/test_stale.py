@@ -25,14 +25,11 @@ def converted_copy(tmp_path: Path, converted) -> Path:
 def _rewrite_same_size(directory: Path, expected) -> str:
     """Different values, same shape and dtype: the file size does not change, only its bytes.
 
-    torch.save names the zip records after the file it writes; jasper_ray's writer saves
-    through a temporary name, so the rewrite does the same to keep the size identical.
+    torch.save names the zip records after the file it writes, as upstream's builder does.
     """
     name = "pair_relevance"
     file_name = TENSOR[name].pt_file
-    temp = directory / f".{file_name}.tmp-1"
-    torch.save(torch.from_numpy(expected.tensors[name][::-1].copy()), temp)
-    os.replace(temp, directory / file_name)
+    torch.save(torch.from_numpy(expected.tensors[name][::-1].copy()), directory / file_name)
     return file_name
 
 

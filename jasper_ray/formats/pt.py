@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, publish, remove_orphan_temps, temp_path_for
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_FILES, TENSOR, split_from_pt_file, split_pt_file
 from .base import Reader
@@ -123,8 +124,16 @@ class PTReader(Reader):
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    with atomic_output(path) as temp:
-        torch.save(obj, temp)
+    """``torch.save`` published atomically. The temp file keeps the final name inside a private
+    directory: torch names the records of its zip after the file, so the bytes equal upstream's."""
+    remove_orphan_temps(path)
+    private = temp_path_for(path)
+    private.mkdir()
+    try:
+        torch.save(obj, private / path.name)
+        publish(private / path.name, path)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def write_pt_dataset(
