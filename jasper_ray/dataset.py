@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .assembly import ReaderSource, SampleBatch, TensorSource, assemble_batch
+from .assembly import ReaderSource, assemble_batch
 from .config import read_config_file
 from .errors import DatasetNotFoundError
 from .formats import StorageFormat, open_dataset
 from .formats.base import Reader
 from .sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
 from .schema import CONFIG_FILE, HDF5_FILE, STEERING_VARIANTS, TENSORS
+from .torch_batches import SampleBatch, TensorSource, as_tensor, to_torch
 from .validate import validate_dataset
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ def _check_split(reader: Reader, split: str) -> None:
 
 def _tensor_property(name: str) -> property:
     def get(self: JASPERSteeringDataset) -> torch.Tensor:
-        return self._live_core().source.tensor(name)
+        core = self._live_core()
+        if isinstance(core.source, TensorSource):
+            return core.source.tensor(name)
+        return as_tensor(np.asarray(core.reader.read(name)))
 
     return property(get, doc=f"The whole ``{name}`` tensor (mapped, not copied, when use_mmap).")
 
@@ -199,7 +203,7 @@ class JASPERSteeringDataset(Dataset):
     def get_batch(self, indices: Any) -> dict[str, torch.Tensor]:
         """The collated batch for split positions ``indices``, in one vectorised call."""
         pair_ids = self._pair_ids(indices)
-        return assemble_batch(self._live_core().source, pair_ids, self.variants(pair_ids))
+        return to_torch(assemble_batch(self._live_core().source, pair_ids, self.variants(pair_ids)))
 
     def __getitems__(self, indices: list[int]) -> SampleBatch:
         return SampleBatch(self.get_batch(indices))

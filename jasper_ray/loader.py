@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .assembly import SAMPLE_KEYS, collate
+from .assembly import SAMPLE_KEYS
 from .dataset import JASPERSteeringDataset
 from .sampler import ResumableSampler, make_sampler
 from .sampling import DEFAULT_SEED
+from .torch_batches import collate, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def validate_first_batch(loader: DataLoader) -> bool:
     for key, (shape, dtype) in SAMPLE_KEYS.items():
         expected = (b, *(sizes[s] for s in shape))
         assert tuple(batch[key].shape) == expected, f"{key}: shape {tuple(batch[key].shape)}, expected {expected}"
-        assert batch[key].dtype == dtype, f"{key}: dtype {batch[key].dtype}, expected {dtype}"
+        assert batch[key].dtype == torch_dtype(dtype), f"{key}: dtype {batch[key].dtype}, expected {dtype}"
     for key in ("question_emb", "target_source_emb", "steering", "negative_embs"):
         assert torch.isfinite(batch[key]).all(), f"{key} holds NaN or Inf"
     if dataset is not None:

@@ -101,7 +101,7 @@ def _read_rows(
     for a in range(0, len(ids), rows_per_block):
         chunk = ids[a : a + rows_per_block]
         batch = assemble_batch(source, chunk, steering_variants(chunk, epoch, seed, probs), keys)
-        out = {key: value.numpy() for key, value in batch.items()}
+        out = dict(batch)
         if PAIR_ID in columns:
             out[PAIR_ID] = chunk.copy()
         yield BlockAccessor.batch_to_block({c: out[c] for c in columns})

@@ -13,10 +13,12 @@ import pickle
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from ..atomic import atomic_output, publish, remove_orphan_temps, temp_path_for
 from ..errors import DatasetFormatError, DatasetNotFoundError
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 def load_pt(path: Path, *, mmap: bool) -> Any:
     """``torch.load`` with weights_only, and errors that name the file."""
+    import torch  # only PT data needs torch: HDF5 readers (and the Ray workers serving them) start without it
+
     if not path.is_file():
         raise DatasetNotFoundError(f"Required tensor file not found: {path}")
     try:
@@ -46,6 +50,8 @@ def load_pt(path: Path, *, mmap: bool) -> Any:
 
 
 def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
+    import torch
+
     obj = load_pt(path, mmap=mmap)
     if not isinstance(obj, torch.Tensor):
         raise DatasetFormatError(f"{path}: expected a tensor, found {type(obj).__name__}")
@@ -54,6 +60,8 @@ def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
 
 def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Upstream's ``List[List[int]]`` as CSR, checking each entry is a list of ints."""
+    import torch
+
     if isinstance(obj, torch.Tensor) and obj.ndim == 2:  # a dense [P, k] tensor is a valid ragged list too
         obj = obj.tolist()
     if not isinstance(obj, (list, tuple)):
@@ -126,6 +134,8 @@ class PTReader(Reader):
 def _save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` published atomically. The temp file keeps the final name inside a private
     directory: torch names the records of its zip after the file, so the bytes equal upstream's."""
+    import torch
+
     remove_orphan_temps(path)
     private = temp_path_for(path)
     private.mkdir()
@@ -149,6 +159,8 @@ def write_pt_dataset(
     Each file is published atomically.
     """
     import json
+
+    import torch
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

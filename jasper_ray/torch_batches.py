@@ -1,0 +1,98 @@
+"""The torch side of samples: tensors placed on a device, numpy batches as tensors, DataLoader collate.
+
+``TensorSource`` is the assembly source for ``device=cuda`` (or tensors held
+in RAM): everything is placed once, and batches are ``index_select`` on the
+device with host-computed positions, so no per-sample ``.item()`` syncs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .formats.base import Reader
+from .schema import TENSORS
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without the read-only warning (mapped arrays are read-only; we never write them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def to_torch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A batch of numpy arrays as tensors sharing their memory (tensors pass through)."""
+    return {k: v if isinstance(v, torch.Tensor) else as_tensor(v) for k, v in batch.items()}
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+class TensorSource:
+    """Every tensor placed once on ``device`` (RAM or GPU); batches are index_select on it."""
+
+    def __init__(self, reader: Reader, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.tensors = {spec.name: as_tensor(np.asarray(reader.read(spec.name))).to(self.device) for spec in TENSORS}
+
+    def _index(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(indices, np.ndarray):
+            indices = torch.from_numpy(np.ascontiguousarray(indices))
+        return indices.to(self.device, non_blocking=True)
+
+    def take(self, name: str, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.tensors[name].index_select(0, self._index(indices))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape[1:])
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch_dtype(dtype), device=self.device)
+
+    def put_rows(self, out: torch.Tensor, positions: np.ndarray, rows: torch.Tensor) -> None:
+        out.index_copy_(0, self._index(positions), rows)
+
+    def from_host(self, array: np.ndarray) -> torch.Tensor:
+        return self._index(array)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class SampleBatch(Sequence):
+    """A collated batch that also reads as a list of per-sample dicts.
+
+    ``JASPERSteeringDataset.__getitems__`` returns it: ``jasper_ray.collate``
+    hands back ``.batch`` as is (no copy); torch's ``default_collate`` still
+    works on it, sample by sample, for users who keep their own DataLoader.
+    """
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["steering_variant"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return {key: value[i] for key, value in self.batch.items()}
+
+
+def collate(batch: Any) -> Any:
+    """``collate_fn`` for DataLoaders over JASPER datasets: batched results pass through untouched."""
+    if isinstance(batch, SampleBatch):
+        return batch.batch
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)
