@@ -15,8 +15,10 @@ calls ``assemble_single`` / ``publish_sharded``; all format logic is here.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -187,15 +189,15 @@ def plan_conversion(
 
 # --- one shard ------------------------------------------------------------------------
 
-_READERS: dict[str, Reader] = {}
-
 
 def _source(dataset_dir: str) -> Reader:
-    """The PT sources, mapped once per worker process."""
-    reader = _READERS.get(dataset_dir)
-    if reader is None:
-        reader = _READERS[dataset_dir] = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
-    return reader
+    """The PT sources, mapped for one task and closed after it.
+
+    Not cached per worker: a long-lived worker (a cluster, a reused local Ray) would keep serving the
+    mapping of files that were replaced since (a new dataset written to the same path), and every page a
+    worker ever touched would stay in its RSS. Mapping a file again costs milliseconds.
+    """
+    return open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
 
 
 def _peak_rss() -> int:
@@ -250,13 +252,25 @@ def write_shard(task: ShardTask, inject_failure: str | None = None) -> ShardResu
     rows = shard.stop - shard.start
     if opts:
         opts["maxshape"] = (None,) + job.shape[1:]  # lets a short last shard keep the full chunk shape
-    with atomic_output(path) as temp, h5py.File(temp, "w") as f:
+    # The shard is built in memory (it is bounded by the shard size) and written with plain file I/O:
+    # HDF5 cannot recover from a write failing mid-file (ENOSPC at close leaves the library in a state
+    # that segfaults the process later, h5py#914), so a full or failing disk must fail here, cleanly.
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         dset = f.create_dataset(job.h5_path, shape=(rows,) + job.shape[1:], dtype=job.dtype, **opts)
         hasher = BlockHasher(block_rows(job.shape, job.dtype.itemsize), job.nbytes // max(job.shape[0], 1))
-        write_rows(dset, _source(task.dataset_dir), job, shard.start, shard.stop, hasher, dest_start=0)
+        with _source(task.dataset_dir) as source:
+            write_rows(dset, source, job, shard.start, shard.stop, hasher, dest_start=0)
         digests = hasher.finish()
         dset.attrs[ATTR_DIGESTS] = np.frombuffer(b"".join(digests), dtype=np.uint8)
         dset.attrs["start"], dset.attrs["stop"] = shard.start, shard.stop
+    with atomic_output(path) as temp:
+        try:
+            with open(temp, "wb") as out:
+                out.write(image.getbuffer())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(temp)) from exc
+    del image
     return ShardResult(
         shard.shard_id,
         rows,
@@ -335,6 +349,22 @@ def copy_shard(src: Any, dst: Any, dest_start: int, src_path: Path) -> int:
     return src.id.get_storage_size()
 
 
+def check_free_space(output: Path, shard_bytes: int) -> None:
+    """Refuse to start a file that cannot fit: HDF5 does not survive a disk filling up mid-write.
+
+    The assembled file holds the shards' chunks and less metadata than they do, so the shard files'
+    total (plus a margin) bounds it. A disk filled by someone else during assembly still fails in HDF5.
+    """
+    need = shard_bytes + (1 << 20)
+    free = shutil.disk_usage(output.parent).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device to assemble {output}: it needs up to {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free",
+        )
+
+
 def assemble_single(
     plan: ConversionPlan,
     work_dir: Path,
@@ -344,6 +374,7 @@ def assemble_single(
 ) -> None:
     """Build ``output`` from the shard files by chunk copy, publish it atomically."""
     h5py = require_h5py()
+    check_free_space(output, sum((work_dir / s.file_name).stat().st_size for s in plan.shards))
     with atomic_output(output) as temp, h5py.File(temp, "w") as f:
         write_root_attrs(f, plan.config, plan.source_fingerprint, plan.compression)
         for job in plan.jobs:

@@ -1,0 +1,701 @@
+"""Parallel PT -> HDF5 conversion on Ray (``jasper_ray.convert``): same bytes, crash safety, resume, sharded layout.
+
+Everything runs on a real local Ray: the shared ``ray_session`` (2 CPUs), or a
+Ray of its own in a subprocess where a test kills the driver or runs the CLI.
+Two synthetic datasets:
+
+- ``small``: 3000 pairs, D=32; every tensor fits one checksum block (16 MiB),
+  so every tensor is one shard: 18 shards, many more than the 2 workers;
+- ``big``: 80000 pairs, D=64 (~100 MB); the steering tensors (20 MB each) are
+  split into two chunk-aligned shards, so assembly copies chunks to non-zero
+  row offsets and the sharded reader concatenates shards. Gzip conversions of
+  it take a few seconds: long enough to kill a driver or a worker mid-run.
+
+Reference outputs come from the single-process writer
+(``convert_pt_to_hdf5``), never from the Ray path itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jasper_ray import (
+    ConversionError,
+    JASPERSteeringDataset,
+    convert,
+    convert_pt_to_hdf5,
+    open_dataset,
+    synth_dataset,
+    validate_dataset,
+)
+from jasper_ray.atomic import TEMP_MARK
+from jasper_ray.cli import is_mapped
+from jasper_ray.formats.sharded import MANIFEST, SHARDS_DIR, ShardedHDF5Reader
+from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, TENSORS
+from jasper_ray.shards import plan_conversion, work_dir_for
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+SMALL = {"n_pairs": 3000, "dim": 32, "n_neg": 4, "seed": 11}
+BIG = {"n_pairs": 80000, "dim": 64, "n_neg": 4, "seed": 12}
+SMALL_SHARD = 64 << 10
+BIG_SHARD = 1 << 20
+COMPRESSIONS = ("gzip", "lzf", None)
+NUM_CPUS = 2  # the shared session's (tests/ray/conftest.py)
+DEADLINE_S = 120
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def h5_objects(path: Path) -> dict[str, Any]:
+    """Every group and dataset of a file: name -> (kind, attrs, layout, raw values)."""
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = ("group", dict(f.attrs), None, None)
+
+        def visit(name: str, obj: Any) -> None:
+            attrs = {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                layout = (obj.dtype.str, obj.shape, obj.chunks, obj.compression, obj.compression_opts, obj.shuffle)
+                out[name] = ("dataset", attrs, layout, obj[...].tobytes())
+            else:
+                out[name] = ("group", attrs, None, None)
+
+        f.visititems(visit)
+    return out
+
+
+def raw_chunks(dset: Any) -> list[tuple[tuple[int, ...], int, bytes]]:
+    """Every stored chunk as HDF5 keeps it (still compressed): (offset, filter mask, bytes)."""
+    chunks = []
+    for i in range(dset.id.get_num_chunks()):
+        offset = dset.id.get_chunk_info(i).chunk_offset
+        mask, data = dset.id.read_direct_chunk(offset)
+        chunks.append((offset, mask, bytes(data)))
+    return chunks
+
+
+def assert_same_file(ours: Path, reference: Path) -> None:
+    """Bit for bit: every dataset's values, dtype, shape, chunks, filters and attributes (sha256 included)."""
+    a, b = h5_objects(ours), h5_objects(reference)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        kind, attrs, layout, values = b[name]
+        assert a[name][0] == kind, name
+        assert a[name][1] == attrs, f"{name}: attributes differ"
+        assert a[name][2] == layout, f"{name}: layout differs: {a[name][2]} != {layout}"
+        assert a[name][3] == values, f"{name}: values differ"
+        if kind == "dataset":
+            assert ATTR_CHECKSUM in attrs, name
+    with h5py.File(ours, "r") as fa, h5py.File(reference, "r") as fb:
+        for name, (kind, _, layout, _) in b.items():
+            if kind == "dataset" and layout[2] is not None:
+                # Chunk bytes equal: assembly copied the shards' compressed chunks, it did not re-encode.
+                assert raw_chunks(fa[name]) == raw_chunks(fb[name]), f"{name}: stored chunks differ"
+
+
+def _walk(f: Any) -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    f.visititems(lambda name, obj: found.append((name, obj)))
+    return found
+
+
+def checksums(path: Path) -> dict[str, str]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        for name, obj in _walk(f):
+            if ATTR_CHECKSUM in obj.attrs:
+                out[name] = obj.attrs[ATTR_CHECKSUM]
+    return out
+
+
+def assert_verifies(path: Path) -> None:
+    """What ``jasper-ray verify`` checks: every recorded checksum, then the schema and id ranges."""
+    reader = open_dataset(path, storage_format="hdf5", use_mmap=True)
+    assert reader.verify_checksums() == []
+    validate_dataset(reader)
+    reader.close()
+
+
+def leftovers(*dirs: Path) -> list[Path]:
+    """Temp files and work directories under ``dirs``: what a finished or failed conversion must not leave."""
+    found = []
+    for d in dirs:
+        if d.is_dir():
+            found += [p for p in d.rglob("*") if TEMP_MARK in p.name or p.name.endswith(".work")]
+    return found
+
+
+def shard_files(work: Path) -> list[Path]:
+    """Published shard files in a work directory (temp files are hidden: they start with a dot)."""
+    return sorted(p for p in work.glob("*.h5") if not p.name.startswith(".")) if work.is_dir() else []
+
+
+def config_only_dir(src: Path, dest: Path) -> Path:
+    """A directory holding only ``config.json`` of ``src``: converted outputs go beside it, no PT files."""
+    dest.mkdir(parents=True)
+    shutil.copy(src / CONFIG_FILE, dest / CONFIG_FILE)
+    return dest
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``: a child started with start_new_session and its descendants."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a child and everything it started (its Ray: GCS, raylet, workers), and wait until all are gone."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while pids := session_processes(proc.pid):
+        assert time.monotonic() < deadline, f"processes of the killed conversion survive: {pids}"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+# --- datasets and references -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only PT source: every tensor is one shard."""
+    return synth_dataset(tmp_path_factory.mktemp("ray-small") / "ds", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only PT source whose steering tensors span two shards."""
+    return synth_dataset(tmp_path_factory.mktemp("ray-big") / "ds", **BIG)
+
+
+@pytest.fixture(scope="module")
+def small_single(tmp_path_factory: pytest.TempPathFactory, small: Path) -> Callable[[str | None], Path]:
+    """``small_single(compression)``: the single-process writer's dataset.h5 of ``small`` (cached)."""
+    cache: dict[str | None, Path] = {}
+
+    def get(compression: str | None) -> Path:
+        if compression not in cache:
+            out = config_only_dir(small, tmp_path_factory.mktemp(f"single-{compression}") / "ds") / "dataset.h5"
+            convert_pt_to_hdf5(small, compression, output=out, progress=False)
+            cache[compression] = out
+        return cache[compression]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def big_single_lzf(tmp_path_factory: pytest.TempPathFactory, big: Path) -> Path:
+    """The single-process writer's lzf dataset.h5 of ``big``, beside a copy of its config.json."""
+    out = config_only_dir(big, tmp_path_factory.mktemp("big-single") / "ds") / "dataset.h5"
+    convert_pt_to_hdf5(big, "lzf", output=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_checksums(big_single_lzf: Path) -> dict[str, str]:
+    """A tensor's sha256 is of its logical bytes: the same for every compression."""
+    return checksums(big_single_lzf)
+
+
+def test_big_dataset_splits_tensors_into_several_shards(big: Path) -> None:
+    plan = plan_conversion(open_dataset(big, "pt"), "gzip", shard_bytes=BIG_SHARD)
+    per_tensor: dict[str, list[tuple[int, int]]] = {}
+    for s in plan.shards:
+        per_tensor.setdefault(s.h5_path, []).append((s.start, s.stop))
+    split = {k: v for k, v in per_tensor.items() if len(v) > 1}
+    assert "steering/centroid" in split, per_tensor
+    for ranges in per_tensor.values():  # consecutive, covering, and (but the last) whole chunks
+        assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert plan.key == plan_conversion(open_dataset(big, "pt"), "gzip", shard_bytes=BIG_SHARD).key
+
+
+# --- 1, 2: the same file as the single-process writer -------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS, ids=lambda c: c or "none")
+def test_equals_single_process_writer_bit_for_bit(
+    tmp_path: Path, small: Path, small_single: Callable[[str | None], Path], compression: str | None
+) -> None:
+    out = tmp_path / "out" / "dataset.h5"
+    report = convert(small, compression=compression, shard_bytes=SMALL_SHARD, output=out, progress=False)
+
+    assert report.output == out and report.output_bytes == out.stat().st_size
+    assert report.shards > 2 * NUM_CPUS, "more shards than workers"
+    assert len(report.results) == report.shards and report.shards_reused == 0
+    assert report.shards == len(plan_conversion(open_dataset(small, "pt"), compression, shard_bytes=SMALL_SHARD).shards)
+    assert_same_file(out, small_single(compression))
+    assert_verifies(out)
+    assert leftovers(tmp_path) == [], "the work directory and temp files are removed on success"
+
+    if compression is None:  # contiguous, so it memory-maps
+        reader = open_dataset(out, storage_format="hdf5", use_mmap=True)
+        with h5py.File(out, "r") as f:
+            for spec in TENSORS:
+                assert f[spec.h5_path].chunks is None, spec.h5_path
+                if reader.shape(spec.name)[0]:
+                    assert is_mapped(reader.array(spec.name)), spec.name
+        reader.close()
+
+
+def test_multi_shard_tensors_equal_single_process_writer(tmp_path: Path, big: Path, big_single_lzf: Path) -> None:
+    """Shards of one tensor land at their row offsets; the last chunk of a shard is whole, the tensor's last is not."""
+    out = tmp_path / "dataset.h5"
+    report = convert(big, compression="lzf", shard_bytes=BIG_SHARD, output=out, progress=False, validate=False)
+    assert report.shards > len(TENSORS)
+    assert_same_file(out, big_single_lzf)
+    assert_verifies(out)
+
+
+def test_reused_workers_read_the_current_files_not_a_cached_mapping(tmp_path: Path, small_single: Callable) -> None:
+    """The session's workers outlive a conversion: a dataset rewritten at the same path must be read anew."""
+    data = synth_dataset(tmp_path / "ds", **SMALL)
+    convert(data, compression="lzf", shard_bytes=SMALL_SHARD, progress=False, validate=False)
+    synth_dataset(data, **{**SMALL, "seed": SMALL["seed"] + 1})  # new files (atomic renames), same path
+    convert(data, compression="lzf", shard_bytes=SMALL_SHARD, progress=False)
+    reference = tmp_path / "reference" / "dataset.h5"
+    reference.parent.mkdir()
+    convert_pt_to_hdf5(data, "lzf", output=reference, progress=False)
+    assert checksums(data / "dataset.h5") == checksums(reference)
+    assert checksums(reference) != checksums(small_single("lzf")), "the second dataset differs from the first"
+
+
+# --- 3: retries ----------------------------------------------------------------------------------
+
+
+def _a_shard_id(directory: Path, compression: str | None, shard_bytes: int, h5_path: str) -> str:
+    plan = plan_conversion(open_dataset(directory, "pt"), compression, shard_bytes=shard_bytes)
+    return next(s.shard_id for s in plan.shards if s.h5_path == h5_path)
+
+
+def test_a_task_failing_once_is_retried(tmp_path: Path, small: Path, small_single: Callable) -> None:
+    shard_id = _a_shard_id(small, "gzip", SMALL_SHARD, "steering/residual")
+    marker = tmp_path / "marker"
+    out = tmp_path / "out" / "dataset.h5"
+    report = convert(
+        small,
+        compression="gzip",
+        shard_bytes=SMALL_SHARD,
+        output=out,
+        progress=False,
+        _inject_failure={shard_id: str(marker)},
+    )
+    assert marker.exists(), "the first attempt did fail"
+    assert shard_id in report.results
+    assert checksums(out) == checksums(small_single("gzip"))
+    assert_verifies(out)
+    assert leftovers(out.parent) == []
+
+
+def test_a_shard_failing_every_time_is_named_and_nothing_is_published(tmp_path: Path, small: Path) -> None:
+    shard_id = _a_shard_id(small, "gzip", SMALL_SHARD, "negatives/hard")
+    out = tmp_path / "out" / "dataset.h5"
+    with pytest.raises(ConversionError) as info:
+        convert(
+            small,
+            compression="gzip",
+            shard_bytes=SMALL_SHARD,
+            output=out,
+            progress=False,
+            max_retries=0,
+            _inject_failure={shard_id: str(tmp_path / "marker")},
+        )
+    assert shard_id in str(info.value) and "injected failure" in str(info.value)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+# --- 4: the driver killed mid-run ----------------------------------------------------------------------
+
+DRIVER = """
+import sys
+from jasper_ray import convert
+convert(sys.argv[1], compression="gzip", num_workers=2, shard_bytes=int(sys.argv[2]), progress=False)
+print("finished", flush=True)
+"""
+
+
+def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
+    tmp_path: Path, big: Path, big_checksums: dict[str, str], ray_subprocess_env: Callable[..., dict]
+) -> None:
+    data = Path(shutil.copytree(big, tmp_path / "ds"))
+    output = data / "dataset.h5"
+    work = work_dir_for(output)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(data), str(BIG_SHARD)],
+        env=ray_subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its Ray (GCS, raylet, workers) shares the session: killed with it
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while len(shard_files(work)) < 2:
+            if proc.poll() is not None:
+                pytest.fail(f"the conversion ended (rc={proc.returncode}) before it was killed: {proc.stdout.read()}")
+            assert time.monotonic() < deadline, "no shard file appeared"
+            time.sleep(0.01)
+    finally:
+        kill_session(proc)
+
+    assert not output.exists(), "a killed driver never publishes dataset.h5"
+    assert [p.name for p in data.iterdir() if "dataset" in p.name and not p.name.startswith(".")] == []
+    assert open_dataset(data).storage_format == "pt", "auto-detection serves the PT files"
+    done = shard_files(work)
+    total = len(plan_conversion(open_dataset(data, "pt"), "gzip", shard_bytes=BIG_SHARD).shards)
+    assert 2 <= len(done) < total, f"killed mid-run: {len(done)} of {total} shards were written"
+
+    report = convert(data, compression="gzip", shard_bytes=BIG_SHARD, progress=False)
+    assert report.shards == total
+    assert report.shards_reused == len(done), "every finished shard verifies and is reused"
+    assert sum(not r.reused for r in report.results.values()) == total - len(done), "only the rest is redone"
+    assert checksums(output) == big_checksums, "the same final checksums as a clean conversion"
+    assert_verifies(output)
+    assert open_dataset(data).storage_format == "hdf5"
+    assert leftovers(data) == []
+
+
+# --- 5: a worker killed mid-task ------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+
+
+def running_shard_tasks() -> list[int]:
+    """Pids of this session's Ray workers now running a shard task.
+
+    Ray titles a worker ``ray::<task name>`` while it runs a task (``ray::IDLE`` otherwise); the workers of
+    this session's raylet are the children of a child of this process (the driver), which keeps the Ray
+    instances of other processes on the machine out.
+    """
+    me, pids = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "cmdline").read_bytes().startswith(b"ray::_shard_task"):
+                continue
+            parent = int(_stat_fields(int(entry.name))[1])
+            if int(_stat_fields(parent)[1]) == me:
+                pids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def _kill_a_running_task(stop: threading.Event, killed: list[int]) -> None:
+    """Wait until a shard task runs (the first tasks also start the workers); SIGKILL its worker."""
+    seen_at: dict[int, float] = {}
+    while not stop.is_set():
+        for pid in running_shard_tasks():
+            # Kill a task that has run a little while: mid-task, not at its first instruction.
+            if time.monotonic() - seen_at.setdefault(pid, time.monotonic()) > 0.05:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
+                return
+        time.sleep(0.01)
+
+
+def test_a_worker_killed_mid_task_is_survived(tmp_path: Path, big: Path, big_checksums: dict[str, str]) -> None:
+    output = config_only_dir(big, tmp_path / "ds") / "dataset.h5"
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_running_task, args=(stop, killed), daemon=True)
+    killer.start()
+    try:
+        report = convert(big, compression="gzip", shard_bytes=BIG_SHARD, output=output, progress=False, validate=False)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no shard task was caught running"
+    assert not Path(f"/proc/{killed[0]}").exists() or _stat_fields(killed[0])[0] == "Z", "the worker died"
+    assert len(report.results) == report.shards and report.shards_reused == 0
+    assert checksums(output) == big_checksums
+    assert_verifies(output)
+    assert leftovers(output.parent) == []
+
+
+# --- 6: write errors ------------------------------------------------------------------------------------
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc})")
+
+
+@contextmanager
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    _mount_tmpfs(where, options)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+@contextmanager
+def read_only_dir(where: Path) -> Iterator[Path]:
+    """A directory no one can write, root included: chmod for users, a read-only tmpfs for root."""
+    if os.geteuid() != 0:
+        where.mkdir(parents=True)
+        where.chmod(0o555)
+        try:
+            yield where
+        finally:
+            where.chmod(0o755)
+    else:
+        with mounted_tmpfs(where, "ro,size=1m") as d:
+            yield d
+
+
+def _assert_clean_failure(exc: BaseException, named: Path, output: Path) -> None:
+    assert str(named) in str(exc), f"the error names {named}: {exc}"
+    assert not output.exists()
+    assert leftovers(output.parent, named) == []
+
+
+def test_output_parent_is_a_file(tmp_path: Path, small: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a regular file")
+    output = blocker / "dataset.h5"
+    with pytest.raises(OSError) as info:
+        convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=output, progress=False)
+    _assert_clean_failure(info.value, blocker, output)
+    assert blocker.read_text() == "a regular file"
+
+
+def test_read_only_target(tmp_path: Path, small: Path) -> None:
+    with read_only_dir(tmp_path / "ro") as target:
+        output = target / "dataset.h5"
+        with pytest.raises(OSError) as info:
+            convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=output, progress=False)
+        _assert_clean_failure(info.value, target, output)
+        assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("phase", ["shards", "assembly"])
+def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase: str) -> None:
+    """A disk that fills while shards are written, or only when the assembled file is: an error, no leftovers."""
+    size = small_single("gzip").stat().st_size
+    room = size // 4 if phase == "shards" else size * 3 // 2  # shards fit, the file beside them does not
+    with mounted_tmpfs(tmp_path / "full", f"size={room}") as target:
+        output = target / "dataset.h5"
+        with pytest.raises((OSError, ConversionError)) as info:
+            convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=output, progress=False, max_retries=1)
+        message = str(info.value)
+        assert "No space left" in message or "errno = 28" in message or "ENOSPC" in message, message
+        _assert_clean_failure(info.value, target, output)
+        assert list(target.iterdir()) == [], "the space is given back"
+
+
+# --- 7: the sharded layout ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_sharded(tmp_path_factory: pytest.TempPathFactory, big: Path) -> Path:
+    """``big`` converted to ``dataset.shards/`` (lzf), beside a copy of its config.json."""
+    out = config_only_dir(big, tmp_path_factory.mktemp("big-sharded") / "ds")
+    report = convert(
+        big, compression="lzf", layout="sharded", shard_bytes=BIG_SHARD, output=out / SHARDS_DIR, progress=False
+    )
+    assert report.output == out / SHARDS_DIR
+    return out
+
+
+def test_sharded_layout_reads_the_same_as_the_single_file(big_sharded: Path, big_single_lzf: Path) -> None:
+    sharded = open_dataset(big_sharded, storage_format="hdf5", use_mmap=True)
+    single = open_dataset(big_single_lzf.parent, storage_format="hdf5", use_mmap=True)
+    assert isinstance(sharded, ShardedHDF5Reader) and not isinstance(single, ShardedHDF5Reader)
+    assert open_dataset(big_sharded).storage_format == "hdf5", "auto-detection finds the manifest"
+    assert sharded.verify_checksums() == []
+    validate_dataset(sharded)
+    boundary = 65536  # the steering tensors' first shard ends here
+    rng = np.random.default_rng(0)
+    for spec in TENSORS:
+        n = single.shape(spec.name)[0]
+        assert sharded.shape(spec.name) == single.shape(spec.name)
+        assert sharded.read(spec.name).tobytes() == single.read(spec.name).tobytes(), spec.name
+        if n:
+            across = np.arange(n)[boundary - 3 : boundary + 3]
+            idx = np.concatenate([rng.integers(0, n, 300), [n - 1, 0, n - 1], across])
+            assert sharded.take(spec.name, idx).tobytes() == single.take(spec.name, idx).tobytes(), spec.name
+            a, b = max(0, min(boundary, n) - 5), min(n, boundary + 5)
+            assert sharded.read(spec.name, a, b).tobytes() == single.read(spec.name, a, b).tobytes(), spec.name
+    assert sharded.split_names() == single.split_names()
+    for split in single.split_names():
+        assert np.array_equal(sharded.split(split), single.split(split)), split
+    pairs = np.concatenate([rng.integers(0, BIG["n_pairs"], 500), [0, BIG["n_pairs"] - 1]])
+    for x, y in zip(sharded.keyword_ids(pairs), single.keyword_ids(pairs)):
+        assert np.array_equal(x, y)
+
+    train_ids = single.split("train")
+    near = int(np.searchsorted(train_ids, boundary))
+    positions = [*range(64), *range(max(0, near - 64), near + 64), *range(len(train_ids) - 32, len(train_ids))]
+    ds_sharded = JASPERSteeringDataset(big_sharded, "train", storage_format="hdf5")
+    ds_single = JASPERSteeringDataset(big_single_lzf.parent, "train", storage_format="hdf5")
+    assert ds_sharded.storage_format == ds_single.storage_format == "hdf5"
+    batch_a, batch_b = ds_sharded.get_batch(positions), ds_single.get_batch(positions)
+    assert sorted(batch_a) == sorted(batch_b)
+    for key in batch_b:
+        assert torch.equal(batch_a[key], batch_b[key]), key
+    sharded.close()
+    single.close()
+
+
+@pytest.fixture(scope="module")
+def small_sharded(tmp_path_factory: pytest.TempPathFactory, small: Path) -> Path:
+    out = config_only_dir(small, tmp_path_factory.mktemp("small-sharded") / "ds")
+    convert(
+        small, compression="gzip", layout="sharded", shard_bytes=SMALL_SHARD, output=out / SHARDS_DIR, progress=False
+    )
+    assert_verifies(out)
+    assert leftovers(out) == []
+    return out
+
+
+def _a_shard_file(directory: Path, h5_path: str = "steering/centroid") -> Path:
+    reader = open_dataset(directory, storage_format="hdf5")
+    tensor = next(t for t in reader.manifest["tensors"] if t["h5_path"] == h5_path)
+    return directory / SHARDS_DIR / tensor["shards"][0]["file"]
+
+
+def test_sharded_missing_shard_is_an_error_naming_it(tmp_path: Path, small_sharded: Path) -> None:
+    data = Path(shutil.copytree(small_sharded, tmp_path / "ds"))
+    shard = _a_shard_file(data)
+    shard.unlink()
+    for fmt in ("hdf5", "auto"):
+        with pytest.raises(Exception, match="missing") as info:
+            reader = open_dataset(data, storage_format=fmt)
+            reader.read("steering_centroid")
+        assert str(shard) in str(info.value)
+
+
+def test_sharded_truncated_shard_is_an_error_naming_it(tmp_path: Path, small_sharded: Path) -> None:
+    data = Path(shutil.copytree(small_sharded, tmp_path / "ds"))
+    shard = _a_shard_file(data)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(Exception, match="corrupt") as info:
+        open_dataset(data, storage_format="hdf5").read("steering_centroid")
+    assert str(shard) in str(info.value)
+
+
+def test_sharded_flipped_bytes_are_named_by_verify(tmp_path: Path, small_sharded: Path) -> None:
+    data = Path(shutil.copytree(small_sharded, tmp_path / "ds"))
+    shard = _a_shard_file(data)
+    with h5py.File(shard, "r") as f:
+        info = f["steering/centroid"].id.get_chunk_info(1)
+    with open(shard, "r+b") as f:  # one byte inside a stored (gzip) chunk; the file size is unchanged
+        f.seek(info.byte_offset + info.size // 2)
+        byte = f.read(1)
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    problems = open_dataset(data, storage_format="hdf5").verify_checksums()
+    assert len(problems) == 1 and str(shard) in problems[0], problems
+
+
+# --- 8: without Ray ---------------------------------------------------------------------------------------
+
+NO_RAY = """
+import sys
+sys.modules["ray"] = None  # import ray now raises ImportError
+import jasper_ray
+from jasper_ray import JASPERSteeringDataset, convert, convert_pt_to_hdf5, open_dataset
+try:
+    convert(sys.argv[1], progress=False, output=sys.argv[2])
+except ImportError as exc:
+    print("IMPORT-ERROR:", exc)
+else:
+    print("NO ERROR")
+report = convert_pt_to_hdf5(sys.argv[1], "lzf", output=sys.argv[2], progress=False)
+print("SINGLE:", report.output)
+JASPERSteeringDataset.convert_pt_to_hdf5(sys.argv[1], "lzf", output=sys.argv[3], progress=False)
+print("FALLBACK:", open_dataset(sys.argv[3]).verify_checksums())
+print("RAY LOADED:", any(m == "ray" or m.startswith("ray.") for m, v in sys.modules.items() if v is not None))
+"""
+
+
+def test_without_ray_convert_says_how_to_install_and_the_single_process_writer_works(
+    tmp_path: Path, small: Path, ray_subprocess_env: Callable[..., dict]
+) -> None:
+    one, two = tmp_path / "a" / "dataset.h5", tmp_path / "b" / "dataset.h5"
+    for p in (one, two):
+        config_only_dir(small, p.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_RAY, str(small), str(one), str(two)],
+        env=ray_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    error = next(line for line in lines if line.startswith(("IMPORT-ERROR", "NO ERROR")))
+    assert error.startswith("IMPORT-ERROR") and "pip install" in error and "ray" in error, error
+    assert "convert_pt_to_hdf5" in error, "it names the way that works without Ray"
+    assert f"SINGLE: {one}" in lines and "FALLBACK: []" in lines and "RAY LOADED: False" in lines, lines
+    assert_verifies(one)
+
+
+# --- 9: the CLI -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_cli_convert(tmp_path: Path, small: Path, ray_subprocess_env: Callable[..., dict], layout: str) -> None:
+    data = Path(shutil.copytree(small, tmp_path / "ds"))
+    args = ["-q", "convert", str(data), "--workers", "2", "--shard-size", "1MB", "--layout", layout]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jasper_ray", *args],
+        env=ray_subprocess_env(),  # no RAY_ADDRESS: the CLI starts a local Ray of its own
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    output = data / ("dataset.h5" if layout == "single" else SHARDS_DIR)
+    assert f"Conversion complete. HDF5 file saved to {output}" in proc.stdout
+    assert "File sizes: PT format=" in proc.stdout and "(compression: " in proc.stdout
+    assert "Wall time: " in proc.stdout and "shards (0 reused)" in proc.stdout
+    if layout == "sharded":
+        assert (output / MANIFEST).is_file() and not (data / "dataset.h5").exists()
+    reader = open_dataset(data)
+    assert reader.storage_format == "hdf5" and isinstance(reader, ShardedHDF5Reader) == (layout == "sharded")
+    assert reader.verify_checksums() == []
+    assert leftovers(data) == []
