@@ -31,6 +31,8 @@ _LAZY = {
     "ConversionError": "ray_convert",
     "convert": "ray_convert",
     "read_jasper": "ray_data",
+    "ShardedJasper": "shard_service",
+    "ShardUnavailableError": "shard_service",
 }
 
 __version__ = "0.1.0"

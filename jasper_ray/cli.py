@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ChecksumError
+from .formats.base import is_mapped
 
 log = logging.getLogger("jasper_ray")
 
@@ -63,17 +64,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     return 0
-
-
-def is_mapped(arr: object) -> bool:
-    """True when an array's memory is a file mapping (np.memmap, or torch's mmap'd storage)."""
-    import mmap
-
-    while arr is not None:
-        if isinstance(arr, (np.memmap, mmap.mmap)):
-            return True
-        arr = getattr(arr, "base", None)
-    return False
 
 
 def _describe_storage(reader, name: str) -> str:

@@ -44,6 +44,17 @@ def check_indices(where: str | Callable[[], str], indices: np.ndarray, n_rows: i
     return indices.astype(np.int64, copy=False)
 
 
+def is_mapped(arr: object) -> bool:
+    """True when an array's memory is a file mapping (np.memmap or a view of one)."""
+    import mmap
+
+    while arr is not None:
+        if isinstance(arr, (np.memmap, mmap.mmap)):
+            return True
+        arr = getattr(arr, "base", None)
+    return False
+
+
 class Reader(ABC):
     """Lazy, picklable access to one JASPER dataset in one storage format."""
 

@@ -1,0 +1,85 @@
+"""``ShardServer``: the Ray actor that owns a memory-mapped pair-row shard and serves batches of it.
+
+Kept apart from the client so that an actor (and its restarts) imports
+neither torch nor the client: for HDF5 data a restarted actor is up in about
+a second. It receives a path and a row range, never data or handles.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .assembly import ReaderSource, assemble_batch
+from .batch_memory import PAIR_ID, BatchLayout, SlotWriter
+from .formats import open_dataset
+from .formats.base import is_mapped
+from .sampling import SteeringSchedule, steering_variants
+from .schema import TENSORS
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+class ShardServer:
+    """Owns pair rows ``[start, stop)`` of one dataset; serves batches of them. Run as a Ray actor."""
+
+    def __init__(self, path: str, storage_format: str, start: int, stop: int, seed: int, name: str):
+        os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+        self.reader = open_dataset(path, storage_format, use_mmap=True)
+        for spec in TENSORS:  # map everything now: a restarted actor is ready when it answers
+            self.reader.array(spec.name)
+        self.source = ReaderSource(self.reader)
+        self.schedule = SteeringSchedule(self.reader.config)
+        self.start, self.stop, self.seed, self.name = start, stop, seed, name
+        self.batches_served = 0
+        self.slots = SlotWriter()
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def get_batch(self, pair_ids: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        ids = np.asarray(pair_ids, dtype=np.int64)
+        if ids.size and (ids.min() < self.start or ids.max() >= self.stop):
+            raise ValueError(f"{self.name} owns pair rows {self.start}:{self.stop}; asked for {ids.min()}..{ids.max()}")
+        variants = steering_variants(ids, epoch, self.seed, self.schedule.probs(epoch))
+        batch = assemble_batch(self.source, ids, variants)
+        batch[PAIR_ID] = ids
+        self.batches_served += 1
+        return batch
+
+    def fill(
+        self, pair_ids: np.ndarray, epoch: int, slot: str, layout: BatchLayout, positions: np.ndarray, node_id: str
+    ) -> int | dict[str, np.ndarray]:
+        """Write the batch into the client's shared-memory ``slot`` at ``positions`` when the client is on
+        this node (returns the row count); otherwise return the batch through the object store."""
+        batch = self.get_batch(pair_ids, epoch)
+        if node_id != self.node_id:
+            return batch
+        self.slots.write(slot, layout, positions, batch)
+        return len(positions)
+
+    def stats(self) -> dict[str, Any]:
+        arrays = [self.reader.array(spec.name) for spec in TENSORS]
+        mapped = sum(a.nbytes for a in arrays if is_mapped(a))
+        return {
+            "shard": self.name,
+            "rows": self.stop - self.start,
+            "bytes_mapped": int(mapped),
+            "batches_served": self.batches_served,
+            "pid": os.getpid(),
+            "node_id": self.node_id,
+            **_status(),
+        }
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,308 @@
+"""A sample service on Ray actors: each ``ShardServer`` owns a pair-row shard, memory-mapped.
+
+``ShardedJasper`` is the client. It starts one actor per shard, spread over
+the cluster's nodes (on the node that holds the shard's file, for the sharded
+layout, when one does), plans each epoch as the seeded permutation of the
+split that ``ResumableSampler`` gives (so a rank's order equals the local
+loader's), routes each batch's pair ids to the actors that own them, keeps
+several batches in flight and yields them in the plan's order.
+
+Faults: actors restart (``max_restarts``) and reopen their files in
+``__init__``; the client resubmits what a dead actor lost (``max_retries``
+per request, with backoff), so a killed actor costs latency, never a sample.
+A shard that cannot be served after that raises ``ShardUnavailableError``
+naming it. Actors are owned by the process that made them: ``close()`` (or
+leaving ``with``) kills them, and Ray kills them if that process exits.
+
+Format logic stays in the reader and ``assemble_batch``; this module only
+places actors and moves ids and batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset
+
+from .batch_memory import BatchLayout, Slot, SlotPool
+from .formats import open_dataset
+from .formats.hdf5 import rows_per_chunk
+from .formats.sharded import ShardedHDF5Reader
+from .sampling import DEFAULT_SEED
+from .schema import TENSOR
+from .shard_server import ShardServer
+
+log = logging.getLogger(__name__)
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard's actor could not serve a request after all retries."""
+
+
+def shard_ranges(reader: Any, num_shards: int | None) -> list[tuple[int, int]]:
+    """Pair-row ranges, one per actor: the sharded layout's steering shard files (grouped to
+    ``num_shards``), else equal ranges aligned to the per-pair tensors' HDF5 chunks."""
+    n = reader.n_pairs
+    if isinstance(reader, ShardedHDF5Reader) and num_shards is None:
+        tensor = next(t for t in reader.manifest["tensors"] if t["h5_path"] == TENSOR["steering_centroid"].h5_path)
+        return [(s["start"], s["stop"]) for s in tensor["shards"]]
+    num_shards = max(1, min(num_shards or os.cpu_count() or 1, n or 1))
+    align = rows_per_chunk((max(n, 1), *reader.shape("steering_centroid")[1:]), 4)
+    bounds = sorted({0, n, *(-(-(k * n // num_shards) // align) * align for k in range(1, num_shards))})
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, n)]
+
+
+def _local_files(paths: list[str]) -> list[bool]:
+    return [os.path.exists(p) for p in paths]
+
+
+def _placements(ray: Any, reader: Any, ranges: list[tuple[int, int]]) -> list[Any]:
+    """A scheduling strategy per actor: the node holding its shard file (sharded layout), else SPREAD."""
+    if not isinstance(reader, ShardedHDF5Reader):
+        return ["SPREAD"] * len(ranges)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    tensor = next(t for t in reader.manifest["tensors"] if t["h5_path"] == TENSOR["steering_centroid"].h5_path)
+    files = [
+        str(reader.shards_dir / next(s["file"] for s in tensor["shards"] if s["start"] <= a < s["stop"]))
+        for a, _ in ranges
+    ]
+    probe = ray.remote(num_cpus=0)(_local_files)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    holders = dict(
+        zip(
+            nodes,
+            ray.get(
+                [
+                    probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(files)
+                    for node in nodes
+                ]
+            ),
+        )
+    )
+    strategies = []
+    for i in range(len(ranges)):
+        candidates = [node for node in nodes if holders[node][i]]
+        if candidates and len(candidates) < len(nodes):  # only some nodes hold it: go there
+            strategies.append(NodeAffinitySchedulingStrategy(candidates[i % len(candidates)], soft=True))
+        else:
+            strategies.append("SPREAD")
+    return strategies
+
+
+class ShardedJasper(IterableDataset):
+    """Client of the shard actors: epochs of batches, per-rank views, resumable. See the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str = "train",
+        *,
+        batch_size: int = 256,
+        num_shards: int | None = None,
+        seed: int = DEFAULT_SEED,
+        epoch: int = 0,
+        shuffle: bool = True,
+        storage_format: str = "auto",
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        max_in_flight: int = 4,
+        max_restarts: int = 3,
+        max_retries: int = 5,
+        num_cpus: float = 1.0,
+        address: str | None = None,
+        _actors: list[Any] | None = None,
+    ):
+        import ray
+
+        from .sampler import make_sampler
+
+        if not ray.is_initialized():
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        reader = open_dataset(path, storage_format, use_mmap=True)
+        self.path, self.split, self.seed, self.batch_size = str(Path(path)), split, int(seed), int(batch_size)
+        self.storage_format = reader.storage_format
+        self.split_ids = np.asarray(reader.split(split), dtype=np.int64)
+        self.ranges = shard_ranges(reader, num_shards)
+        self.starts = np.array([a for a, _ in self.ranges], dtype=np.int64)
+        self.names = [f"shard {i} (pair rows {a}:{b} of {self.path})" for i, (a, b) in enumerate(self.ranges)]
+        self.sampler = make_sampler(
+            len(self.split_ids),
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            num_replicas=world_size,
+            rank=rank,
+            drop_last=drop_last,
+        )
+        self.max_in_flight, self.max_retries = max(1, max_in_flight), max_retries
+        self.samples_delivered = 0
+        self._config = dict(
+            batch_size=batch_size,
+            num_shards=num_shards,
+            seed=seed,
+            shuffle=shuffle,
+            storage_format=storage_format,
+            drop_last=drop_last,
+            max_in_flight=max_in_flight,
+            max_retries=max_retries,
+        )
+        self._owns_actors = _actors is None
+        if _actors is None:
+            server = ray.remote(ShardServer)
+            strategies = _placements(ray, reader, self.ranges)
+            _actors = [
+                server.options(
+                    max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, scheduling_strategy=strategy
+                ).remote(self.path, self.storage_format, a, b, self.seed, name)
+                for (a, b), name, strategy in zip(self.ranges, self.names, strategies)
+            ]
+            ray.get([actor.pid.remote() for actor in _actors])  # up and mapped before the first batch
+        self.actors = _actors
+        config = reader.config
+        self._layout = BatchLayout.for_batch(self.batch_size, int(config["embedding_dim"]), int(config["n_neg"]))
+        self._pool = SlotPool(self._layout)
+        self._node_id = ray.get_runtime_context().get_node_id()
+        reader.close()
+
+    # --- epochs and ranks -------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches in this rank's epoch (what is left of it, after a resume)."""
+        return -(-len(self.sampler) // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def for_rank(self, rank: int, world_size: int) -> ShardedJasper:
+        """A view for one rank of ``world_size``: equal shards of the epoch (padding or ``drop_last``,
+        logged), the same actors (the view does not own them; it pickles into Ray Train workers)."""
+        return ShardedJasper(
+            self.path,
+            self.split,
+            epoch=self.epoch,
+            rank=rank,
+            world_size=world_size,
+            _actors=self.actors,
+            **self._config,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        return {**self.sampler.state_dict(self.samples_delivered), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue a saved epoch: the next iteration yields exactly the samples not yet delivered."""
+        self.sampler.load_state_dict(state)
+        self.samples_delivered = state["samples_seen"]
+
+    # --- batches ------------------------------------------------------------------------------
+    def _submit(self, ids: np.ndarray) -> tuple[Slot, list[tuple[int, np.ndarray, Any]]]:
+        slot = self._pool.acquire()
+        owner = np.searchsorted(self.starts, ids, side="right") - 1
+        parts = []
+        for shard in np.unique(owner):
+            where = np.flatnonzero(owner == shard)
+            parts.append((int(shard), where, self._request(int(shard), ids[where], slot, where)))
+        return slot, parts
+
+    def _request(self, shard: int, ids: np.ndarray, slot: Slot, where: np.ndarray) -> Any:
+        return self.actors[shard].fill.remote(ids, self.epoch, slot.name, self._layout, where, self._node_id)
+
+    def _collect(self, ids: np.ndarray, slot: Slot, parts: list[tuple[int, np.ndarray, Any]]) -> dict[str, Any]:
+        import ray
+
+        for shard, where, ref in parts:
+            for attempt in range(self.max_retries + 1):
+                try:
+                    result = ray.get(ref)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    if attempt == self.max_retries:
+                        slot.busy = False
+                        raise ShardUnavailableError(
+                            f"{self.names[shard]} could not be served after {self.max_retries} retries: {exc}"
+                        ) from exc
+                    log.warning("%s lost a request (%s); retrying", self.names[shard], type(exc).__name__)
+                    time.sleep(min(2.0, 0.05 * 2**attempt))
+                    ref = self._request(shard, ids[where], slot, where)
+            if isinstance(result, dict):  # the actor is on another node: its rows came through the object store
+                for key, value in result.items():
+                    slot.views[key][where] = value
+        slot.busy = False
+        # Fresh views of the slot: while the caller holds them, the pool will not reuse it.
+        return {key: view[: len(ids)] for key, view in slot.views.items()}
+
+    def iter_numpy(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rest of this rank's epoch as batches of numpy arrays (plus ``pair_id``), in plan order.
+
+        The arrays live in shared memory owned by this client; a batch's memory is reused only after
+        the caller has dropped every reference to it."""
+        positions = self.sampler.epoch_indices()[self.sampler.start :]
+        self.samples_delivered = self.sampler.start
+        batches = [
+            self.split_ids[positions[i : i + self.batch_size]] for i in range(0, len(positions), self.batch_size)
+        ]
+        pending: deque = deque()
+        submitted = 0
+        while submitted < len(batches) or pending:
+            while submitted < len(batches) and len(pending) < self.max_in_flight:
+                pending.append((batches[submitted], self._submit(batches[submitted])))
+                submitted += 1
+            ids, (slot, parts) = pending.popleft()
+            batch = self._collect(ids, slot, parts)
+            self.samples_delivered += len(ids)
+            yield batch
+        self.sampler.start = 0  # the epoch is done: the next pass is a whole epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches as torch tensors: iterate directly, or ``DataLoader(client, batch_size=None)``."""
+        from .torch_batches import to_torch
+
+        for batch in self.iter_numpy():
+            yield to_torch(batch)
+
+    def stats(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([actor.stats.remote() for actor in self.actors])
+
+    # --- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Kill the actors this client started (views leave them to their owner) and free its memory."""
+        self._pool.close()
+        if self._owns_actors and self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def __enter__(self) -> ShardedJasper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_owns_actors"] = False  # a copy in another process never kills the owner's actors
+        state["_pool"] = SlotPool(self._layout)  # slots belong to one process
+        state["_node_id"] = None  # set again where the copy runs
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import ray
+
+        self.__dict__.update(state)
+        self._node_id = ray.get_runtime_context().get_node_id()
