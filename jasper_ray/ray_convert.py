@@ -75,7 +75,10 @@ def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": READER_ENV}, log_to_driver=False)
     else:
+        # "local": a new Ray on this machine. ray.init() without an address would attach to a cluster
+        # that `ray start` left running here (and then refuse num_cpus).
         ray.init(
+            address="local",
             num_cpus=num_workers or os.cpu_count(),
             include_dashboard=False,
             runtime_env={"env_vars": READER_ENV},

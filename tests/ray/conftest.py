@@ -61,6 +61,7 @@ def ray_session() -> Iterator[Any]:
         if ray.is_initialized():  # something outside this fixture started one: not ours to reuse
             ray.shutdown()
         ray.init(
+            address="local",  # a new instance: never a cluster that `ray start` left running on this machine
             num_cpus=RAY_NUM_CPUS,
             object_store_memory=RAY_OBJECT_STORE_BYTES,
             include_dashboard=False,

@@ -1,0 +1,474 @@
+#!/usr/bin/env python
+"""Benchmark PT -> HDF5 conversion: upstream's way, the single-process writer, and Ray (1 worker, all cores).
+
+    python scripts/bench_convert.py --size 2GB --out /tmp/jr-bench
+    python scripts/bench_convert.py --quick          # 200MB, for trying the script
+
+Synthesises one upstream-layout PT dataset (``--size``, D=768, n_neg=12) and,
+for gzip, lzf and none, converts it four ways, each in a fresh interpreter:
+
+(a) upstream-style: ``torch.load`` each tensor whole, ``create_dataset(data=...,
+    compression=c)`` without shuffle, keyword ids as one int32 dataset per pair
+    (UPSTREAM.md section 4);
+(b) ``jasper_ray.convert_pt_to_hdf5``: one process, streaming row blocks;
+(c) ``jasper_ray.convert`` on a local Ray with 1 CPU (``num_cpus=1``);
+(d) ``jasper_ray.convert`` on a local Ray with every core.
+
+Printed (stdout, markdown): wall seconds (for Ray: including ``ray.init``,
+which is shown apart), MB/s of PT source, output size and saving, the speedup
+over (a), the shard phase, the chunk-copy assembly and its share of the wall
+time, the driver's peak RSS (VmHWM of its process) and one worker's peak RSS
+(``ru_maxrss`` of the busiest worker, from the shard results). Then a scaling
+model built from the measured per-shard times and assembly time. Progress goes
+to stderr. The data lives in ``--out/bench-convert-<pid>`` and is removed at the
+end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402
+    fmt_bytes,
+    fmt_pct,
+    fmt_ratio,
+    print_table,
+    proc_status,
+    run_fresh,
+    setup_logging,
+)
+
+log = logging.getLogger("bench.convert")
+SCRIPT = Path(__file__).resolve()
+
+DIM = 768
+N_NEG = 12
+COMPRESSIONS = ("gzip", "lzf", None)
+METHODS = {
+    "upstream": "(a) upstream-style",
+    "single": "(b) single-process writer",
+    "ray1": "(c) Ray, 1 worker",
+    "rayN": "(d) Ray, all cores",
+}
+SPEEDUP_TARGET = 1.7
+ASSEMBLY_SHARE_TARGET = 0.15
+WORKER_RSS_SHARDS = 3  # a worker holds about: the shard's source pages + its compressed image + a block
+MODEL_WORKERS = (1, 2, 8, 32, 128)
+
+
+def worker_growth(run: dict[str, Any]) -> int:
+    """How far the busiest worker's peak RSS rose above its idle RSS (its driver's, if it could not be probed)."""
+    return run["worker_peak_rss"] - (run["worker_idle_rss"] or run["base_rss"])
+
+
+def codec(compression: str | None) -> str:
+    return compression or "none"
+
+
+# ======================================================================================
+# Workers: each runs in a fresh interpreter through run_fresh; imports first, then times.
+# ======================================================================================
+
+
+def w_synth(out: str, n_pairs: int, dim: int, n_neg: int, seed: int) -> dict[str, Any]:
+    from jasper_ray.synth import synth_dataset
+
+    t0 = time.perf_counter()
+    synth_dataset(out, n_pairs, dim, n_neg, seed)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def upstream_convert(dataset_dir: Path, output: Path, compression: str | None) -> None:
+    """Upstream's ``convert_pt_to_hdf5`` (UPSTREAM.md section 4), writing to ``output``.
+
+    Each tensor is ``torch.load``-ed whole and written with ``create_dataset(data=...,
+    compression=...)``: no shuffle, h5py's auto-chunking, no checksums; keyword ids as one int32
+    dataset per pair; mode "w" in place, no fsync. (Upstream loads the keyword pickle with
+    weights_only=False; a list of lists loads with weights_only=True at the same cost.)
+    """
+    import h5py
+    import torch
+
+    from jasper_ray.schema import CONFIG_FILE, KEYWORD_IDS, SPLIT_NAMES, TENSORS, split_h5_path, split_pt_file
+
+    with open(dataset_dir / CONFIG_FILE) as f:
+        json.load(f)  # read and never used, as upstream
+    with h5py.File(output, "w") as f:
+        for group in ("embeddings", "pair_data", "negatives", "steering", "splits"):
+            f.create_group(group)
+        for spec in TENSORS:
+            tensor = torch.load(dataset_dir / spec.pt_file, weights_only=True)
+            path = spec.h5_aliases[0] if spec.h5_aliases else spec.h5_path  # negatives/hardnegatives
+            f.create_dataset(path, data=tensor.numpy(), compression=compression)
+            del tensor
+            if spec.name == "pair_relevance":  # upstream writes keyword ids with the pair data
+                keyword_lists = torch.load(dataset_dir / KEYWORD_IDS.pt_file, weights_only=True)
+                kw_group = f.create_group(KEYWORD_IDS.h5_group)
+                for i, kw_list in enumerate(keyword_lists):
+                    kw_group.create_dataset(str(i), data=np.array(kw_list, dtype=np.int32))
+                del keyword_lists
+        for split in SPLIT_NAMES:
+            path = dataset_dir / split_pt_file(split)
+            if path.is_file():
+                ids = torch.load(path, weights_only=True)
+                f.create_dataset(split_h5_path(split), data=ids.numpy(), compression=compression)
+
+
+def _status_of_self() -> dict[str, int]:
+    """VmRSS / RssAnon / RssFile of the calling process (runs inside Ray workers: no imports from scripts/)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def w_convert(method: str, src: str, output: str, compression: str | None, shard_bytes: int) -> dict[str, Any]:
+    """One conversion in this (fresh) process; wall time measured around the call, validation off for all."""
+    t0 = time.perf_counter()
+    import h5py  # noqa: F401
+    import torch  # noqa: F401
+
+    from jasper_ray.formats import open_dataset
+    from jasper_ray.writer import convert_pt_to_hdf5
+
+    # What each Ray worker pays once, in its first shard task (jasper_ray imports torch lazily).
+    result: dict[str, Any] = {"import_seconds": time.perf_counter() - t0}
+    src_dir, out = Path(src), Path(output)
+    result["source_bytes"] = open_dataset(src_dir, "pt").nbytes_on_disk()
+    result["base_rss"] = proc_status()["VmRSS"]
+    if method.startswith("ray"):
+        import ray
+
+        from jasper_ray.ray_convert import READER_ENV, convert
+        from jasper_ray.shards import plan_conversion
+
+        t0 = time.perf_counter()
+        plan = plan_conversion(open_dataset(src_dir, "pt", use_mmap=True), compression, shard_bytes=shard_bytes)
+        result["plan_seconds"] = time.perf_counter() - t0
+        workers = 1 if method == "ray1" else os.cpu_count() or 1
+        t0 = time.perf_counter()
+        ray.init(
+            address="local",  # a new instance, never a `ray start` cluster left running on this machine
+            num_cpus=workers,
+            include_dashboard=False,
+            runtime_env={"env_vars": READER_ENV},
+            log_to_driver=False,
+        )
+        t_ray = time.perf_counter()
+        try:
+            report = convert(
+                src_dir,
+                compression=compression,
+                num_workers=workers,
+                shard_bytes=shard_bytes,
+                output=out,
+                progress=False,
+                validate=False,
+            )
+            seconds = time.perf_counter() - t0
+            # Each worker's RSS now that it is idle again (imports loaded, its last shard released).
+            probe = ray.remote(num_cpus=1)(lambda: (time.sleep(0.3), os.getpid(), _status_of_self())[1:])
+            idle = {pid: status for pid, status in ray.get([probe.remote() for _ in range(2 * workers)])}
+        finally:
+            ray.shutdown()
+        results = list(report.results.values())  # in order of completion
+        busiest = max(results, key=lambda r: r.worker_peak_rss)
+        result.update(
+            seconds=seconds,
+            ray_start=t_ray - t0,
+            convert_seconds=report.seconds,
+            assembly=report.assembly_seconds,
+            shard_phase=report.seconds - report.assembly_seconds,
+            workers=workers,
+            shards=report.shards,
+            shard_runs=[(r.seconds, r.worker_pid) for r in results],
+            shard_raw_bytes=max(
+                j.nbytes * (s.stop - s.start) // max(j.shape[0], 1) for j in plan.jobs for s in plan.shards_of(j)
+            ),
+            worker_peak_rss=busiest.worker_peak_rss,
+            worker_idle_rss=idle.get(busiest.worker_pid, {}).get("VmRSS"),
+            worker_pids=len({r.worker_pid for r in results}),
+        )
+    else:
+        t0 = time.perf_counter()
+        if method == "single":
+            convert_pt_to_hdf5(src_dir, compression, output=out, validate=False, progress=False)
+        else:
+            upstream_convert(src_dir, out, compression)
+        result["seconds"] = time.perf_counter() - t0
+    result["output_bytes"] = out.stat().st_size
+    result["driver_peak_rss"] = proc_status()["VmHWM"]
+    return result
+
+
+# ======================================================================================
+# The scaling model
+# ======================================================================================
+
+
+def makespan(shard_seconds: list[float], workers: int) -> float:
+    """Time to run the shards on ``workers`` (longest first onto the least-loaded worker)."""
+    loads = [0.0] * min(workers, max(1, len(shard_seconds)))
+    heapq.heapify(loads)
+    for t in sorted(shard_seconds, reverse=True):
+        heapq.heappush(loads, heapq.heappop(loads) + t)
+    return max(loads)
+
+
+def split_warmup(run: dict[str, Any]) -> tuple[list[float], float]:
+    """Per-shard times without the worker start-up that each worker's first shard carries, and that start-up.
+
+    A worker imports torch & co. in its first task; the cold import time of the driver's process
+    (measured the same way) stands for it.
+    """
+    warmup, seen, shards = run["import_seconds"], set(), []
+    for seconds, pid in run["shard_runs"]:
+        if pid not in seen:
+            seen.add(pid)
+            seconds = max(0.0, seconds - warmup)
+        shards.append(seconds)
+    return shards, warmup
+
+
+def scaling_rows(run: dict[str, Any], upstream_seconds: float) -> tuple[list[list[str]], list[str]]:
+    """Amdahl with a cap: serial = plan + assembly; parallel = the shards scheduled on W workers (+ start-up)."""
+    shards, warmup = split_warmup(run)
+    serial = run["plan_seconds"] + run["assembly"]
+
+    def predicted(w: int) -> float:
+        return serial + warmup + makespan(shards, w)
+
+    one = predicted(1)
+    rows, prev, stop_at = [], None, None
+    for w in MODEL_WORKERS:
+        t = predicted(w)
+        if prev is not None and stop_at is None and one / t < prev * 1.10:
+            stop_at = w
+        prev = one / t
+        rows.append(
+            [
+                str(w),
+                f"{t:.2f} s",
+                fmt_ratio(one / t),
+                fmt_ratio(upstream_seconds / t),
+                fmt_pct(100 * serial / t),
+                f"{makespan(shards, w):.2f} s",
+            ]
+        )
+    floor = serial + warmup + max(shards)
+    notes = [
+        f"model: T(W) = plan {run['plan_seconds']:.2f} s + assembly {run['assembly']:.2f} s (serial) + worker "
+        f"start-up {warmup:.2f} s (once, in parallel) + the {len(shards)} shard times of the 1-worker run "
+        f"(sum {sum(shards):.1f} s, longest {max(shards):.2f} s) scheduled longest-first on W workers; "
+        "ray.init left out (a cluster is already up); 'vs (a)' divides the measured upstream-style time",
+        f"limit: {fmt_ratio(one / floor)} once every shard has its own worker (W >= {len(shards)} shards: "
+        f"longest shard + serial part + start-up = {floor:.2f} s); the serial part alone would cap it at "
+        f"{fmt_ratio(one / serial) if serial else 'inf'}",
+        (
+            f"stops scaling at about {stop_at} workers (the next step in the table gains < 10%)"
+            if stop_at
+            else f"still scaling at {MODEL_WORKERS[-1]} workers"
+        )
+        + ": the number of shards and the longest shard cap it; smaller shards move that cap, the assembly "
+        "(one process moving every compressed byte, bound by one disk) does not: past that, --layout sharded, "
+        "which skips it",
+        "assumes the filesystem of the sources and shards keeps up with W readers and writers, and per-shard "
+        "times as measured with one worker (no contention for memory bandwidth or disk)",
+    ]
+    return rows, notes
+
+
+# ======================================================================================
+# The driver
+# ======================================================================================
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        from jasper_ray.synth import pairs_for_size, parse_size
+
+        self.args = args
+        self.work = work
+        self.src = work / "src"
+        self.n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
+        self.shard_bytes = parse_size(args.shard_size)
+        self.runs: dict[tuple[str | None, str], dict[str, Any]] = {}
+
+    def synth(self) -> None:
+        log.info("synthesising %d pairs (D=%d, n_neg=%d) into %s", self.n_pairs, DIM, N_NEG, self.src)
+        r = run_fresh(SCRIPT, "w_synth", out=str(self.src), n_pairs=self.n_pairs, dim=DIM, n_neg=N_NEG, seed=0)
+        log.info("synthesised in %.1f s", r["seconds"])
+
+    def convert_all(self) -> None:
+        for compression in COMPRESSIONS:
+            for method in METHODS:
+                output = self.work / f"{method}.{codec(compression)}.h5"
+                log.info("%s, %s ...", METHODS[method], codec(compression))
+                r = run_fresh(
+                    SCRIPT,
+                    "w_convert",
+                    method=method,
+                    src=str(self.src),
+                    output=str(output),
+                    compression=compression,
+                    shard_bytes=self.shard_bytes,
+                )
+                log.info("  %.1f s, %s", r["seconds"], fmt_bytes(r["output_bytes"]))
+                self.runs[(compression, method)] = r
+                output.unlink(missing_ok=True)
+
+    def print_setup(self) -> None:
+        src = next(iter(self.runs.values()))["source_bytes"] if self.runs else 0
+        print(
+            f"## bench_convert: {self.n_pairs} pairs, D={DIM}, n_neg={N_NEG}: {fmt_bytes(src)} of PT files; "
+            f"shard size {fmt_bytes(self.shard_bytes)} (rounded up to whole 16 MiB checksum blocks); "
+            f"{os.cpu_count()} cores\n",
+            flush=True,
+        )
+
+    def print_tables(self) -> None:
+        rows = []
+        for compression in COMPRESSIONS:
+            base = self.runs[(compression, "upstream")]["seconds"]
+            for method, label in METHODS.items():
+                r = self.runs[(compression, method)]
+                ray = method.startswith("ray")
+                rows.append(
+                    [
+                        codec(compression),
+                        label,
+                        f"{r['seconds']:.2f}",
+                        f"{r['source_bytes'] / 1e6 / r['seconds']:.1f}",
+                        fmt_bytes(r["output_bytes"]),
+                        fmt_pct(100 * (1 - r["output_bytes"] / r["source_bytes"])),
+                        fmt_ratio(base / r["seconds"]),
+                        f"{r['ray_start']:.1f}" if ray else "-",
+                        f"{r['shards']} / {r['shard_phase']:.2f} s" if ray else "-",
+                        f"{r['assembly']:.2f} s ({fmt_pct(100 * r['assembly'] / r['seconds'])})" if ray else "-",
+                        fmt_bytes(r["driver_peak_rss"]),
+                        fmt_bytes(r["worker_peak_rss"]) if ray else "-",
+                    ]
+                )
+        print_table(
+            "PT -> HDF5 conversion",
+            [
+                "codec",
+                "method",
+                "wall s",
+                "MB/s",
+                "output",
+                "saving",
+                "vs (a)",
+                "ray.init s",
+                "shards / phase",
+                "assembly (share)",
+                "driver peak RSS",
+                "worker peak RSS",
+            ],
+            rows,
+            notes=self.target_notes(),
+            align="llrrrrrrrrrr",
+        )
+        model_rows, model_notes = scaling_rows(self.runs[("gzip", "ray1")], self.runs[("gzip", "upstream")]["seconds"])
+        print_table(
+            "Scaling model (gzip): predicted wall time and speedup",
+            ["workers", "predicted", "vs 1 worker", "vs (a)", "serial share", "shard phase"],
+            model_rows,
+            notes=model_notes,
+        )
+
+    def target_notes(self) -> list[str]:
+        def verdict(ok: bool) -> str:
+            return "MET" if ok else "NOT MET"
+
+        notes = [
+            "wall s: what the user waits for, validation off everywhere; Ray rows include ray.init and worker "
+            "start-up (ray.init s); MB/s of PT source; saving = 1 - output / source",
+            "driver peak RSS = VmHWM of the converting process; worker peak RSS = ru_maxrss of the busiest worker "
+            "(file-backed pages of the memory-mapped PT sources included)",
+        ]
+        gz_a, gz_d = self.runs[("gzip", "upstream")], self.runs[("gzip", "rayN")]
+        speedup = gz_a["seconds"] / gz_d["seconds"]
+        notes.append(
+            f"target: Ray with all cores >= {SPEEDUP_TARGET}x (a) for gzip: {fmt_ratio(speedup)} "
+            f"({gz_a['seconds']:.1f} s -> {gz_d['seconds']:.1f} s): {verdict(speedup >= SPEEDUP_TARGET)}"
+        )
+        for compression in COMPRESSIONS:
+            r = self.runs[(compression, "rayN")]
+            share = r["assembly"] / r["seconds"]
+            notes.append(
+                f"target: assembly < {ASSEMBLY_SHARE_TARGET:.0%} of the total ({codec(compression)}, all cores): "
+                f"{r['assembly']:.2f} s of {r['seconds']:.2f} s = {fmt_pct(100 * share)} (of the conversion "
+                f"without ray.init: {fmt_pct(100 * r['assembly'] / r['convert_seconds'])}): "
+                f"{verdict(share < ASSEMBLY_SHARE_TARGET)}"
+            )
+        worst = max((self.runs[(c, m)] for c in COMPRESSIONS for m in ("ray1", "rayN")), key=worker_growth)
+        growth, bound = worker_growth(worst), WORKER_RSS_SHARDS * worst["shard_raw_bytes"]
+        notes.append(
+            f"target: worker peak RSS bounded by the shard size, not the dataset size: busiest worker peaked at "
+            f"{fmt_bytes(worst['worker_peak_rss'])}, {fmt_bytes(growth)} above its RSS when idle after the run "
+            f"({fmt_bytes(worst['worker_idle_rss'] or 0)}: interpreter, Ray, torch, h5py); largest shard "
+            f"{fmt_bytes(worst['shard_raw_bytes'])} (bound {WORKER_RSS_SHARDS}x = {fmt_bytes(bound)}: its source "
+            f"pages, its compressed image, a block), dataset {fmt_bytes(worst['source_bytes'])}: "
+            f"{verdict(growth <= bound)}"
+        )
+        return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default=None, help="size of the PT dataset (default 2GB; 200MB with --quick)")
+    p.add_argument("--shard-size", default=None, help="bytes of source per shard task (default 64MB; 16MB --quick)")
+    p.add_argument("--out", default="/tmp/jr-bench", help="where to put the data (a per-run subdirectory)")
+    p.add_argument("--quick", action="store_true", help="small, fast run for trying the script")
+    p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.size = args.size or ("200MB" if args.quick else "2GB")
+    args.shard_size = args.shard_size or ("16MB" if args.quick else "64MB")
+    setup_logging(args.verbose)
+
+    from jasper_ray.synth import parse_size
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = parse_size(args.size)
+    need = int(size * 3.2)  # PT + one output + the shards beside it while assembling
+    free = shutil.disk_usage(out).free
+    if free < need:
+        log.error("%s has %s free; this run needs about %s", out, fmt_bytes(free), fmt_bytes(need))
+        return 1
+    work = out / f"bench-convert-{os.getpid()}"
+    work.mkdir()
+    log.info("working in %s (needs about %s of disk)", work, fmt_bytes(need))
+    started = time.perf_counter()
+    try:
+        bench = Bench(args, work)
+        bench.synth()
+        bench.convert_all()
+        bench.print_setup()
+        bench.print_tables()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("done in %.0f s", time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
