@@ -1,7 +1,7 @@
 """``read_jasper``: a Ray Data datasource for JASPER datasets (PT and HDF5, single or sharded).
 
 Each read task covers a range of pair rows aligned to the HDF5 chunks of the
-per-pair tensors; it opens the files itself through the format reader
+per-pair tensors (shuffled: a run of chunk-aligned units); it opens the files itself through the format reader
 (memory-mapped) and yields the samples built by ``assemble_batch``, the same
 function the local dataset uses, so a pair at an epoch is the same sample on
 either path. Nothing but paths, names and the task's pair ids travels through
@@ -9,11 +9,16 @@ Ray; ``get_read_tasks`` does no I/O (the split ids and config are read once,
 when ``read_jasper`` is called).
 
 NOTE [shuffling in read_jasper]
-``shuffle=True`` is a per-epoch seeded shuffle in two levels: the order of
-the read tasks (row ranges) is a permutation of (seed, epoch), and each task
-permutes its own rows with (seed, epoch, task). Each pair appears exactly once
-per epoch. The blocks' contents are reproducible for the same (seed, epoch);
-the order in which Ray delivers blocks is exactly reproducible only with
+``shuffle=True`` is a per-epoch seeded shuffle in two levels, a pure
+function of (seed, epoch) and the dataset, whatever the number of read tasks
+Ray asks for (it depends on the cluster's CPUs and placement groups): the
+split's pair ids are cut into units, one per aligned run of ``unit_rows``
+pair rows (a multiple of the HDF5 chunk rows, so a unit reads whole chunks);
+the order of the units is a permutation of (seed, epoch), and the rows of
+each unit are ordered by a hash of (seed, epoch, pair id). Read tasks take
+consecutive units of that order. Each pair appears exactly once per epoch.
+The rows' order is reproducible for the same (seed, epoch); the order in
+which Ray delivers blocks is exactly reproducible only with
 ``DataContext.get_current().execution_options.preserve_order = True`` (Ray's
 default favours throughput). A finer mix within a window is one call away:
 ``iter_batches(local_shuffle_buffer_size=..., local_shuffle_seed=...)``.
@@ -32,14 +37,22 @@ import numpy as np
 from .assembly import SAMPLE_KEYS, ReaderSource, assemble_batch
 from .formats import open_dataset
 from .formats.hdf5 import rows_per_chunk
-from .sampling import DEFAULT_SEED, SteeringSchedule, steering_variants
+from .sampling import DEFAULT_SEED, SteeringSchedule, steering_variants, uniform_hash
 from .schema import TENSOR
 
 PAIR_ID = "pair_id"
 COLUMNS = (*SAMPLE_KEYS, PAIR_ID)
 BLOCK_TARGET_BYTES = 32 << 20
 MIN_ROWS_PER_TASK = 64
+# Ray asks for >= 200 read tasks by default (DataContext.read_op_min_num_blocks) and splits the output of
+# fewer tasks into that many blocks. A task costs ~20 ms of scheduling and opening beyond its reads, and a
+# block a few ms (2-core machine): at D=768 (45 KiB a sample) 200 tasks or blocks of a 260 MB split ran
+# 3-6x slower than 4. So read_jasper asks for its own number of tasks (default_num_tasks): every CPU busy
+# twice over, each task carrying at least this many bytes of samples.
+MIN_TASK_BYTES = 64 << 20
 READ_RETRIES = 3
+SHUFFLE_STREAM = 1  # uniform_hash stream of the row order within a unit (0 draws the steering variants)
+_U64 = 0xFFFFFFFFFFFFFFFF
 _NUMPY_DTYPE = {"float32": np.float32, "int64": np.int64}
 
 
@@ -76,6 +89,26 @@ def task_ranges(sorted_ids: np.ndarray, n_tasks: int, align: int) -> list[tuple[
         bounds.add(int(np.searchsorted(sorted_ids, snapped)))
     edges = sorted(bounds)
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def shuffle_units(sorted_ids: np.ndarray, unit_rows: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's order of the split (NOTE [shuffling in read_jasper]) and the units' boundaries in it.
+
+    Units are the runs of ``sorted_ids`` within one block of ``unit_rows`` pair
+    rows; they come in a permutation of (seed, epoch), each unit's rows ordered
+    by a hash of (seed, epoch, pair id). Returns ``(ids, bounds)``: unit ``k``
+    of the order is ``ids[bounds[k]:bounds[k + 1]]``.
+    """
+    if len(sorted_ids) == 0:
+        return sorted_ids.copy(), np.zeros(1, dtype=np.int64)
+    unit = sorted_ids // unit_rows
+    starts = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]])
+    sizes = np.diff(np.r_[starts, len(sorted_ids)])
+    perm = np.random.default_rng([seed & _U64, epoch & _U64, 1]).permutation(len(starts))
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(len(perm))
+    order = np.lexsort((uniform_hash(seed, epoch, sorted_ids, SHUFFLE_STREAM), np.repeat(rank, sizes)))
+    return sorted_ids[order], np.r_[0, np.cumsum(sizes[perm])]
 
 
 def _read_rows(
@@ -125,6 +158,7 @@ def _datasource_class():
             rows_per_block: int | None = None,
             shuffle: bool = False,
             use_mmap: bool = True,
+            min_task_bytes: int = MIN_TASK_BYTES,
             _inject_failure: str | None = None,
         ):
             self.reader = open_dataset(path, storage_format, use_mmap=use_mmap)
@@ -141,8 +175,16 @@ def _datasource_class():
             self.row_bytes = row_bytes(self.columns, self.dim, self.n_neg)
             self.rows_per_block = rows_per_block or max(1, BLOCK_TARGET_BYTES // max(1, self.row_bytes))
             self.align = rows_per_chunk((self.n_pairs, self.dim), TENSOR["steering_centroid"].dtype.itemsize)
+            self.unit_rows = self.align * max(1, -(-MIN_ROWS_PER_TASK // self.align))
+            self.min_task_rows = max(MIN_ROWS_PER_TASK, int(min_task_bytes) // max(1, self.row_bytes))
             self.inject_failure = _inject_failure
             self.reader.close()  # the driver keeps names only; tasks open their own
+
+        def default_num_tasks(self, cpus: int) -> int:
+            """Read tasks when the caller names none: two per CPU, more where tasks would exceed MIN_TASK_BYTES."""
+            n = len(self.ids)
+            by_cpus = min(2 * max(1, cpus), math.ceil(n / MIN_ROWS_PER_TASK))
+            return max(1, by_cpus, math.ceil(n * self.row_bytes / MIN_TASK_BYTES))
 
         def get_name(self) -> str:
             return f"ReadJasper({self.split})"
@@ -153,17 +195,17 @@ def _datasource_class():
         def get_read_tasks(
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None, **_: Any
         ) -> list[Any]:
-            n_tasks = max(1, min(parallelism, math.ceil(len(self.ids) / MIN_ROWS_PER_TASK)))
-            ranges = task_ranges(self.ids, n_tasks, self.align)
-            order = list(range(len(ranges)))
+            n_tasks = max(1, min(parallelism, math.ceil(len(self.ids) / self.min_task_rows)))
             if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(ranges)).tolist()
+                # Tasks take consecutive units of the epoch's order: the order does not depend on n_tasks.
+                ids, bounds = shuffle_units(self.ids, self.unit_rows, self.seed, self.epoch)
+                cuts = np.searchsorted(bounds, [k * len(ids) // n_tasks for k in range(1, n_tasks)])
+                edges = sorted({0, len(ids), *bounds[cuts].tolist()})
+                pieces = [ids[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+            else:
+                pieces = [self.ids[a:b] for a, b in task_ranges(self.ids, n_tasks, self.align)]
             tasks = []
-            for t in order:
-                a, b = ranges[t]
-                ids = self.ids[a:b]
-                if self.shuffle:
-                    ids = np.random.default_rng([self.seed, self.epoch, 2, t]).permutation(ids)
+            for ids in pieces:
                 metadata = BlockMetadata(
                     num_rows=len(ids), size_bytes=len(ids) * self.row_bytes, input_files=None, exec_stats=None
                 )
@@ -211,6 +253,9 @@ def read_jasper(
     Shuffling: see NOTE [shuffling in read_jasper]. ``streaming_split(n)``
     covers every row; ``streaming_split(n, equal=True)`` (what Ray Train uses)
     may drop up to n-1 rows per epoch to keep shards equal.
+    ``override_num_blocks`` sets the number of read tasks; by default two
+    per CPU of the cluster, or more where a task would carry over
+    ``MIN_TASK_BYTES`` of samples (not Ray's 200: see ``MIN_TASK_BYTES``).
     """
     ray, *_ = _require_ray()
     datasource = JasperDatasource(
@@ -223,8 +268,12 @@ def read_jasper(
         rows_per_block=rows_per_block,
         shuffle=shuffle,
         use_mmap=use_mmap,
+        min_task_bytes=0,  # the number of tasks is decided here: honoured down to MIN_ROWS_PER_TASK rows a task
         _inject_failure=_inject_failure,
     )
+    if override_num_blocks is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
+        override_num_blocks = datasource.default_num_tasks(cpus)
     # Ray Data retries only system errors by default; a transient I/O error (NFS hiccup) should retry too.
     remote_args = {"max_retries": READ_RETRIES, "retry_exceptions": [OSError], **(ray_remote_args or {})}
     with warnings.catch_warnings():

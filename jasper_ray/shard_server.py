@@ -30,6 +30,26 @@ def _status() -> dict[str, int]:
     return out
 
 
+def _mapped_bytes(arrays: list[Any]) -> int:
+    """Bytes of ``arrays`` whose memory lies in a file mapping, read from ``/proc/self/maps``: covers
+    ``np.memmap`` (HDF5) and ``torch.load(mmap=True)`` (PT, whose arrays' base is a tensor, not a memmap)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi))
+    total = 0
+    for a in arrays:
+        if not isinstance(a, np.ndarray):  # chunked HDF5 rows: read through h5py, nothing mapped
+            continue
+        address = a.__array_interface__["data"][0]
+        if a.nbytes and (is_mapped(a) or any(lo <= address < hi for lo, hi in spans)):
+            total += a.nbytes
+    return total
+
+
 class ShardServer:
     """Owns pair rows ``[start, stop)`` of one dataset; serves batches of them. Run as a Ray actor."""
 
@@ -70,7 +90,7 @@ class ShardServer:
 
     def stats(self) -> dict[str, Any]:
         arrays = [self.reader.array(spec.name) for spec in TENSORS]
-        mapped = sum(a.nbytes for a in arrays if is_mapped(a))
+        mapped = _mapped_bytes(arrays)
         return {
             "shard": self.name,
             "rows": self.stop - self.start,

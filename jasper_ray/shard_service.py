@@ -8,11 +8,16 @@ loader's), routes each batch's pair ids to the actors that own them, keeps
 several batches in flight and yields them in the plan's order.
 
 Faults: actors restart (``max_restarts``) and reopen their files in
-``__init__``; the client resubmits what a dead actor lost (``max_retries``
-per request, with backoff), so a killed actor costs latency, never a sample.
-A shard that cannot be served after that raises ``ShardUnavailableError``
-naming it. Actors are owned by the process that made them: ``close()`` (or
-leaving ``with``) kills them, and Ray kills them if that process exits.
+``__init__``; the client resubmits what a dead actor lost, so a killed actor
+costs latency, never a sample. While an actor is restarting (Ray answers
+``ActorUnavailableError``) the client keeps resubmitting for up to
+``restart_timeout_s``: a restart takes seconds (a new worker process, torch
+imports for PT data, a lost node's detection), far more than a count of quick
+retries covers on a busy machine. Other actor errors count against
+``max_retries`` (with backoff). A shard that cannot be served after that
+raises ``ShardUnavailableError`` naming it. Actors are owned by the process
+that made them: ``close()`` (or leaving ``with``) kills them, and Ray kills
+them if that process exits.
 
 Format logic stays in the reader and ``assemble_batch``; this module only
 places actors and moves ids and batches.
@@ -117,6 +122,7 @@ class ShardedJasper(IterableDataset):
         max_in_flight: int = 4,
         max_restarts: int = 3,
         max_retries: int = 5,
+        restart_timeout_s: float = 60.0,
         num_cpus: float = 1.0,
         address: str | None = None,
         _actors: list[Any] | None = None,
@@ -144,6 +150,7 @@ class ShardedJasper(IterableDataset):
             drop_last=drop_last,
         )
         self.max_in_flight, self.max_retries = max(1, max_in_flight), max_retries
+        self.restart_timeout_s = float(restart_timeout_s)
         self.samples_delivered = 0
         self._config = dict(
             batch_size=batch_size,
@@ -154,6 +161,7 @@ class ShardedJasper(IterableDataset):
             drop_last=drop_last,
             max_in_flight=max_in_flight,
             max_retries=max_retries,
+            restart_timeout_s=restart_timeout_s,
         )
         self._owns_actors = _actors is None
         if _actors is None:
@@ -223,18 +231,28 @@ class ShardedJasper(IterableDataset):
         import ray
 
         for shard, where, ref in parts:
-            for attempt in range(self.max_retries + 1):
+            attempt, polls, deadline = 0, 0, None
+            while True:
                 try:
                     result = ray.get(ref)
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    if attempt == self.max_retries:
+                    if isinstance(exc, ray.exceptions.ActorUnavailableError):  # restarting: wait for it, in time
+                        now = time.monotonic()
+                        deadline = deadline or now + self.restart_timeout_s
+                        give_up, polls = now >= deadline, polls + 1
+                        why = f"after waiting {self.restart_timeout_s:g} s for its actor to restart"
+                        pause = min(0.5, 0.05 * 2 ** min(polls, 4))
+                    else:
+                        give_up, attempt = attempt >= self.max_retries, attempt + 1
+                        why = f"after {self.max_retries} retries"
+                        pause = min(2.0, 0.05 * 2**attempt)
+                    if give_up:
                         slot.busy = False
-                        raise ShardUnavailableError(
-                            f"{self.names[shard]} could not be served after {self.max_retries} retries: {exc}"
-                        ) from exc
-                    log.warning("%s lost a request (%s); retrying", self.names[shard], type(exc).__name__)
-                    time.sleep(min(2.0, 0.05 * 2**attempt))
+                        raise ShardUnavailableError(f"{self.names[shard]} could not be served {why}: {exc}") from exc
+                    level = logging.WARNING if polls <= 1 and attempt <= 1 else logging.DEBUG
+                    log.log(level, "%s lost a request (%s); retrying", self.names[shard], type(exc).__name__)
+                    time.sleep(pause)
                     ref = self._request(shard, ids[where], slot, where)
             if isinstance(result, dict):  # the actor is on another node: its rows came through the object store
                 for key, value in result.items():
