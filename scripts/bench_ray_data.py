@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Rows/s of ``read_jasper`` through ``iter_torch_batches`` against the same samples already in Ray's memory.
+
+    python scripts/bench_ray_data.py --size 1GB --out /tmp/jr-bench
+    python scripts/bench_ray_data.py --quick          # 100MB
+
+One synthetic dataset (D=768, n_neg=12, upstream's PT layout), converted
+beside its PT files to ``contiguous.h5`` (uncompressed, memory-mapped) and
+``gzip.h5`` (the single-process writer). One local Ray (all CPUs, an object
+store sized for the baseline). For the ``train`` split, each source is read
+in full through ``ds.iter_torch_batches(batch_size=256)`` (all ten columns):
+
+- ``read_jasper`` on contiguous HDF5, gzip HDF5 and PT (mmap);
+- the baseline: the same samples (the local ``JASPERSteeringDataset``'s
+  ``get_batch`` over the split) built in RAM first, put into Ray as Arrow
+  blocks of the same size (``ray.data.from_arrow``): no I/O, no assembly,
+  no task runs (the blocks are already in the object store);
+- a reference for what any Ray Data read pays: the baseline through one
+  ``map_batches`` pass (identity, zero-copy), i.e. Ray's executor start-up,
+  task scheduling and one trip of every block through a task.
+
+Rounds interleave the sources (the order shuffled per round) so that load
+from other processes hits all alike; each row reports its median round.
+Time to first batch counts from ``read_jasper(...)`` (the baseline: from
+``iter_torch_batches``); rows/s counts every row over the whole pass.
+Target: contiguous HDF5 at 0.7x the in-memory baseline or better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from _bench_common import fmt_bytes, fmt_ms, fmt_rate, fmt_ratio, print_table, setup_logging  # noqa: E402
+
+log = logging.getLogger("bench.ray_data")
+DIM, N_NEG, BATCH = 768, 12, 256
+GATHER_ROWS = 4096
+
+
+def in_memory_columns(pt_dir: Path, split: str) -> dict[str, np.ndarray]:
+    """Every sample of the split, as the local dataset gives them, in RAM, plus ``pair_id``."""
+    import jasper_ray
+
+    local = jasper_ray.JASPERSteeringDataset(pt_dir, split, storage_format="pt", validate=False)
+    parts = []
+    for a in range(0, len(local), GATHER_ROWS):
+        batch = local.get_batch(np.arange(a, min(a + GATHER_ROWS, len(local))))
+        parts.append({key: value.numpy() for key, value in batch.items()})
+    columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    columns["pair_id"] = local.split_indices.numpy().copy()
+    local.close()
+    return columns
+
+
+def baseline_dataset(columns: dict[str, np.ndarray], rows_per_block: int) -> Any:
+    """The columns in Ray's object store as Arrow blocks of ``rows_per_block`` rows (tensor columns)."""
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    n = len(columns["pair_id"])
+    blocks = [
+        BlockAccessor.batch_to_block({key: value[a : a + rows_per_block] for key, value in columns.items()})
+        for a in range(0, n, rows_per_block)
+    ]
+    return ray.data.from_arrow(blocks)
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def one_pass(make: Callable[[], Any]) -> dict[str, float]:
+    """Build the dataset and read it in full through iter_torch_batches: rows, first-batch and total seconds."""
+    started = time.perf_counter()
+    ds = make()
+    rows, first = 0, None
+    for batch in ds.iter_torch_batches(batch_size=BATCH):
+        if first is None:
+            first = time.perf_counter() - started
+        rows += len(batch["pair_id"])
+    total = time.perf_counter() - started
+    return {"rows": rows, "first": first or total, "total": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1GB", help="size of the synthetic PT dataset (default 1GB)")
+    parser.add_argument("--quick", action="store_true", help="100MB")
+    parser.add_argument("--rounds", type=int, default=3, help="full passes per source (median reported)")
+    parser.add_argument("--out", default=tempfile.gettempdir(), help="where the dataset is written")
+    parser.add_argument("--object-store", default=None, help="Ray object store size (default: 2x the baseline)")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic dataset")
+    args = parser.parse_args()
+    setup_logging()
+    if args.quick:
+        args.size = "100MB"
+
+    import ray
+    from ray.data import DataContext
+
+    import jasper_ray
+    from jasper_ray.ray_data import COLUMNS, read_jasper, row_bytes
+    from jasper_ray.synth import pairs_for_size, parse_size
+
+    n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
+    root = Path(args.out) / f"bench-ray-data-{n_pairs}"
+    pt_dir = root / "pt"
+    try:
+        log.info("synthesising %d pairs (%s) in %s", n_pairs, args.size, pt_dir)
+        jasper_ray.synth_dataset(pt_dir, n_pairs, DIM, N_NEG, seed=0)
+        for name, compression in (("contiguous", None), ("gzip", "gzip")):
+            log.info("converting to %s.h5", name)
+            jasper_ray.convert_pt_to_hdf5(pt_dir, compression, output=pt_dir / f"{name}.h5", progress=False)
+        disk = sum(p.stat().st_size for p in pt_dir.glob("*.pt"))
+
+        log.info("building the in-memory baseline")
+        columns = in_memory_columns(pt_dir, "train")
+        n_rows = len(columns["pair_id"])
+        sample_bytes = sum(v.nbytes for v in columns.values())
+        assert sample_bytes == n_rows * row_bytes(COLUMNS, DIM, N_NEG)
+        store = parse_size(args.object_store) if args.object_store else max(1 << 30, 2 * sample_bytes)
+        log.info(
+            "%d rows, %s of samples; starting Ray (object store %s)", n_rows, fmt_bytes(sample_bytes), fmt_bytes(store)
+        )
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            object_store_memory=store,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"HDF5_USE_FILE_LOCKING": "FALSE", "OMP_NUM_THREADS": "1"}},
+        )
+        DataContext.get_current().enable_progress_bars = False
+        rows_per_block = max(1, (32 << 20) // row_bytes(COLUMNS, DIM, N_NEG))  # read_jasper's default blocks
+        baseline = baseline_dataset(columns, rows_per_block)
+        del columns
+
+        sources: dict[str, Callable[[], Any]] = {
+            "in-memory baseline (from_arrow)": lambda: baseline,
+            "reference: baseline + map_batches(identity)": lambda: baseline.map_batches(
+                _identity, batch_format="pyarrow", zero_copy_batch=True
+            ),
+            "read_jasper HDF5 contiguous (mmap)": lambda: read_jasper(pt_dir / "contiguous.h5", "train"),
+            "read_jasper HDF5 gzip": lambda: read_jasper(pt_dir / "gzip.h5", "train"),
+            "read_jasper PT (mmap)": lambda: read_jasper(pt_dir, "train", storage_format="pt"),
+        }
+        log.info("warm-up pass of each source")
+        for make in sources.values():
+            one_pass(make)
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in sources}
+        rng = random.Random(0)
+        for r in range(args.rounds):
+            order = list(sources)
+            rng.shuffle(order)
+            for name in order:
+                result = one_pass(sources[name])
+                assert result["rows"] == n_rows, (name, result["rows"], n_rows)
+                results[name].append(result)
+                log.info("round %d: %s: %.2f s, first batch %.3f s", r, name, result["total"], result["first"])
+
+        def rate(name: str) -> float:
+            return n_rows / statistics.median(x["total"] for x in results[name])
+
+        base = rate("in-memory baseline (from_arrow)")
+        ref = rate("reference: baseline + map_batches(identity)")
+        table = [
+            (
+                name,
+                fmt_rate(rate(name), " rows/s"),
+                fmt_bytes(rate(name) * sample_bytes / n_rows) + "/s",
+                fmt_ratio(rate(name) / base),
+                fmt_ratio(rate(name) / ref),
+                fmt_ms(statistics.median(x["first"] for x in results[name])),
+            )
+            for name in sources
+        ]
+        print_table(
+            f"Ray Data rows/s through iter_torch_batches(batch_size={BATCH}): {n_pairs} pairs "
+            f"(PT files {disk / 1e9:.2f} GB), train split {n_rows} rows, D={DIM}, n_neg={N_NEG}",
+            ["source", "rows/s", "sample bytes/s", "vs baseline", "vs map_batches reference", "first batch"],
+            table,
+            notes=[
+                f"all ten columns ({fmt_bytes(sample_bytes / n_rows)} per row); median of {args.rounds} full passes "
+                "after a warm-up pass, sources interleaved; page cache warm",
+                "first batch: from read_jasper(...) (baseline: from iter_torch_batches) to the first batch",
+                "target: read_jasper on contiguous HDF5 >= 0.7x the in-memory baseline",
+                f"Ray {ray.__version__}, {os.cpu_count()} CPUs, object store {fmt_bytes(store)}",
+            ],
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
