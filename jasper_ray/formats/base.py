@@ -175,7 +175,15 @@ class Reader(ABC):
         """The keyword ids of each pair in ``pairs``."""
         values, offsets = self.keyword_csr()
         pairs = check_indices(self.location_keywords, np.asarray(pairs), len(offsets) - 1)
-        return [np.asarray(values[offsets[p] : offsets[p + 1]]) for p in pairs]
+        if not len(pairs):
+            return []
+        starts, lengths = offsets[pairs], offsets[pairs + 1] - offsets[pairs]
+        # One gather for all pairs (one chunk pass when compressed), then split.
+        ends = np.cumsum(lengths)
+        flat = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+        take = getattr(values, "take_rows", None)
+        gathered = take(flat) if take is not None else np.asarray(values[flat])
+        return np.split(gathered, ends[:-1])
 
     def n_keyword_pairs(self) -> int:
         return len(self.keyword_csr()[1]) - 1

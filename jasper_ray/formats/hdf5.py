@@ -40,7 +40,8 @@ from .base import Reader, check_indices
 from .pt import PTReader
 
 CHUNK_TARGET_BYTES = 64 << 10
-CHUNK_CACHE_BYTES = 32 << 20
+CHUNK_CACHE_BYTES = 32 << 20  # per reader, shared out over the datasets it gathers from
+FILE_CHUNK_CACHE_BYTES = 1 << 20
 
 
 def require_h5py():
@@ -135,21 +136,35 @@ def map_contiguous(path: Path, dset: Any) -> np.ndarray | None:
     return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape).view(np.ndarray)
 
 
-def serve_dataset(path: Path, dset: Any, use_mmap: bool) -> Any:
-    """How a reader hands out one HDF5 dataset: mapped, chunk-gathered, or read into RAM."""
+def with_chunk_cache(dset: Any, cache_bytes: int) -> Any:
+    """``dset`` reopened with a chunk cache of its own. HDF5's file-level cache size applies to every
+    dataset separately, so a file-wide budget has to be handed out per dataset."""
+    h5py = require_h5py()
+    chunk_bytes = int(np.prod(dset.chunks, dtype=np.int64)) * dset.dtype.itemsize
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    # ~100 slots per cached chunk keeps hash collisions rare (h5py docs).
+    dapl.set_chunk_cache(max(521, 100 * (cache_bytes // max(chunk_bytes, 1))), int(cache_bytes), 0.75)
+    return h5py.Dataset(h5py.h5d.open(dset.file.id, dset.name.encode(), dapl))
+
+
+def serve_dataset(path: Path, dset: Any, use_mmap: bool, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> Any:
+    """How a reader hands out one HDF5 dataset: mapped, chunk-gathered, or read into RAM.
+
+    A chunk-gathered dataset gets a cache of up to a quarter of ``chunk_cache_bytes`` (no more than
+    its own size), so a reader's caches stay near the budget however many tensors it touches."""
     mapped = map_contiguous(path, dset)
     if mapped is not None:
         return mapped if use_mmap else np.array(mapped)
     if dset.chunks is None or not use_mmap:
         return dset[...]
-    return ChunkedRows(dset)
+    return ChunkedRows(with_chunk_cache(dset, min(dset.size * dset.dtype.itemsize, chunk_cache_bytes // 4)))
 
 
-def open_h5(path: Path, chunk_cache_bytes: int) -> Any:
-    """Open read-only, without HDF5 file locking (it fails on NFS/Lustre), with a chunk cache sized for rows."""
+def open_h5(path: Path) -> Any:
+    """Open read-only, without HDF5 file locking (it fails on NFS/Lustre). The file-wide chunk cache is
+    small: datasets read at random get their own (``serve_dataset``)."""
     h5py = require_h5py()
-    # ~100 slots per cached chunk keeps hash collisions rare (h5py docs).
-    cache = {"rdcc_nbytes": chunk_cache_bytes, "rdcc_nslots": max(521, 100 * (chunk_cache_bytes // CHUNK_TARGET_BYTES))}
+    cache = {"rdcc_nbytes": FILE_CHUNK_CACHE_BYTES, "rdcc_nslots": 521}
     try:
         try:
             return h5py.File(path, "r", locking=False, **cache)
@@ -185,7 +200,7 @@ class HDF5Reader(Reader):
     def _open(self) -> None:
         if not self.path.is_file():
             raise DatasetNotFoundError(f"HDF5 file not found: {self.path}")
-        self._file = open_h5(self.path, self.chunk_cache_bytes)
+        self._file = open_h5(self.path)
 
     def _release(self) -> None:
         if self._file is not None:
@@ -236,7 +251,7 @@ class HDF5Reader(Reader):
         return self._serve(self._dataset(path, f"tensor {name!r}"))
 
     def _serve(self, dset: Any) -> Any:
-        return serve_dataset(self.path, dset, self.use_mmap)
+        return serve_dataset(self.path, dset, self.use_mmap, self.chunk_cache_bytes)
 
     def source_fingerprint(self) -> dict | None:
         raw = self.file.attrs.get(ATTR_FINGERPRINT)

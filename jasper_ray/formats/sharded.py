@@ -120,12 +120,19 @@ class ShardedHDF5Reader(Reader):
         if tensor is None:
             raise DatasetNotFoundError(f"{self.shards_dir}: no tensor at {h5_path!r} in the manifest")
         parts = []
+        per_shard_cache = self.chunk_cache_bytes // len(tensor["shards"])  # one budget for the tensor
         for shard in tensor["shards"]:
             path = self.shards_dir / shard["file"]
             handle = self._files.get(shard["file"])
             if handle is None:
-                handle = self._files[shard["file"]] = open_h5(path, self.chunk_cache_bytes)
-            parts.append((shard["start"], shard["stop"], serve_dataset(path, handle[h5_path], self.use_mmap)))
+                handle = self._files[shard["file"]] = open_h5(path)
+            parts.append(
+                (
+                    shard["start"],
+                    shard["stop"],
+                    serve_dataset(path, handle[h5_path], self.use_mmap, per_shard_cache),
+                )
+            )
         if len(parts) == 1:
             return parts[0][2]
         return ConcatRows(parts, tuple(tensor["shape"]), np.dtype(tensor["dtype"]))
@@ -183,7 +190,7 @@ class ShardedHDF5Reader(Reader):
                 path = self.shards_dir / shard["file"]
                 hasher = BlockHasher(rows, row_bytes)
                 try:
-                    with open_h5(path, self.chunk_cache_bytes) as f:
+                    with open_h5(path) as f:
                         dset = f[tensor["h5_path"]]
                         for a in range(0, dset.shape[0], rows):
                             block = dset[a : a + rows]
