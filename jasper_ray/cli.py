@@ -10,11 +10,7 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
-from pathlib import Path
-
-import numpy as np
 
 from .errors import ChecksumError
 from .formats.base import is_mapped
@@ -120,42 +116,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .formats import open_dataset
-    from .synth import pairs_for_size, parse_size, synth_dataset
-    from .writer import convert_pt_to_hdf5
+    from .demo import run_demo
 
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="jasper-demo-"))
-    n_pairs = pairs_for_size(parse_size(args.size), args.dim, args.neg)
-    rows = []
-    t = time.perf_counter()
-    synth_dataset(base, n_pairs, args.dim, args.neg, seed=0)
-    rows.append(("synthesise (PT)", time.perf_counter() - t, f"{n_pairs} pairs, D={args.dim}"))
-    report = convert_pt_to_hdf5(base, "gzip", progress=not args.quiet)
-    rows.append(
-        (
-            "convert -> HDF5 gzip",
-            report.seconds,
-            f"{report.source_bytes / 1e6:.0f} MB -> {report.output_bytes / 1e6:.0f} MB "
-            f"({report.saving_percent:.1f}% saved, {report.mb_per_s:.0f} MB/s)",
-        )
+    summary = run_demo(
+        args.size,
+        workers=args.workers,
+        address=args.address,
+        directory=args.dir,
+        dim=args.dim,
+        n_neg=args.neg,
+        progress=not args.quiet,
     )
-    for fmt in ("pt", "hdf5"):
-        t = time.perf_counter()
-        reader = open_dataset(base, storage_format=fmt, use_mmap=True)
-        train = reader.split("train")
-        batch = np.random.default_rng(0).choice(train, size=min(512, len(train)), replace=False)
-        neg = reader.take("source_embs", reader.take("hard_negatives", batch).ravel())
-        rows.append(
-            (
-                f"open {fmt} + gather 512 pairs",
-                time.perf_counter() - t,
-                f"negatives {neg.shape} from {len(train)} train pairs",
-            )
-        )
-    print(f"\njasper_ray demo in {base}")
-    for what, seconds, detail in rows:
-        print(f"  {what:<32} {seconds:7.2f} s   {detail}")
-    return 0
+    print(summary.table())
+    return 0 if summary.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--format", default="auto", choices=("auto", "pt", "hdf5"))
         p.set_defaults(func=func)
 
-    p = sub.add_parser("demo", help="synthesise, convert and load a dataset; print what happened")
-    p.add_argument("--size", default="200MB")
+    p = sub.add_parser("demo", help="synthesise, convert on Ray, serve an epoch every way; print what happened")
+    p.add_argument("--size", default="1GB", help="synthetic dataset size (PT files), e.g. 50MB, 1GB")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (or set RAY_ADDRESS)")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--neg", type=int, default=12)
     p.add_argument("--dir", help="where to write (default: a new temporary directory)")
