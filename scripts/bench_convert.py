@@ -269,9 +269,9 @@ def scaling_rows(run: dict[str, Any], upstream_seconds: float) -> tuple[list[lis
     rows, prev, stop_at = [], None, None
     for w in MODEL_WORKERS:
         t = predicted(w)
-        if prev is not None and stop_at is None and one / t < prev * 1.10:
-            stop_at = w
-        prev = one / t
+        if prev is not None and stop_at is None and one / t < prev[1] * 1.10:
+            stop_at = prev[0]  # going past it gains < 10%
+        prev = (w, one / t)
         rows.append(
             [
                 str(w),
