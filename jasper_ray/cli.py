@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -174,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="synthesise, convert on Ray, serve an epoch every way; print what happened")
-    p.add_argument("--size", default="1GB", help="synthetic dataset size (PT files), e.g. 50MB, 1GB")
+    p.add_argument(
+        "--size",
+        default=os.environ.get("JASPER_DEMO_SIZE", "1GB"),
+        help="synthetic dataset size (PT files), e.g. 50MB, 1GB (default: $JASPER_DEMO_SIZE or 1GB)",
+    )
     p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (or set RAY_ADDRESS)")
     p.add_argument("--dim", type=int, default=768)
