@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("single", "sharded"),
         help="one dataset.h5, or dataset.shards/ + manifest",
     )
-    p.add_argument("--shard-size", default="256MB", help="bytes of source data per shard task")
+    p.add_argument(
+        "--shard-size", default="256MB", help="bytes of source data per shard task (at least one 16 MiB checksum block)"
+    )
     p.add_argument("--single-process", action="store_true", help="convert in this process, without Ray")
     p.set_defaults(func=_cmd_convert)
 

@@ -24,6 +24,7 @@ from .config import read_config_file
 from .errors import DatasetNotFoundError
 from .formats import StorageFormat, open_dataset
 from .formats.base import Reader
+from .formats.sharded import MANIFEST, SHARDS_DIR
 from .sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
 from .schema import CONFIG_FILE, HDF5_FILE, STEERING_VARIANTS, TENSORS
 from .torch_batches import SampleBatch, TensorSource, as_tensor, to_torch
@@ -119,7 +120,8 @@ class JASPERSteeringDataset(Dataset):
         if _core is None:
             if not self.dataset_dir.is_dir():
                 raise DatasetNotFoundError(f"Dataset directory not found: {self.dataset_dir}")
-            if read_config_file(self.dataset_dir) is None and not (self.dataset_dir / HDF5_FILE).is_file():
+            embedded = (self.dataset_dir / HDF5_FILE).is_file() or (self.dataset_dir / SHARDS_DIR / MANIFEST).is_file()
+            if read_config_file(self.dataset_dir) is None and not embedded:  # converted files carry the config
                 raise DatasetNotFoundError(f"Config file not found: {self.dataset_dir / CONFIG_FILE}")
             if use_mmap is None and self.device.type != "cpu":
                 use_mmap = False  # tensors are placed on the device whole anyway

@@ -132,7 +132,8 @@ class ShardedJasper(IterableDataset):
         from .sampler import make_sampler
 
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+            # "local": a new local Ray, never one that `ray start` left running on this machine.
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
         reader = open_dataset(path, storage_format, use_mmap=True)
         self.path, self.split, self.seed, self.batch_size = str(Path(path)), split, int(seed), int(batch_size)
         self.storage_format = reader.storage_format
@@ -273,20 +274,44 @@ class ShardedJasper(IterableDataset):
         ]
         pending: deque = deque()
         submitted = 0
-        while submitted < len(batches) or pending:
-            while submitted < len(batches) and len(pending) < self.max_in_flight:
-                pending.append((batches[submitted], self._submit(batches[submitted])))
-                submitted += 1
-            ids, (slot, parts) = pending.popleft()
-            batch = self._collect(ids, slot, parts)
-            self.samples_delivered += len(ids)
-            yield batch
-        self.sampler.start = 0  # the epoch is done: the next pass is a whole epoch
+        try:
+            while submitted < len(batches) or pending:
+                while submitted < len(batches) and len(pending) < self.max_in_flight:
+                    pending.append((batches[submitted], self._submit(batches[submitted])))
+                    submitted += 1
+                ids, (slot, parts) = pending.popleft()
+                batch = self._collect(ids, slot, parts)
+                self.samples_delivered += len(ids)
+                yield batch
+            self.sampler.start = 0  # the epoch is done: the next pass is a whole epoch
+        finally:
+            self._abandon(pending)
+
+    def _abandon(self, pending: deque) -> None:
+        """Requests still in flight when iteration stops early: let the actors finish writing, then
+        give their slots back (a slot an actor may still write into is never handed out again)."""
+        import ray
+
+        for _, (slot, parts) in pending:
+            for _, _, ref in parts:
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 - the batch is dropped either way
+                    pass
+            slot.busy = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Batches as torch tensors: iterate directly, or ``DataLoader(client, batch_size=None)``."""
+        """Batches as torch tensors: iterate directly, or ``DataLoader(client, batch_size=None)`` with
+        ``num_workers=0`` (the actors already work in parallel; loader workers would each replay the epoch)."""
+        from torch.utils.data import get_worker_info
+
         from .torch_batches import to_torch
 
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "ShardedJasper cannot run inside DataLoader workers: every worker would replay the whole "
+                "epoch. Use DataLoader(service, batch_size=None, num_workers=0), or iterate it directly."
+            )
         for batch in self.iter_numpy():
             yield to_torch(batch)
 
