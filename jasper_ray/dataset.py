@@ -159,11 +159,13 @@ class JASPERSteeringDataset(Dataset):
 
     @property
     def use_mmap(self) -> bool:
+        """Whether the tensors are memory-mapped rather than read into RAM."""
         return self._live_core().reader.use_mmap
 
     # --- state shared with workers -----------------------------------------
     @property
     def current_epoch(self) -> int:
+        """The epoch whose variants are served (shared with DataLoader workers)."""
         return int(self._control[0])
 
     def set_epoch(self, epoch: int) -> None:
@@ -242,6 +244,7 @@ class JASPERSteeringDataset(Dataset):
 
     @property
     def reader(self) -> Reader:
+        """The format reader underneath (``jasper_ray.open_dataset``)."""
         return self._live_core().reader
 
     @property

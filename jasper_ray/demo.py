@@ -101,6 +101,7 @@ def run_demo(
     from .formats import open_dataset
     from .ray_convert import convert
     from .ray_data import read_jasper
+    from .ray_session import connect
     from .shard_service import ShardedJasper
     from .synth import pairs_for_size, parse_size, synth_dataset
 
@@ -114,13 +115,7 @@ def run_demo(
     summary = DemoSummary(base, n_pairs, 0, pt_bytes)
     summary.steps.append(("synthesise (upstream PT layout)", time.perf_counter() - t, f"D={dim}, n_neg={n_neg}"))
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    started_ray = connect(address, num_cpus=workers)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = progress

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import open_dataset
+from .ray_session import connect
 from .shards import (
     SHARD_BYTES,
     ConversionPlan,
@@ -68,23 +69,8 @@ def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = SHARD_BYTE
 
 
 def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
-    """Make sure Ray is up; return True when this call started it (and so must stop it)."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": READER_ENV}, log_to_driver=False)
-    else:
-        # "local": a new Ray on this machine. ray.init() without an address would attach to a cluster
-        # that `ray start` left running here (and then refuse num_cpus).
-        ray.init(
-            address="local",
-            num_cpus=num_workers or os.cpu_count(),
-            include_dashboard=False,
-            runtime_env={"env_vars": READER_ENV},
-            log_to_driver=False,
-        )
-    return True
+    """Make sure Ray is up (see ray_session); return True when this call started it."""
+    return connect(address, num_cpus=num_workers, runtime_env={"env_vars": READER_ENV})
 
 
 def _shard_task(task: ShardTask, inject_failure: str | None) -> ShardResult:

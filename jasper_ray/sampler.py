@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class ResumableSampler(Sampler[int]):
+    """Indices of one rank's epoch: a seeded permutation (or split order), equal per-rank shards, and a
+    resume point (``state_dict`` / ``load_state_dict``). See the module docstring."""
+
     def __init__(
         self,
         data_source: Any,

@@ -40,6 +40,7 @@ from .batch_memory import BatchLayout, Slot, SlotPool
 from .formats import open_dataset
 from .formats.hdf5 import rows_per_chunk
 from .formats.sharded import ShardedHDF5Reader
+from .ray_session import connect
 from .sampling import DEFAULT_SEED
 from .schema import TENSOR
 from .shard_server import ShardServer
@@ -131,9 +132,7 @@ class ShardedJasper(IterableDataset):
 
         from .sampler import make_sampler
 
-        if not ray.is_initialized():
-            # "local": a new local Ray, never one that `ray start` left running on this machine.
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+        connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
         reader = open_dataset(path, storage_format, use_mmap=True)
         self.path, self.split, self.seed, self.batch_size = str(Path(path)), split, int(seed), int(batch_size)
         self.storage_format = reader.storage_format
@@ -189,6 +188,7 @@ class ShardedJasper(IterableDataset):
 
     @property
     def epoch(self) -> int:
+        """The epoch being planned and served."""
         return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:

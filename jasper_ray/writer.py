@@ -142,6 +142,8 @@ def _progress(total: int, enabled: bool, desc: str):
 
 @dataclass
 class ConversionReport:
+    """What a conversion did: sizes, wall time, and for Ray conversions the shards, reuse and assembly time."""
+
     output: Path
     source_bytes: int
     output_bytes: int
@@ -154,10 +156,12 @@ class ConversionReport:
 
     @property
     def saving_percent(self) -> float:
+        """Size saved against the PT files, in percent (negative when the output is larger)."""
         return (1 - self.output_bytes / self.source_bytes) * 100 if self.source_bytes else 0.0
 
     @property
     def mb_per_s(self) -> float:
+        """PT megabytes converted per second of wall time."""
         return self.source_bytes / 1e6 / self.seconds if self.seconds else float("inf")
 
     def lines(self) -> list[str]:

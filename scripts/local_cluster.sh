@@ -12,7 +12,7 @@
 # on 127.0.0.1:$JASPER_CLUSTER_PORT (default 6390). `down` never runs `ray stop`, which would also stop
 # unrelated Ray sessions on this machine.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 # shellcheck source=../cluster/jasper-env.sh
 source "$here/../cluster/jasper-env.sh"
 state=${JASPER_CLUSTER_DIR:-/tmp/jasper-local-cluster}

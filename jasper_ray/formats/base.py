@@ -221,4 +221,5 @@ class Reader(ABC):
 
     @property
     def n_pairs(self) -> int:
+        """Rows of ``pair_index``: the number of question-source pairs."""
         return self.shape("pair_index")[0]

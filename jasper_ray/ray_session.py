@@ -1,0 +1,49 @@
+"""Connecting to Ray, the one way every jasper_ray front-end does it.
+
+No address (and no ``RAY_ADDRESS``): a new local Ray on this machine (``address="local"``; a bare
+``ray.init()`` would attach to whatever cluster ``ray start`` left running here). An address: that
+cluster, after a quick TCP check, because ``ray.init`` waits minutes on an address where nothing listens.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class RayUnreachableError(ConnectionError):
+    """No Ray cluster answers at the address given."""
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, naming the address, when no process listens at ``host:port`` (``auto`` is Ray's to resolve)."""
+    if address in ("auto", "local") or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise RayUnreachableError(
+            f"Ray is not reachable at {address} ({exc}). Start the cluster there (`ray start --head`, or "
+            f"scripts/local_cluster.sh up), fix --address / RAY_ADDRESS, or leave both out for a local Ray."
+        ) from exc
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, **init_kwargs: Any) -> bool:
+    """Make sure Ray is up; return True when this call started it (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    init_kwargs.setdefault("log_to_driver", False)
+    if address:
+        check_reachable(address)
+        ray.init(address=address, **init_kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **init_kwargs)
+    return True
