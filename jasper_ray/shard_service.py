@@ -47,6 +47,9 @@ from .shard_server import ShardServer
 
 log = logging.getLogger(__name__)
 
+# A batch's request to one actor: (shard, positions in the batch, ObjectRef, index in a fill_many result).
+Part = tuple[int, np.ndarray, Any, "int | None"]
+
 
 class ShardUnavailableError(RuntimeError):
     """A shard's actor could not serve a request after all retries."""
@@ -120,7 +123,8 @@ class ShardedJasper(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
-        max_in_flight: int = 4,
+        max_in_flight: int = 8,
+        batches_per_call: int = 4,
         max_restarts: int = 3,
         max_retries: int = 5,
         restart_timeout_s: float = 60.0,
@@ -150,6 +154,7 @@ class ShardedJasper(IterableDataset):
             drop_last=drop_last,
         )
         self.max_in_flight, self.max_retries = max(1, max_in_flight), max_retries
+        self.batches_per_call = max(1, batches_per_call)
         self.restart_timeout_s = float(restart_timeout_s)
         self.samples_delivered = 0
         self._config = dict(
@@ -160,6 +165,7 @@ class ShardedJasper(IterableDataset):
             storage_format=storage_format,
             drop_last=drop_last,
             max_in_flight=max_in_flight,
+            batches_per_call=batches_per_call,
             max_retries=max_retries,
             restart_timeout_s=restart_timeout_s,
         )
@@ -216,26 +222,37 @@ class ShardedJasper(IterableDataset):
         self.samples_delivered = state["samples_seen"]
 
     # --- batches ------------------------------------------------------------------------------
-    def _submit(self, ids: np.ndarray) -> tuple[Slot, list[tuple[int, np.ndarray, Any]]]:
-        slot = self._pool.acquire()
-        owner = np.searchsorted(self.starts, ids, side="right") - 1
-        parts = []
-        for shard in np.unique(owner):
-            where = np.flatnonzero(owner == shard)
-            parts.append((int(shard), where, self._request(int(shard), ids[where], slot, where)))
-        return slot, parts
+    def _submit(self, group: list[np.ndarray]) -> list[tuple[np.ndarray, Slot, list[Part]]]:
+        """Request a group of batches: one ``fill_many`` call per actor covers its rows of all of them."""
+        slots = [self._pool.acquire() for _ in group]
+        requests: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for b, ids in enumerate(group):
+            owner = np.searchsorted(self.starts, ids, side="right") - 1
+            for shard in np.unique(owner):
+                where = np.flatnonzero(owner == shard)
+                requests.setdefault(int(shard), []).append((b, ids[where], where))
+        parts: list[list[Part]] = [[] for _ in group]
+        for shard, items in requests.items():
+            ref = self.actors[shard].fill_many.remote(
+                [(ids, slots[b].name, where) for b, ids, where in items], self.epoch, self._layout, self._node_id
+            )
+            for index, (b, _, where) in enumerate(items):
+                parts[b].append((shard, where, ref, index))
+        return list(zip(group, slots, parts))
 
     def _request(self, shard: int, ids: np.ndarray, slot: Slot, where: np.ndarray) -> Any:
         return self.actors[shard].fill.remote(ids, self.epoch, slot.name, self._layout, where, self._node_id)
 
-    def _collect(self, ids: np.ndarray, slot: Slot, parts: list[tuple[int, np.ndarray, Any]]) -> dict[str, Any]:
+    def _collect(self, ids: np.ndarray, slot: Slot, parts: list[Part]) -> dict[str, Any]:
         import ray
 
-        for shard, where, ref in parts:
+        for shard, where, ref, index in parts:
             attempt, polls, deadline = 0, 0, None
             while True:
                 try:
                     result = ray.get(ref)
+                    if index is not None:  # one of a fill_many call's results
+                        result = result[index]
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                     if isinstance(exc, ray.exceptions.ActorUnavailableError):  # restarting: wait for it, in time
@@ -254,7 +271,7 @@ class ShardedJasper(IterableDataset):
                     level = logging.WARNING if polls <= 1 and attempt <= 1 else logging.DEBUG
                     log.log(level, "%s lost a request (%s); retrying", self.names[shard], type(exc).__name__)
                     time.sleep(pause)
-                    ref = self._request(shard, ids[where], slot, where)
+                    ref, index = self._request(shard, ids[where], slot, where), None
             if isinstance(result, dict):  # the actor is on another node: its rows came through the object store
                 for key, value in result.items():
                     slot.views[key][where] = value
@@ -276,10 +293,13 @@ class ShardedJasper(IterableDataset):
         submitted = 0
         try:
             while submitted < len(batches) or pending:
-                while submitted < len(batches) and len(pending) < self.max_in_flight:
-                    pending.append((batches[submitted], self._submit(batches[submitted])))
-                    submitted += 1
-                ids, (slot, parts) = pending.popleft()
+                # Whole groups only: a group of one would pay a call per batch again.
+                size = min(self.batches_per_call, len(batches) - submitted)
+                while size and len(pending) + size <= max(self.max_in_flight, size):
+                    pending.extend(self._submit(batches[submitted : submitted + size]))
+                    submitted += size
+                    size = min(self.batches_per_call, len(batches) - submitted)
+                ids, slot, parts = pending.popleft()
                 batch = self._collect(ids, slot, parts)
                 self.samples_delivered += len(ids)
                 yield batch
@@ -292,8 +312,8 @@ class ShardedJasper(IterableDataset):
         give their slots back (a slot an actor may still write into is never handed out again)."""
         import ray
 
-        for _, (slot, parts) in pending:
-            for _, _, ref in parts:
+        for _, slot, parts in pending:
+            for _, _, ref, _ in parts:
                 try:
                     ray.get(ref)
                 except Exception:  # noqa: BLE001 - the batch is dropped either way

@@ -210,7 +210,7 @@ def main() -> None:
                 f"1-min load average {load_before:.1f} before the runs, {os.getloadavg()[0]:.1f} after, on {cpus} "
                 "cores: the numbers mean something only on a quiet machine",
                 "batch gap: time between consecutive batches delivered to the loop (pooled over the epochs)",
-                f"Ray: {cpus} CPUs, actors num_cpus=0.5, max_in_flight=4; torch {torch.__version__}, "
+                f"Ray: {cpus} CPUs, actors num_cpus=0.5, max_in_flight=8, 4 batches a call; torch {torch.__version__}, "
                 f"{torch.get_num_threads()} intra-op threads; every service epoch delivered each sample once",
                 f"target: 2 actors >= 0.8x local samples/s: {fmt_ratio(two)} -> {'met' if two >= 0.8 else 'MISSED'}",
             ],
