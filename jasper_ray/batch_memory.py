@@ -68,11 +68,14 @@ class Slot:
         self.root = _map(self.name, layout.nbytes)
         self.views = layout.views(self.root)
         self.busy = False
+        # Set when a request into this slot was abandoned (served elsewhere) but may still run: the
+        # slot is never reused, so a late write cannot land in someone else's batch.
+        self.quarantined = False
         self._baseline = sys.getrefcount(self.root)
 
     def free(self) -> bool:
-        """Not in flight, and no batch handed out from it is still referenced."""
-        return not self.busy and sys.getrefcount(self.root) <= self._baseline
+        """Not in flight, not quarantined, and no batch handed out from it is still referenced."""
+        return not self.busy and not self.quarantined and sys.getrefcount(self.root) <= self._baseline
 
     def release(self) -> None:
         """Unlink the segment; memory still referenced by a caller's batch lives until it is dropped."""

@@ -110,3 +110,7 @@ class ShardServer:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def whereabouts(self) -> tuple[int, str]:
+        """(pid, node id): where this actor's process runs."""
+        return os.getpid(), self.node_id

@@ -10,10 +10,11 @@ several batches in flight and yields them in the plan's order.
 Faults: actors restart (``max_restarts``) and reopen their files in
 ``__init__``; the client resubmits what a dead actor lost, so a killed actor
 costs latency, never a sample. While an actor is restarting (Ray answers
-``ActorUnavailableError``) the client keeps resubmitting for up to
-``restart_timeout_s``: a restart takes seconds (a new worker process, torch
-imports for PT data, a lost node's detection), far more than a count of quick
-retries covers on a busy machine. Other actor errors count against
+``ActorUnavailableError``) the client builds that actor's rows itself, with
+the same reader and assembly (``serve_while_restarting``, default on): a
+restart takes seconds (a new worker process, imports, a lost node's
+detection). With it off, the client resubmits for up to
+``restart_timeout_s`` instead. Other actor errors count against
 ``max_retries`` (with backoff). A shard that cannot be served after that
 raises ``ShardUnavailableError`` naming it. Actors are owned by the process
 that made them: ``close()`` (or leaving ``with``) kills them, and Ray kills
@@ -49,6 +50,17 @@ log = logging.getLogger(__name__)
 
 # A batch's request to one actor: (shard, positions in the batch, ObjectRef, index in a fill_many result).
 Part = tuple[int, np.ndarray, Any, "int | None"]
+
+
+DEATH_POLL_S = 0.05  # how often a slow request checks that its actor's process still exists
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 class ShardUnavailableError(RuntimeError):
@@ -128,6 +140,7 @@ class ShardedJasper(IterableDataset):
         max_restarts: int = 3,
         max_retries: int = 5,
         restart_timeout_s: float = 60.0,
+        serve_while_restarting: bool = True,
         num_cpus: float = 1.0,
         address: str | None = None,
         _actors: list[Any] | None = None,
@@ -153,9 +166,11 @@ class ShardedJasper(IterableDataset):
             rank=rank,
             drop_last=drop_last,
         )
-        self.max_in_flight, self.max_retries = max(1, max_in_flight), max_retries
+        self.max_in_flight, self.max_retries, self.max_restarts = max(1, max_in_flight), max_retries, max_restarts
         self.batches_per_call = max(1, batches_per_call)
         self.restart_timeout_s = float(restart_timeout_s)
+        self.serve_while_restarting = bool(serve_while_restarting)
+        self._local: ShardServer | None = None
         self.samples_delivered = 0
         self._config = dict(
             batch_size=batch_size,
@@ -168,6 +183,7 @@ class ShardedJasper(IterableDataset):
             batches_per_call=batches_per_call,
             max_retries=max_retries,
             restart_timeout_s=restart_timeout_s,
+            serve_while_restarting=serve_while_restarting,
         )
         self._owns_actors = _actors is None
         if _actors is None:
@@ -181,6 +197,11 @@ class ShardedJasper(IterableDataset):
             ]
             ray.get([actor.pid.remote() for actor in _actors])  # up and mapped before the first batch
         self.actors = _actors
+        # Each actor's (pid, node): a process on this node that is gone is noticed at once, without
+        # waiting for Ray to report the death. None while unknown (just restarted).
+        self._whereabouts: list[Any] = ray.get([actor.whereabouts.remote() for actor in _actors])
+        self._whereabouts_refs: dict[int, Any] = {}
+        self._deaths = [0] * len(_actors)
         config = reader.config
         self._layout = BatchLayout.for_batch(self.batch_size, int(config["embedding_dim"]), int(config["n_neg"]))
         self._pool = SlotPool(self._layout)
@@ -240,6 +261,40 @@ class ShardedJasper(IterableDataset):
                 parts[b].append((shard, where, ref, index))
         return list(zip(group, slots, parts))
 
+    def _down_here(self, shard: int) -> bool:
+        """Whether the shard's actor, on this node, has exited or not come back yet (checked by pid and
+        a pending ``whereabouts`` call, without waiting for Ray to report the death)."""
+        import ray
+
+        known = self._whereabouts[shard]
+        if known is None:  # restarting: down until it answers where it runs now
+            ref = self._whereabouts_refs[shard]
+            if not ray.wait([ref], timeout=0)[0]:
+                return True
+            try:
+                self._whereabouts[shard] = known = ray.get(ref)
+            except Exception:  # noqa: BLE001 - not back: ask again
+                self._whereabouts_refs[shard] = self.actors[shard].whereabouts.remote()
+                return True
+        pid, node = known
+        if node != self._node_id or _running(pid):
+            return False
+        self._deaths[shard] += 1
+        if self._deaths[shard] > self.max_restarts:
+            raise ShardUnavailableError(
+                f"{self.names[shard]} died {self._deaths[shard]} times and cannot restart "
+                f"(max_restarts={self.max_restarts}); its rows cannot be served"
+            )
+        self._whereabouts[shard] = None
+        self._whereabouts_refs[shard] = self.actors[shard].whereabouts.remote()
+        return True
+
+    def _serve_here(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch part built in this process, as an actor would build it (for an actor that is restarting)."""
+        if self._local is None:
+            self._local = ShardServer(self.path, self.storage_format, 0, 1 << 62, self.seed, "client")
+        return self._local.get_batch(ids, self.epoch)
+
     def _request(self, shard: int, ids: np.ndarray, slot: Slot, where: np.ndarray) -> Any:
         return self.actors[shard].fill.remote(ids, self.epoch, slot.name, self._layout, where, self._node_id)
 
@@ -249,12 +304,34 @@ class ShardedJasper(IterableDataset):
         for shard, where, ref, index in parts:
             attempt, polls, deadline = 0, 0, None
             while True:
+                if self.serve_while_restarting and self._down_here(shard):
+                    log.warning(
+                        "%s lost a request (its process is gone); serving its %d rows from the client",
+                        self.names[shard],
+                        len(where),
+                    )
+                    result = self._serve_here(ids[where])
+                    slot.quarantined = True  # the request may still run once the actor is back
+                    break
                 try:
+                    if not ray.wait([ref], timeout=DEATH_POLL_S)[0]:
+                        continue
                     result = ray.get(ref)
                     if index is not None:  # one of a fill_many call's results
                         result = result[index]
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    if isinstance(exc, ray.exceptions.ActorUnavailableError) and self.serve_while_restarting:
+                        # Restarting: rather than wait seconds for it, build these rows here, with the same
+                        # reader and assembly (every process sees the files), and let the restart go on.
+                        log.warning(
+                            "%s lost a request (%s: restarting); serving its %d rows from the client",
+                            self.names[shard],
+                            type(exc).__name__,
+                            len(where),
+                        )
+                        result = self._serve_here(ids[where])
+                        break
                     if isinstance(exc, ray.exceptions.ActorUnavailableError):  # restarting: wait for it, in time
                         now = time.monotonic()
                         deadline = deadline or now + self.restart_timeout_s
@@ -362,6 +439,7 @@ class ShardedJasper(IterableDataset):
         state["_owns_actors"] = False  # a copy in another process never kills the owner's actors
         state["_pool"] = SlotPool(self._layout)  # slots belong to one process
         state["_node_id"] = None  # set again where the copy runs
+        state["_local"] = None  # its mappings are per process
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
