@@ -1,4 +1,4 @@
-"""``jasper-ray``: synth | convert | inspect | verify | demo.
+"""``jasper-ray``: synth | convert | inspect | verify | demo | bench.
 
 The only module that prints. Bad input ends with a one-line error on stderr
 and a non-zero exit code.
@@ -132,6 +132,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    scale = "tiny" if args.tiny else "quick" if args.quick else "full"
+    command = ["jasper-ray bench"] + ([f"--{scale}"] if scale != "full" else [])
+    command += [f"--only {args.only}"] if args.only else []
+    command += [f"--size-scale {args.size_scale:g}"] if args.size_scale != 1.0 else []
+    report = run_bench(
+        args.out,
+        only=args.only,
+        scale=scale,
+        size_scale=args.size_scale,
+        work_dir=args.work_dir,
+        command=" ".join(command),
+        announce=None if args.quiet else lambda text: print(f"jasper-ray bench: {text}", file=sys.stderr, flush=True),
+    )
+    for error in report.plot_errors:
+        print(f"jasper-ray bench: {error}", file=sys.stderr)
+    if report.failed:
+        names = ", ".join(f"{r.script} (exit code {r.returncode})" for r in report.failed)
+        raise RuntimeError(f"{names} failed; the report of the rest is in {report.directory / 'report.md'}")
+    print(f"wrote {report.directory / 'report.md'}")
+    return 1 if report.plot_errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jasper-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -188,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neg", type=int, default=12)
     p.add_argument("--dir", help="where to write (default: a new temporary directory)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="run the benchmark scripts; write a report with their tables and plots")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="each script's --quick sizes (about 5 minutes)")
+    scale.add_argument("--tiny", action="store_true", help="the test suite's scale: end to end, numbers meaningless")
+    p.add_argument("--only", default=None, help="a comma-separated subset of formats,loader,convert,ray_data,actors")
+    p.add_argument(
+        "--size-scale", type=float, default=1.0, help="multiply each script's dataset size (of the scale) by this"
+    )
+    p.add_argument("--out", default="bench-report", help="the report's directory (default: bench-report)")
+    p.add_argument("--work-dir", default=None, help="where the scripts write their datasets (default: the temp dir)")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

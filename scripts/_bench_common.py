@@ -5,16 +5,31 @@
 - ``proc_status``: the process's memory counters from ``/proc/self/status``
   (``VmRSS`` = ``RssAnon`` + ``RssFile`` + ``RssShmem``);
 - ``timings`` / ``Timing``: repeat a callable and summarise (median, min, max);
-- ``markdown_table`` and the ``fmt_*`` helpers: the tables the scripts print.
+- ``markdown_table`` and the ``fmt_*`` helpers: the tables the scripts print;
+- ``record``: raw numbers for machine-readable results (``jasper-ray bench``).
 
 Benchmarks print only their tables on stdout; progress and notes go through
 ``logging`` (stderr), set up by ``setup_logging``.
+
+Machine-readable results: when the environment variable ``JASPER_BENCH_JSON``
+names a file, every ``print_table`` (title, headers, rows, notes) and every
+``record(name, **values)`` of the process are collected and written there as
+one JSON document when the process exits (``atexit``)::
+
+    {"script": "bench_convert", "argv": [...], "tables": [{"title": ..., "headers": [...],
+     "rows": [[...]], "notes": [...]}, ...], "records": [{"name": ..., "values": {...}}, ...]}
+
+stdout is the same with or without it. Only a process that recorded something
+writes the file (workers run through ``run_fresh`` inherit the variable but
+record nothing), replacing it atomically.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -187,6 +202,62 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+# --- machine-readable results ----------------------------------------------------------
+
+JSON_ENV = "JASPER_BENCH_JSON"
+_document: dict[str, Any] | None = None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of ``value``: numpy scalars and arrays, paths and tuples become plain types; NaN/inf -> None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _write_document() -> None:
+    path = os.environ.get(JSON_ENV)
+    if not path or _document is None or _document["pid"] != os.getpid():
+        return
+    doc = {k: v for k, v in _document.items() if k != "pid"}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _collect() -> dict[str, Any] | None:
+    """The document of this process, or None when ``JASPER_BENCH_JSON`` is not set."""
+    global _document
+    if not os.environ.get(JSON_ENV):
+        return None
+    if _document is None or _document["pid"] != os.getpid():  # a forked child starts its own
+        _document = {
+            "pid": os.getpid(),
+            "script": Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "",
+            "argv": list(sys.argv[1:]),
+            "tables": [],
+            "records": [],
+        }
+        atexit.register(_write_document)
+    return _document
+
+
+def record(name: str, **values: Any) -> None:
+    """Keep raw numbers (floats, not formatted strings) for ``JASPER_BENCH_JSON``; a no-op without it."""
+    doc = _collect()
+    if doc is not None:
+        doc["records"].append({"name": name, "values": _plain(values)})
+
+
 # --- tables ----------------------------------------------------------------------------
 
 
@@ -217,7 +288,13 @@ def print_table(
     notes: Sequence[str] = (),
     align: str | None = None,
 ) -> None:
-    """Print a titled markdown table (and notes under it) to stdout, flushed."""
+    """Print a titled markdown table (and notes under it) to stdout, flushed; recorded for ``JASPER_BENCH_JSON``."""
+    rows = [list(row) for row in rows]
+    doc = _collect()
+    if doc is not None:
+        doc["tables"].append(
+            {"title": title, "headers": _plain(headers), "rows": _plain(rows), "notes": _plain(list(notes))}
+        )
     parts = [f"### {title}", "", markdown_table(headers, rows, align)]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]

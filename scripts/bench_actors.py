@@ -49,6 +49,7 @@ from _bench_common import (  # noqa: E402
     fmt_ratio,
     print_table,
     proc_status,
+    record,
     setup_logging,
 )
 
@@ -109,21 +110,36 @@ def killer(client: Any, at: int) -> Callable[[int], None]:
     return on_batch
 
 
+def actor_pid(client: Any, timeout: float = 60.0) -> int:
+    """Actor 0's pid, waiting while it restarts (a short epoch can end before a killed actor is back)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(client.actors[0].pid.remote())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="1GB", help="dataset size (PT files), at least 1GB for the record")
-    parser.add_argument("--quick", action="store_true", help="100MB, for development")
+    parser.add_argument(
+        "--size", default=None, help="dataset size (PT files), at least 1GB for the record (default 1GB; 100MB --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="100MB (unless --size is given), for development")
     parser.add_argument("--out", default="/tmp", help="where the dataset is written (bench-actors-<pairs>/)")
     parser.add_argument("--rounds", type=int, default=None, help="undisturbed epochs per way (default 3; quick 5)")
     parser.add_argument("--keep", action="store_true", help="keep the dataset for the next run")
     args = parser.parse_args()
     setup_logging()
-    if args.quick:
-        args.size = "100MB"
+    args.size = args.size or ("100MB" if args.quick else "1GB")
     rounds = args.rounds or (5 if args.quick else 3)
     n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
     root = Path(args.out) / f"bench-actors-{n_pairs}"
@@ -188,6 +204,7 @@ def main() -> None:
         for name, epochs in runs.items():
             gaps = [g for e in epochs for g in e.gaps]
             rate = samples / median[name]
+            record("actors", way=name, samples_per_s=rate, epoch_seconds=median[name], samples=samples)
             rows.append(
                 (
                     name,
@@ -222,7 +239,7 @@ def main() -> None:
             pid_before = ray.get(client.actors[0].pid.remote())
             killed = Epoch(client, on_batch=killer(client, len(positions) // 2))
             once = bool(np.array_equal(np.sort(killed.ids), split))
-            pid_after = ray.get(client.actors[0].pid.remote())
+            pid_after = actor_pid(client)
             extra = killed.seconds - median[name]
             worst = max(worst, extra)
             kill_rows.append(

@@ -46,6 +46,7 @@ from _bench_common import (  # noqa: E402
     fmt_ratio,
     print_table,
     proc_status,
+    record,
     run_fresh,
     setup_logging,
 )
@@ -266,6 +267,15 @@ def scaling_rows(run: dict[str, Any], upstream_seconds: float) -> tuple[list[lis
         return serial + warmup + makespan(shards, w)
 
     one = predicted(1)
+    record(
+        "convert_model",
+        codec="gzip",
+        workers=list(MODEL_WORKERS),
+        predicted_seconds=[predicted(w) for w in MODEL_WORKERS],
+        serial_seconds=serial,
+        startup_seconds=warmup,
+        shards=len(shards),
+    )
     rows, prev, stop_at = [], None, None
     for w in MODEL_WORKERS:
         t = predicted(w)
@@ -360,6 +370,17 @@ class Bench:
             for method, label in METHODS.items():
                 r = self.runs[(compression, method)]
                 ray = method.startswith("ray")
+                record(
+                    "convert",
+                    codec=codec(compression),
+                    method=method,
+                    label=label,
+                    seconds=r["seconds"],
+                    workers=r.get("workers", 1),
+                    ray_start_seconds=r.get("ray_start"),
+                    source_bytes=r["source_bytes"],
+                    output_bytes=r["output_bytes"],
+                )
                 rows.append(
                     [
                         codec(compression),

@@ -50,6 +50,7 @@ from _bench_common import (  # noqa: E402
     interleaved_timings,
     print_table,
     proc_status,
+    record,
     run_fresh,
     setup_logging,
     timings,
@@ -545,6 +546,23 @@ class Bench:
         def med(kind: str, d: Path, key: str = "seconds") -> float:
             return float(np.median([r[key] for r in res[kind, d]]))
 
+        for directory in (self.small, self.big):
+            for kind, (label, _) in OPEN_VARIANTS.items():
+                opened = directory if kind in ("upstream", "pt", "pt-mmap") else open_target(directory, kind)[0]
+                record(
+                    "formats_open",
+                    format=kind,
+                    label=label,
+                    mmap=kind in ("pt-mmap", "h5-none-mmap", "h5-gzip-lazy"),
+                    size_label=self.label[directory],
+                    pairs=self.pairs[directory],
+                    dataset_bytes=pt_source_bytes(directory),
+                    file_bytes=pt_source_bytes(directory) if opened == directory else opened.stat().st_size,
+                    seconds=med(kind, directory),
+                    rss=med(kind, directory, "rss"),
+                    anon=med(kind, directory, "anon"),
+                )
+
         rows = []
         for kind, (label, what) in OPEN_VARIANTS.items():
             s, b = med(kind, self.small), med(kind, self.big)
@@ -795,6 +813,18 @@ class Bench:
             r = results[kind]
             peak, size = r["peak"], r["dataset_bytes"]
             anon_share = peak["RssAnon"] / size
+            record(
+                "formats_pass",
+                format=kind,
+                label=label,
+                dataset_bytes=size,
+                pairs=r["pairs"],
+                seconds=r["seconds"],
+                full=r["full"],
+                peak_anon=peak["RssAnon"],
+                peak_file=peak["RssFile"],
+                peak_rss=peak["VmRSS"],
+            )
             rows.append(
                 [
                     label,

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import fmt_rate, fmt_ratio, print_table, setup_logging  # noqa: E402
+from _bench_common import fmt_rate, fmt_ratio, print_table, record, setup_logging  # noqa: E402
 
 import jasper_ray  # noqa: E402
 from jasper_ray.assembly import assemble_batch  # noqa: E402
@@ -144,15 +144,15 @@ def ceiling(directory: Path, max_batches: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="1GB")
+    parser.add_argument("--size", default=None, help="dataset size (default 1GB; 100MB with --quick)")
     parser.add_argument("--out", default="/tmp")
-    parser.add_argument("--batches", type=int, default=60, help="timed batches per row")
-    parser.add_argument("--quick", action="store_true", help="100MB and 15 batches")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per row (default 60; 15 --quick)")
+    parser.add_argument("--quick", action="store_true", help="100MB and 15 batches (unless given)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     setup_logging()
-    if args.quick:
-        args.size, args.batches = "100MB", 15
+    args.size = args.size or ("100MB" if args.quick else "1GB")
+    args.batches = args.batches or (15 if args.quick else 60)
     n_pairs = pairs_for_size(parse_size(args.size), 768, 12)
     root = Path(args.out) / f"bench-loader-{n_pairs}"
     pt_dir, contiguous_dir = root / "pt", root / "contiguous"
@@ -177,6 +177,9 @@ def main() -> None:
             w: throughput(loader(UpstreamStyle(pt_dir, "train", probs), w, False), args.batches) for w in (0, 2)
         }
         top = ceiling(pt_dir, args.batches)
+        record("loader", path="ceiling", storage="PT in RAM", workers=0, samples_per_s=top)
+        for w in (0, 2):
+            record("loader", path="upstream-style", storage="PT in RAM", workers=w, samples_per_s=upstream[w])
         rows = [
             (
                 "in-RAM vectorised gather (ceiling)",
@@ -204,6 +207,13 @@ def main() -> None:
                     log.info("%s, %d workers, %s", name, workers, "batched" if batched else "per-sample")
                     ds = jasper_ray.JASPERSteeringDataset(split="train", validate=False, **kwargs)
                     rate = throughput(loader(ds if batched else PerSample(ds), workers, batched), args.batches)
+                    record(
+                        "loader",
+                        path="batched" if batched else "per-sample",
+                        storage=name,
+                        workers=workers,
+                        samples_per_s=rate,
+                    )
                     rows.append(
                         (
                             "batched (__getitems__)" if batched else "per-sample (__getitem__)",

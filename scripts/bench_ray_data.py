@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from _bench_common import fmt_bytes, fmt_ms, fmt_rate, fmt_ratio, print_table, setup_logging  # noqa: E402
+from _bench_common import fmt_bytes, fmt_ms, fmt_rate, fmt_ratio, print_table, record, setup_logging  # noqa: E402
 
 log = logging.getLogger("bench.ray_data")
 DIM, N_NEG, BATCH = 768, 12, 256
@@ -99,16 +99,15 @@ def one_pass(make: Callable[[], Any]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="1GB", help="size of the synthetic PT dataset (default 1GB)")
-    parser.add_argument("--quick", action="store_true", help="100MB")
+    parser.add_argument("--size", default=None, help="size of the synthetic PT dataset (default 1GB; 100MB --quick)")
+    parser.add_argument("--quick", action="store_true", help="100MB (unless --size is given)")
     parser.add_argument("--rounds", type=int, default=3, help="full passes per source (median reported)")
     parser.add_argument("--out", default=tempfile.gettempdir(), help="where the dataset is written")
     parser.add_argument("--object-store", default=None, help="Ray object store size (default: 2x the baseline)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic dataset")
     args = parser.parse_args()
     setup_logging()
-    if args.quick:
-        args.size = "100MB"
+    args.size = args.size or ("100MB" if args.quick else "1GB")
 
     import ray
     from ray.data import DataContext
@@ -175,6 +174,14 @@ def main() -> None:
         def rate(name: str) -> float:
             return n_rows / statistics.median(x["total"] for x in results[name])
 
+        for name in sources:
+            record(
+                "ray_data",
+                source=name,
+                rows_per_s=rate(name),
+                first_batch_seconds=statistics.median(x["first"] for x in results[name]),
+                rows=n_rows,
+            )
         base = rate("in-memory baseline (from_arrow)")
         ref = rate("reference: baseline + map_batches(identity)")
         table = [

@@ -1,0 +1,184 @@
+"""``jasper-ray bench``: every script end to end into one report with its tables and three plots; the pieces.
+
+The end-to-end test runs the five benchmark scripts at the ``--tiny`` scale
+(about 3 minutes on 2 cores, most of it bench_convert's six Ray start-ups and
+bench_formats' fresh interpreters); the others use fake scripts and records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from _support import REPO, subprocess_env
+
+from jasper_ray import bench
+from jasper_ray.cli import main
+
+# Table titles (their beginnings) each script prints.
+TABLES = {
+    "formats": [
+        "Setup",
+        "Conversion of the",
+        "Open time",
+        "512-random-row gathers",
+        "Reading every pair's keyword ids",
+        "Memory of a pass",
+    ],
+    "loader": ["DataLoader samples/s"],
+    "convert": ["PT -> HDF5 conversion", "Scaling model (gzip)"],
+    "ray_data": ["Ray Data rows/s"],
+    "actors": ["One epoch of", "A killed actor", "Memory after the runs"],
+}
+# Raw records each script leaves: name -> how many.
+RECORDS = {
+    "formats": {"formats_open": 12, "formats_pass": 4},
+    "loader": {"loader": 19},
+    "convert": {"convert": 12, "convert_model": 1},
+    "ray_data": {"ray_data": 5},
+    "actors": {"actors": 3},
+}
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (path, len(data))
+
+
+def test_bench_tiny_writes_every_table_and_plot(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    rc = main(["bench", "--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    md = (out / "report.md").read_text()
+    doc = json.loads((out / "report.json").read_text())
+
+    assert [r["script"] for r in doc["runs"]] == [f"bench_{n}.py" for n in bench.SCRIPTS]
+    for run in doc["runs"]:
+        name = run["script"][len("bench_") : -len(".py")]
+        assert run["returncode"] == 0
+        assert f"## {run['script']}" in md
+        titles = [t["title"] for t in run["tables"]]
+        assert len(titles) == len(TABLES[name]), titles
+        for title, start in zip(titles, TABLES[name]):
+            assert title.startswith(start), (title, start)
+            assert f"### {title}\n" in md  # the script's stdout, verbatim
+        counts: dict[str, int] = {}
+        for r in run["records"]:
+            counts[r["name"]] = counts.get(r["name"], 0) + 1
+        assert counts == RECORDS[name], (name, counts)
+    for name, file in bench.PLOTS.items():
+        assert doc["plots"][name]["file"] == file
+        assert_png(out / file)
+        assert f"]({file})" in md
+    assert "Skipped" not in md
+    assert "## Machine" in md and f"| CPUs | {os.cpu_count()} " in md
+    assert not list((tmp_path / "work").iterdir())  # the scripts' data is gone
+
+
+# --- the pieces, without the real scripts ---------------------------------------------------------
+
+FAKE_SCRIPT = """
+import sys
+sys.path.insert(0, {scripts!r})
+from _bench_common import print_table, record
+{body}
+"""
+FAKE_BODIES = {
+    "loader": """
+print_table("DataLoader samples/s (fake)", ["path", "samples/s"], [["ceiling", "100.0 k"]])
+record("loader", path="ceiling", storage="PT in RAM", workers=0, samples_per_s=1e5)
+record("loader", path="upstream-style", storage="PT in RAM", workers=0, samples_per_s=1e4)
+record("loader", path="batched", storage="PT + mmap", workers=0, samples_per_s=6e4)
+""",
+    "actors": """
+import sys
+print("partial output", flush=True)
+print("actor trouble", file=sys.stderr)
+sys.exit(3)
+""",
+}
+
+
+@pytest.fixture
+def fake_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "scripts"
+    directory.mkdir()
+    for name in bench.SCRIPTS:
+        body = FAKE_BODIES.get(name, "")
+        (directory / f"bench_{name}.py").write_text(FAKE_SCRIPT.format(scripts=str(REPO / "scripts"), body=body))
+    monkeypatch.setattr(bench, "scripts_dir", lambda: directory)
+    return directory
+
+
+def test_failed_script_is_named_and_missing_plots_are_notes(tmp_path: Path, fake_scripts: Path, capsys) -> None:
+    out = tmp_path / "report"
+    (out).mkdir()
+    (out / bench.PLOTS["rss"]).write_bytes(b"stale")  # an earlier run's plot must not stay beside this report
+    rc = main(["bench", "--only", "actors,loader", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip().splitlines()[-1].startswith("jasper-ray bench: error: bench_actors.py (exit code 3) failed")
+    assert "actor trouble" in err  # stderr streamed through
+    md = (out / "report.md").read_text()
+    assert md.index("## bench_loader.py") < md.index("## bench_actors.py")  # the report's order, not --only's
+    assert "### DataLoader samples/s (fake)" in md
+    assert "**bench_actors.py failed** (exit code 3)" in md and "actor trouble" in md and "partial output" in md
+    assert_png(out / bench.PLOTS["throughput"])
+    assert "No panel for bench_ray_data, bench_actors" in md
+    assert "Skipped: no data from bench_convert" in md
+    assert "Skipped: no data from bench_formats" in md
+    assert not (out / bench.PLOTS["rss"]).exists() and not (out / bench.PLOTS["conversion"]).exists()
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["plots"]["conversion"]["file"] is None
+    assert [r["name"] for r in doc["runs"][0]["records"]] == ["loader"] * 3
+
+
+def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    assert main(["bench", "--only", "loader,nope", "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "jasper-ray bench: error: --only 'loader,nope': expected a comma-separated subset of "
+        "formats,loader,convert,ray_data,actors"
+    )
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "jasper_ray" / "bench.py"))
+    assert main(["bench", "--tiny", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jasper-ray bench: error: benchmark scripts not found:") and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_script_args_per_scale() -> None:
+    assert bench.script_args("formats") == []
+    assert bench.script_args("convert", "quick") == ["--quick"]
+    assert bench.script_args("loader", "quick", 0.5) == ["--quick", "--size", "50MB"]
+    assert bench.script_args("actors", "full", 2) == ["--size", "2000MB"]
+    assert bench.script_args("ray_data", "tiny") == ["--quick", "--size", "16MB", "--rounds", "1"]
+    with pytest.raises(ValueError):
+        bench.script_args("loader", "full", 0)
+
+
+def test_record_keeps_tables_and_numbers_without_changing_stdout(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(REPO / "scripts")!r})
+        from _bench_common import print_table, record
+        print_table("T", ["a", "b"], ([x, f"{{x:.1f}}"] for x in (1, 2)), notes=["n"])
+        record("r", x=np.float32(1.5), xs=np.arange(3), nan=float("nan"), path=__import__("pathlib").Path("/p"))
+        """
+    )
+    env = subprocess_env()
+    env.pop(bench.JSON_ENV, None)
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env[bench.JSON_ENV] = str(tmp_path / "doc.json")
+    recorded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert recorded.stdout == plain.stdout and "### T" in plain.stdout
+    doc = json.loads((tmp_path / "doc.json").read_text())
+    assert doc["tables"] == [{"title": "T", "headers": ["a", "b"], "rows": [[1, "1.0"], [2, "2.0"]], "notes": ["n"]}]
+    assert doc["records"] == [{"name": "r", "values": {"x": 1.5, "xs": [0, 1, 2], "nan": None, "path": "/p"}}]
