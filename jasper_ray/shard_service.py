@@ -53,6 +53,7 @@ Part = tuple[int, np.ndarray, Any, "int | None"]
 
 
 DEATH_POLL_S = 0.05  # how often a slow request checks that its actor's process still exists
+CLOSE_TIMEOUT_S = 10.0
 
 
 def _running(pid: int) -> bool:
@@ -426,6 +427,16 @@ class ShardedJasper(IterableDataset):
 
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
+            # ray.kill is asynchronous: return once each actor is really gone, so nothing the caller
+            # does next can still reach it.
+            deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            for actor in self.actors:
+                while time.monotonic() < deadline:
+                    try:
+                        ray.get(actor.pid.remote(), timeout=CLOSE_TIMEOUT_S)
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                        break
+                    time.sleep(0.05)
         self.actors = []
 
     def __enter__(self) -> ShardedJasper:
