@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -291,7 +292,8 @@ def plot_conversion(runs: dict[str, ScriptRun], path: Path) -> str:
             s=70,
             color=color,
             zorder=3,
-            label=f"measured: {r['label']} = {r['workers']} ({r['seconds']:.1f} s, ray.init included)",
+            label=f"measured, Ray, {r['workers']} worker{'s' if r['workers'] > 1 else ''}: {r['seconds']:.1f} s "
+            "(ray.init included)",
         )
     for method, style, color in (("upstream", ":", "tab:red"), ("single", "-.", "tab:orange")):
         r = measured[method]
@@ -300,7 +302,8 @@ def plot_conversion(runs: dict[str, ScriptRun], path: Path) -> str:
     ax.set_xscale("log", base=2)
     ax.set_xticks(workers)
     ax.set_xticklabels([str(w) for w in workers])
-    ax.set_ylim(bottom=0)
+    top = max([*model["predicted_seconds"], *(r["seconds"] for r in measured.values())])
+    ax.set_ylim(0, top * 1.5)  # room for the legend above every line
     ax.set_xlabel("Ray workers (CPUs)")
     ax.set_ylabel("wall seconds")
     source = measured["upstream"]["source_bytes"]
@@ -416,7 +419,7 @@ def plot_throughput(runs: dict[str, ScriptRun], path: Path) -> str:
     return note
 
 
-_FULL_LOADS = ("upstream", "pt", "h5-gzip-full")
+_RSS_FLOOR = 64 << 10  # log scale: growth under 64 KiB (or a shrink) is drawn at 64 KiB
 
 
 def plot_rss(runs: dict[str, ScriptRun], path: Path) -> str:
@@ -440,27 +443,28 @@ def plot_rss(runs: dict[str, ScriptRun], path: Path) -> str:
             mmap = rows[0]["mmap"]
             ax.plot(
                 [r["dataset_bytes"] / 1e9 for r in rows],
-                [r[key] / 2**20 for r in rows],
+                [max(r[key], _RSS_FLOOR) / 2**20 for r in rows],
                 ls="--" if mmap else "-",
-                marker="o" if mmap else "s",
+                marker="os^vDP"[i % 6],
+                markersize=7 - i % 3,
                 color=f"C{i}",
                 label=rows[0]["label"] + (" [mmap/lazy]" if mmap else " [full load]"),
             )
         ax.set_xlabel("dataset size (GB of PT files)")
-        ax.set_ylabel("MiB")
+        ax.set_ylabel("MiB (log scale)")
         ax.set_title(what, fontsize=9)
         ax.set_xticks([s / 1e9 for s in sizes])
         ax.set_xticklabels([f"{labels[s]}\n{s / 1e9:.3g} GB" for s in sizes], fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="center right")
     fig.suptitle("Memory of opening a dataset (+ first access) against its size", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     return (
         "RSS growth of opening each format and touching all 13 tensors and the train split (the open-time table), "
-        "at bench_formats' two dataset sizes; median over fresh processes. Full loads grow with the dataset; "
-        "memory-mapped (and lazily chunked) opens stay flat."
+        "at bench_formats' two dataset sizes; median over fresh processes; log scale (values under 64 KiB drawn "
+        "at 64 KiB). Full loads grow with the dataset; memory-mapped (and lazily chunked) opens stay flat."
     )
 
 
@@ -472,6 +476,18 @@ PLOT_FUNCS: dict[str, tuple[str, Callable[[dict[str, ScriptRun], Path], str]]] =
 
 
 # --- the report --------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_LOG = re.compile(r"^\((raylet|pid=\d+|[\w.:-]+ pid=\d+)[^)]*\) ")
+
+
+def split_stdout(text: str) -> tuple[str, list[str]]:
+    """A script's stdout as (its own output, the lines Ray's log monitor printed into it), colour codes dropped."""
+    own, ray = [], []
+    for line in text.splitlines():
+        clean = _ANSI.sub("", line)
+        (ray if _RAY_LOG.match(clean) else own).append(clean)
+    return "\n".join(own).strip(), ray
 
 
 def _bytes(n: float | None) -> str:
@@ -579,7 +595,21 @@ def write_report(
         if not r.ok:
             lines += [f"**{r.script} failed** (exit code {r.returncode}); the last lines of its stderr:", "", "```"]
             lines += r.stderr_tail[-25:] + ["```", ""]
-        lines += [r.stdout.strip() or "(no tables)", ""]
+        own, ray_lines = split_stdout(r.stdout)
+        lines += [own or "(no tables)", ""]
+        if ray_lines:
+            lines += [
+                "<details><summary>Ray's log monitor wrote "
+                f"{len(ray_lines)} line{'s' if len(ray_lines) > 1 else ''} to {r.script}'s stdout "
+                "(moved here from between its tables)</summary>",
+                "",
+                "```",
+                *ray_lines,
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
     doc = {
         "command": command,
@@ -592,6 +622,8 @@ def write_report(
                 "returncode": r.returncode,
                 "seconds": r.seconds,
                 "loadavg_before": list(r.loadavg),
+                "stdout": r.stdout,
+                "stderr_tail": r.stderr_tail,
                 "tables": (r.document or {}).get("tables", []),
                 "records": (r.document or {}).get("records", []),
             }
@@ -601,6 +633,25 @@ def write_report(
     }
     (out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
     return Report(out, runs, plots, notes, errors)
+
+
+def load_runs(report_json: str | os.PathLike) -> tuple[list[ScriptRun], dict[str, Any], str, str]:
+    """(runs, machine, command, scale) of a written ``report.json``: to draw its report again."""
+    doc = json.loads(Path(report_json).read_text())
+    runs = []
+    for r in doc["runs"]:
+        run = ScriptRun(
+            r["script"][len("bench_") : -len(".py")],
+            r["args"],
+            returncode=r["returncode"],
+            seconds=r["seconds"],
+            loadavg=tuple(r["loadavg_before"]),
+            stdout=r.get("stdout", ""),
+            stderr_tail=r.get("stderr_tail", []),
+            document={"tables": r["tables"], "records": r["records"]},
+        )
+        runs.append(run)
+    return runs, doc["machine"], doc["command"], doc.get("scale", "full")
 
 
 def run_bench(
@@ -633,7 +684,7 @@ def run_bench(
     try:
         for i, name in enumerate(names, 1):
             say(
-                f"[{i}/{len(names)}] bench_{name}.py {shlex.join(all_args[name])} "
+                f"[{i}/{len(names)}] {shlex.join([f'bench_{name}.py', *all_args[name]])} "
                 f"(load average {os.getloadavg()[0]:.2f})"
             )
             run = run_script(name, all_args[name], directory, work)

@@ -100,6 +100,7 @@ record("loader", path="batched", storage="PT + mmap", workers=0, samples_per_s=6
     "actors": """
 import sys
 print("partial output", flush=True)
+print("\\x1b[33m(raylet)\\x1b[0m A worker died", flush=True)
 print("actor trouble", file=sys.stderr)
 sys.exit(3)
 """,
@@ -135,9 +136,13 @@ def test_failed_script_is_named_and_missing_plots_are_notes(tmp_path: Path, fake
     assert "Skipped: no data from bench_convert" in md
     assert "Skipped: no data from bench_formats" in md
     assert not (out / bench.PLOTS["rss"]).exists() and not (out / bench.PLOTS["conversion"]).exists()
+    assert "\x1b" not in md and "```\n(raylet) A worker died\n```" in md  # Ray's log lines below the tables
     doc = json.loads((out / "report.json").read_text())
     assert doc["plots"]["conversion"]["file"] is None
     assert [r["name"] for r in doc["runs"][0]["records"]] == ["loader"] * 3
+    again = tmp_path / "again"  # report.json holds all it takes to draw the report again
+    bench.write_report(again, *bench.load_runs(out / "report.json"))
+    assert (again / "report.md").read_text() == md
 
 
 def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
