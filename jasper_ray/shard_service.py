@@ -255,6 +255,10 @@ class ShardedJasper(IterableDataset):
                 requests.setdefault(int(shard), []).append((b, ids[where], where))
         parts: list[list[Part]] = [[] for _ in group]
         for shard, items in requests.items():
+            if self.serve_while_restarting and self._whereabouts[shard] is None and self._down_here(shard):
+                for b, _, where in items:  # its actor is restarting: no request, the client builds these rows
+                    parts[b].append((shard, where, None, None))
+                continue
             ref = self.actors[shard].fill_many.remote(
                 [(ids, slots[b].name, where) for b, ids, where in items], self.epoch, self._layout, self._node_id
             )
@@ -304,7 +308,9 @@ class ShardedJasper(IterableDataset):
 
         for shard, where, ref, index in parts:
             attempt, polls, deadline = 0, 0, None
-            while True:
+            if ref is None:  # planned while its actor was restarting: built here, nothing in flight
+                result = self._serve_here(ids[where])
+            while ref is not None:
                 if self.serve_while_restarting and self._down_here(shard):
                     log.warning(
                         "%s lost a request (its process is gone); serving its %d rows from the client",
