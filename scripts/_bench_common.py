@@ -332,3 +332,56 @@ def fmt_ratio(x: float) -> str:
 
 def fmt_pct(x: float) -> str:
     return f"{x:.1f}%" if abs(x) >= 0.1 else f"{x:.2f}%"
+
+
+# --- shared workers: upstream's converter, synthetic data ----------------------------------------
+
+
+def w_synth(out: str, n_pairs: int, dim: int, n_neg: int, seed: int) -> dict[str, Any]:
+    from jasper_ray.synth import synth_dataset
+
+    t0 = time.perf_counter()
+    synth_dataset(out, n_pairs, dim, n_neg, seed)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def upstream_path(spec: Any) -> str:
+    """The HDF5 path upstream's converter writes a tensor to (``negatives/hardnegatives`` for negatives)."""
+    return spec.h5_aliases[0] if spec.h5_aliases else spec.h5_path
+
+
+def upstream_convert(dataset_dir: Path, output: Path, compression: str | None) -> None:
+    """Upstream's ``convert_pt_to_hdf5`` (UPSTREAM.md section 4), writing to ``output``.
+
+    Each tensor is ``torch.load``-ed whole and written with
+    ``create_dataset(data=..., compression=...)``: no shuffle, h5py's
+    auto-chunking, no attributes; keyword ids as one int32 dataset per pair;
+    mode "w" in place, no fsync. (Upstream loads the keyword pickle with
+    weights_only=False; a list of lists loads with weights_only=True at the same cost.)
+    """
+    import h5py
+    import numpy as np
+    import torch
+
+    from jasper_ray.schema import CONFIG_FILE, KEYWORD_IDS, SPLIT_NAMES, TENSORS, split_h5_path, split_pt_file
+
+    with open(dataset_dir / CONFIG_FILE) as f:
+        json.load(f)  # read and never used, as upstream
+    with h5py.File(output, "w") as f:
+        for group in ("embeddings", "pair_data", "negatives", "steering", "splits"):
+            f.create_group(group)
+        for spec in TENSORS:
+            tensor = torch.load(dataset_dir / spec.pt_file, weights_only=True)
+            f.create_dataset(upstream_path(spec), data=tensor.numpy(), compression=compression)
+            del tensor
+            if spec.name == "pair_relevance":  # upstream writes keyword ids with the pair data
+                keyword_lists = torch.load(dataset_dir / KEYWORD_IDS.pt_file, weights_only=True)
+                kw_group = f.create_group(KEYWORD_IDS.h5_group)
+                for i, kw_list in enumerate(keyword_lists):
+                    kw_group.create_dataset(str(i), data=np.array(kw_list, dtype=np.int32))
+                del keyword_lists
+        for split in SPLIT_NAMES:
+            path = dataset_dir / split_pt_file(split)
+            if path.is_file():
+                ids = torch.load(path, weights_only=True)
+                f.create_dataset(split_h5_path(split), data=ids.numpy(), compression=compression)

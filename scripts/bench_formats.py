@@ -54,6 +54,8 @@ from _bench_common import (  # noqa: E402
     run_fresh,
     setup_logging,
     timings,
+    upstream_convert,
+    w_synth,  # noqa: E402, F401 - run_fresh calls them by name
 )
 
 log = logging.getLogger("bench.formats")
@@ -84,59 +86,10 @@ def upstream_h5(directory: Path, compression: str | None) -> Path:
 # ======================================================================================
 
 
-def w_synth(out: str, n_pairs: int, dim: int, n_neg: int, seed: int) -> dict[str, Any]:
-    from jasper_ray.synth import synth_dataset
-
-    t0 = time.perf_counter()
-    synth_dataset(out, n_pairs, dim, n_neg, seed)
-    return {"seconds": time.perf_counter() - t0}
-
-
 def pt_source_bytes(directory: Path) -> int:
     from jasper_ray.formats.pt import PTReader
 
     return PTReader(directory).nbytes_on_disk()
-
-
-def upstream_path(spec: Any) -> str:
-    """The HDF5 path upstream's converter writes a tensor to (``negatives/hardnegatives`` for negatives)."""
-    return spec.h5_aliases[0] if spec.h5_aliases else spec.h5_path
-
-
-def upstream_convert(dataset_dir: Path, output: Path, compression: str | None) -> None:
-    """Upstream's ``convert_pt_to_hdf5`` (UPSTREAM.md section 4), writing to ``output``.
-
-    Each tensor is ``torch.load``-ed whole and written with
-    ``create_dataset(data=..., compression=...)``: no shuffle, h5py's
-    auto-chunking, no attributes; keyword ids as one int32 dataset per pair;
-    mode "w" in place, no fsync. (Upstream loads the keyword pickle with
-    weights_only=False; a list of lists loads with weights_only=True at the same cost.)
-    """
-    import h5py
-    import torch
-
-    from jasper_ray.schema import CONFIG_FILE, KEYWORD_IDS, SPLIT_NAMES, TENSORS, split_h5_path, split_pt_file
-
-    with open(dataset_dir / CONFIG_FILE) as f:
-        json.load(f)  # read and never used, as upstream
-    with h5py.File(output, "w") as f:
-        for group in ("embeddings", "pair_data", "negatives", "steering", "splits"):
-            f.create_group(group)
-        for spec in TENSORS:
-            tensor = torch.load(dataset_dir / spec.pt_file, weights_only=True)
-            f.create_dataset(upstream_path(spec), data=tensor.numpy(), compression=compression)
-            del tensor
-            if spec.name == "pair_relevance":  # upstream writes keyword ids with the pair data
-                keyword_lists = torch.load(dataset_dir / KEYWORD_IDS.pt_file, weights_only=True)
-                kw_group = f.create_group(KEYWORD_IDS.h5_group)
-                for i, kw_list in enumerate(keyword_lists):
-                    kw_group.create_dataset(str(i), data=np.array(kw_list, dtype=np.int32))
-                del keyword_lists
-        for split in SPLIT_NAMES:
-            path = dataset_dir / split_pt_file(split)
-            if path.is_file():
-                ids = torch.load(path, weights_only=True)
-                f.create_dataset(split_h5_path(split), data=ids.numpy(), compression=compression)
 
 
 class Sampler:
