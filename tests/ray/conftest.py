@@ -54,7 +54,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
     """A local Ray (``RAY_NUM_CPUS`` CPUs) for the whole test session; yields the ``ray`` module."""
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: its absence is a failure, never a skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)
