@@ -311,7 +311,9 @@ class ShardedJasper(IterableDataset):
             if ref is None:  # planned while its actor was restarting: built here, nothing in flight
                 result = self._serve_here(ids[where])
             while ref is not None:
-                if self.serve_while_restarting and self._down_here(shard):
+                # Ready already (the common case): no liveness check, no /proc read.
+                ready = ray.wait([ref], timeout=0)[0]
+                if not ready and self.serve_while_restarting and self._down_here(shard):
                     log.warning(
                         "%s lost a request (its process is gone); serving its %d rows from the client",
                         self.names[shard],
@@ -321,7 +323,7 @@ class ShardedJasper(IterableDataset):
                     slot.quarantined = True  # the request may still run once the actor is back
                     break
                 try:
-                    if not ray.wait([ref], timeout=DEATH_POLL_S)[0]:
+                    if not ready and not ray.wait([ref], timeout=DEATH_POLL_S)[0]:
                         continue
                     result = ray.get(ref)
                     if index is not None:  # one of a fill_many call's results
