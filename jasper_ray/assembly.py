@@ -34,6 +34,10 @@ SAMPLE_KEYS: dict[str, tuple[tuple[str, ...], np.dtype]] = {
 }
 
 
+# The column that names each sample's pair where batches leave the local dataset (Ray Data, shard actors).
+PAIR_ID = "pair_id"
+
+
 class Source(Protocol):
     """Rows of named tensors, and the array operations assembly needs, on one device."""
 

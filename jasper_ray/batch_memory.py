@@ -20,9 +20,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .assembly import SAMPLE_KEYS
+from .assembly import PAIR_ID, SAMPLE_KEYS
 
-PAIR_ID = "pair_id"
 SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import open_dataset
-from .ray_session import connect
+from .ray_session import connect, require_ray
 from .shards import (
     SHARD_BYTES,
     ConversionPlan,
@@ -47,13 +47,9 @@ class ConversionError(RuntimeError):
 
 def _require_ray():
     try:
-        import ray
+        return require_ray("Parallel conversion")
     except ImportError as exc:
-        raise ImportError(
-            "Parallel conversion needs Ray: pip install 'ray[data,train]' (or pip install jasper-ray). "
-            "Without Ray, jasper_ray.convert_pt_to_hdf5 converts in one process."
-        ) from exc
-    return ray
+        raise ImportError(f"{exc} Without Ray, jasper_ray.convert_pt_to_hdf5 converts in one process.") from exc
 
 
 def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = SHARD_BYTES) -> bool:

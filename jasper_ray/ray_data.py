@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from .assembly import SAMPLE_KEYS, ReaderSource, assemble_batch
+from .assembly import PAIR_ID, SAMPLE_KEYS, ReaderSource, assemble_batch
 from .formats import open_dataset
 from .formats.hdf5 import rows_per_chunk
+from .ray_session import require_ray
 from .sampling import DEFAULT_SEED, SteeringSchedule, steering_variants, uniform_hash
 from .schema import TENSOR
 
-PAIR_ID = "pair_id"
 COLUMNS = (*SAMPLE_KEYS, PAIR_ID)
 BLOCK_TARGET_BYTES = 32 << 20
 MIN_ROWS_PER_TASK = 64
@@ -53,16 +53,13 @@ MIN_TASK_BYTES = 64 << 20
 READ_RETRIES = 3
 SHUFFLE_STREAM = 1  # uniform_hash stream of the row order within a unit (0 draws the steering variants)
 _U64 = 0xFFFFFFFFFFFFFFFF
-_NUMPY_DTYPE = {"float32": np.float32, "int64": np.int64}
 
 
 def _require_ray():
-    try:
-        import ray
-        from ray.data import Datasource, ReadTask
-        from ray.data.block import BlockMetadata
-    except ImportError as exc:
-        raise ImportError("read_jasper needs Ray Data: pip install 'ray[data,train]'") from exc
+    ray = require_ray("read_jasper")
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
     return ray, Datasource, ReadTask, BlockMetadata
 
 

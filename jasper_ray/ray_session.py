@@ -18,6 +18,15 @@ class RayUnreachableError(ConnectionError):
     """No Ray cluster answers at the address given."""
 
 
+def require_ray(purpose: str) -> Any:
+    """``ray``, or an ImportError that says what needed it and how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(f"{purpose} needs Ray: pip install 'ray[data,train]' (or pip install jasper-ray).") from exc
+    return ray
+
+
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Fail fast, naming the address, when no process listens at ``host:port`` (``auto`` is Ray's to resolve)."""
     if address in ("auto", "local") or address.startswith("ray://") or ":" not in address:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .assembly import ReaderSource, assemble_batch
-from .batch_memory import PAIR_ID, BatchLayout, SlotWriter
+from .assembly import PAIR_ID, ReaderSource, assemble_batch
+from .batch_memory import BatchLayout, SlotWriter
 from .formats import open_dataset
 from .formats.base import is_mapped
 from .sampling import SteeringSchedule, steering_variants

@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 
 from jasper_ray import JASPERSteeringDataset, ShardedJasper, ShardUnavailableError, convert_pt_to_hdf5, synth_dataset
-from jasper_ray.batch_memory import PAIR_ID, SHM_DIR
+from jasper_ray.assembly import PAIR_ID
+from jasper_ray.batch_memory import SHM_DIR
 from jasper_ray.sampler import make_sampler
 
 pytestmark = pytest.mark.usefixtures("ray_session")
