@@ -42,14 +42,24 @@ from .sampling import DEFAULT_SEED, SteeringSchedule, steering_variants, uniform
 from .schema import TENSOR
 
 COLUMNS = (*SAMPLE_KEYS, PAIR_ID)
-BLOCK_TARGET_BYTES = 32 << 20
 MIN_ROWS_PER_TASK = 64
-# Ray asks for >= 200 read tasks by default (DataContext.read_op_min_num_blocks) and splits the output of
-# fewer tasks into that many blocks. A task costs ~20 ms of scheduling and opening beyond its reads, and a
-# block a few ms (2-core machine): at D=768 (45 KiB a sample) 200 tasks or blocks of a 260 MB split ran
-# 3-6x slower than 4. So read_jasper asks for its own number of tasks (default_num_tasks): every CPU busy
-# twice over, each task carrying at least this many bytes of samples.
-MIN_TASK_BYTES = 64 << 20
+# Blocks and tasks: Ray asks for >= 200 read tasks by default (DataContext.read_op_min_num_blocks) and
+# splits the output of fewer tasks into that many blocks; it merges task outputs smaller than its
+# target_max_block_size (128 MiB by default) by copying them; and its executor pays a few ms per task and
+# per block. So read_jasper yields blocks of Ray's target size and asks for its own number of tasks
+# (default_num_tasks): every CPU busy twice over, each task carrying at least one block. Measured with
+# bench_ray_data.py (D=768, 45 KiB a sample, 2.6 GB split, 2 CPUs): 200 tasks 3-6x slower than 4;
+# 32 MiB blocks in 41 tasks 30 k rows/s, 128 MiB blocks in 21 tasks 49 k.
+DEFAULT_BLOCK_BYTES = 128 << 20
+
+
+def block_bytes() -> int:
+    """Ray's target block size (``DataContext.target_max_block_size``), the size read_jasper's blocks aim at."""
+    from ray.data import DataContext
+
+    return int(DataContext.get_current().target_max_block_size or DEFAULT_BLOCK_BYTES)
+
+
 READ_RETRIES = 3
 SHUFFLE_STREAM = 1  # uniform_hash stream of the row order within a unit (0 draws the steering variants)
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -155,7 +165,7 @@ def _datasource_class():
             rows_per_block: int | None = None,
             shuffle: bool = False,
             use_mmap: bool = True,
-            min_task_bytes: int = MIN_TASK_BYTES,
+            min_task_bytes: int | None = None,
             _inject_failure: str | None = None,
         ):
             self.reader = open_dataset(path, storage_format, use_mmap=use_mmap)
@@ -170,18 +180,20 @@ def _datasource_class():
             self.n_pairs = self.reader.n_pairs
             self.dim, self.n_neg = int(config["embedding_dim"]), int(config["n_neg"])
             self.row_bytes = row_bytes(self.columns, self.dim, self.n_neg)
-            self.rows_per_block = rows_per_block or max(1, BLOCK_TARGET_BYTES // max(1, self.row_bytes))
+            self.block_bytes = block_bytes()
+            self.rows_per_block = rows_per_block or max(1, self.block_bytes // max(1, self.row_bytes))
             self.align = rows_per_chunk((self.n_pairs, self.dim), TENSOR["steering_centroid"].dtype.itemsize)
             self.unit_rows = self.align * max(1, -(-MIN_ROWS_PER_TASK // self.align))
-            self.min_task_rows = max(MIN_ROWS_PER_TASK, int(min_task_bytes) // max(1, self.row_bytes))
+            task_bytes = self.block_bytes if min_task_bytes is None else int(min_task_bytes)
+            self.min_task_rows = max(MIN_ROWS_PER_TASK, task_bytes // max(1, self.row_bytes))
             self.inject_failure = _inject_failure
             self.reader.close()  # the driver keeps names only; tasks open their own
 
         def default_num_tasks(self, cpus: int) -> int:
-            """Read tasks when the caller names none: two per CPU, more where tasks would exceed MIN_TASK_BYTES."""
+            """Read tasks when the caller names none: two per CPU, more where a task would carry over a block."""
             n = len(self.ids)
             by_cpus = min(2 * max(1, cpus), math.ceil(n / MIN_ROWS_PER_TASK))
-            return max(1, by_cpus, math.ceil(n * self.row_bytes / MIN_TASK_BYTES))
+            return max(1, by_cpus, math.ceil(n * self.row_bytes / self.block_bytes))
 
         def get_name(self) -> str:
             return f"ReadJasper({self.split})"
@@ -251,8 +263,8 @@ def read_jasper(
     covers every row; ``streaming_split(n, equal=True)`` (what Ray Train uses)
     may drop up to n-1 rows per epoch to keep shards equal.
     ``override_num_blocks`` sets the number of read tasks; by default two
-    per CPU of the cluster, or more where a task would carry over
-    ``MIN_TASK_BYTES`` of samples (not Ray's 200: see ``MIN_TASK_BYTES``).
+    per CPU of the cluster, or more where a task would carry over one block
+    of Ray's target size (not Ray's 200: see ``DEFAULT_BLOCK_BYTES``).
     """
     ray, *_ = _require_ray()
     datasource = JasperDatasource(

@@ -55,6 +55,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def ray_session() -> Iterator[Any]:
     """A local Ray (``RAY_NUM_CPUS`` CPUs) for the whole test session; yields the ``ray`` module."""
     import ray  # a hard dependency: its absence is a failure, never a skip
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)

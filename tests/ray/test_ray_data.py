@@ -29,7 +29,6 @@ import torch
 from jasper_ray import SAMPLE_KEYS, JASPERSteeringDataset, convert, convert_pt_to_hdf5, synth_dataset
 from jasper_ray.ray_data import (
     MIN_ROWS_PER_TASK,
-    MIN_TASK_BYTES,
     JasperDatasource,
     read_jasper,
     shuffle_units,
@@ -515,13 +514,16 @@ def test_get_read_tasks_does_no_io(
 
 
 def test_task_sizing(dirs: dict[str, Path], split_ids: dict[str, np.ndarray]) -> None:
-    """Not Ray's default of 200 read tasks: two per CPU, or more for tasks of at most MIN_TASK_BYTES."""
+    """Not Ray's default of 200 read tasks: two per CPU, or more for tasks of at most one block of Ray's target size."""
+    from ray.data import DataContext
+
     n_rows = len(split_ids["train"])
     source = JasperDatasource(dirs["contiguous"], "train")
     assert len(source.get_read_tasks(200)) == 1  # 1.3 MB of samples: one task when used directly
     assert source.default_num_tasks(2) == 4
     assert source.default_num_tasks(1000) == math.ceil(n_rows / MIN_ROWS_PER_TASK)
-    assert source.default_num_tasks(1) * MIN_TASK_BYTES >= n_rows * expected_row_bytes([*SAMPLE_KEYS, "pair_id"])
+    assert source.block_bytes == DataContext.get_current().target_max_block_size
+    assert source.default_num_tasks(1) * source.block_bytes >= n_rows * expected_row_bytes([*SAMPLE_KEYS, "pair_id"])
 
 
 def test_estimate_inmemory_data_size_of_a_projection(dirs: dict[str, Path], split_ids: dict[str, np.ndarray]) -> None:
