@@ -41,7 +41,7 @@ PAIR_ID = "pair_id"
 class Source(Protocol):
     """Rows of named tensors, and the array operations assembly needs, on one device."""
 
-    def take(self, name: str, indices: Any) -> Any: ...
+    def take(self, name: str, indices: Any, out: Any = None) -> Any: ...
 
     def row_shape(self, name: str) -> tuple[int, ...]: ...
 
@@ -58,8 +58,8 @@ class ReaderSource:
     def __init__(self, reader: Reader):
         self.reader = reader
 
-    def take(self, name: str, indices: np.ndarray) -> np.ndarray:
-        return self.reader.take(name, np.asarray(indices))
+    def take(self, name: str, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.reader.take(name, np.asarray(indices), out)
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         return self.reader.shape(name)[1:]
@@ -79,11 +79,17 @@ class ReaderSource:
 
 
 def assemble_batch(
-    source: Source, pair_ids: np.ndarray, variants: np.ndarray, keys: Iterable[str] | None = None
+    source: Source,
+    pair_ids: np.ndarray,
+    variants: np.ndarray,
+    keys: Iterable[str] | None = None,
+    out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The collated batch for ``pair_ids`` with the given steering ``variants`` (0..3), shapes ``[B, ...]``.
 
     ``keys`` (default: all of ``SAMPLE_KEYS``) selects what to build; nothing else is read.
+    ``out`` (key -> C-contiguous array of the batch's shape) receives the batch in place of new
+    arrays: a shard actor gathers straight into shared memory, with no second copy.
     """
     keys = list(SAMPLE_KEYS) if keys is None else list(keys)
     unknown = [k for k in keys if k not in SAMPLE_KEYS]
@@ -92,6 +98,11 @@ def assemble_batch(
     pair_ids = np.asarray(pair_ids, dtype=np.int64)
     variants = np.asarray(variants, dtype=np.int64)
     n = len(pair_ids)
+    into = out or {}
+    for key, dest in into.items():
+        contiguous = dest.is_contiguous() if hasattr(dest, "is_contiguous") else dest.flags.c_contiguous
+        if not contiguous or len(dest) != n:
+            raise ValueError(f"out[{key!r}] must be C-contiguous with {n} rows (got shape {tuple(dest.shape)})")
     index = source.take("pair_index", pair_ids) if {"question_emb", "target_source_emb"} & set(keys) else None
     per_pair = {
         "cluster_id": "pair_cluster_id",
@@ -99,26 +110,39 @@ def assemble_batch(
         "centroid_distance": "centroid_distances",
         "negative_tiers": "negative_tiers",
     }
-    out: dict[str, Any] = {}
+    batch: dict[str, Any] = {}
     for key in keys:
+        dest = into.get(key)
         if key == "question_emb":
-            out[key] = source.take("question_embs", index[:, 0])
+            batch[key] = source.take("question_embs", index[:, 0], dest)
         elif key == "target_source_emb":
-            out[key] = source.take("source_embs", index[:, 1])
+            batch[key] = source.take("source_embs", index[:, 1], dest)
         elif key == "negative_embs":
             negatives = source.take("hard_negatives", pair_ids)
-            rows = source.take("source_embs", negatives.reshape(-1))
-            out[key] = rows.reshape(n, negatives.shape[1], rows.shape[-1])  # not -1: n may be 0
+            dim = source.row_shape("source_embs")[-1]
+            if dest is None:
+                rows = source.take("source_embs", negatives.reshape(-1))
+                batch[key] = rows.reshape(n, negatives.shape[1], dim)  # not -1: n may be 0
+            else:
+                source.take("source_embs", negatives.reshape(-1), dest.reshape(-1, dim))  # a view: C-contiguous
+                batch[key] = dest
         elif key == "steering":
             # Made by the source, on its device: batches mixing variants collate.
-            steering = source.zeros((n, *source.row_shape("steering_centroid")), SAMPLE_KEYS[key][1])
+            if dest is None:
+                steering = source.zeros((n, *source.row_shape("steering_centroid")), SAMPLE_KEYS[key][1])
+            else:
+                steering = dest
+                steering[...] = 0
             for variant, name in STEERING_TENSOR.items():
                 positions = np.flatnonzero(variants == variant)
                 if len(positions):
                     source.put_rows(steering, positions, source.take(name, pair_ids[positions]))
-            out[key] = steering
+            batch[key] = steering
         elif key == "steering_variant":
-            out[key] = source.from_host(variants)
+            batch[key] = source.from_host(variants)
+            if dest is not None:
+                dest[...] = batch[key]
+                batch[key] = dest
         else:
-            out[key] = source.take(per_pair[key], pair_ids)
-    return out
+            batch[key] = source.take(per_pair[key], pair_ids, dest)
+    return batch

@@ -15,6 +15,7 @@ Torch-free; used by ``shard_server`` (writer side) and ``shard_service`` (owner 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -107,21 +108,32 @@ class SlotPool:
 
 
 class SlotWriter:
-    """The actor side: attach slots by name (cached) and write rows at positions."""
+    """The actor side: attach slots by name (cached) and build rows into them at positions."""
 
     def __init__(self, max_open: int = 16):
         self.open: dict[str, dict[str, np.ndarray]] = {}
         self.max_open = max_open
 
-    def write(self, name: str, layout: BatchLayout, positions: np.ndarray, batch: dict[str, np.ndarray]) -> None:
+    def write(
+        self,
+        name: str,
+        layout: BatchLayout,
+        positions: np.ndarray,
+        build: Callable[[dict[str, np.ndarray] | None], dict[str, np.ndarray]],
+    ) -> None:
+        """Land the rows ``build`` makes at ``positions`` of slot ``name``. Positions in one run: built
+        in place (``build(out)``, no copy). Scattered: ``build(None)``'s new arrays, then scattered
+        (measured: building into a reused scratch batch first was a third slower)."""
         views = self.open.get(name)
         if views is None:
             if len(self.open) >= self.max_open:
                 self.open.pop(next(iter(self.open)))
             views = self.open[name] = layout.views(_map(name, layout.nbytes))
-        contiguous = len(positions) and positions[-1] - positions[0] + 1 == len(positions)
-        for key, value in batch.items():
-            if contiguous:
-                views[key][positions[0] : positions[-1] + 1] = value
-            else:
-                views[key][positions] = value
+        n = len(positions)
+        if n and positions[-1] - positions[0] + 1 == n:
+            first = int(positions[0])
+            build({key: view[first : first + n] for key, view in views.items()})
+            return
+        batch = build(None)
+        for key, view in views.items():
+            view[positions] = batch[key]

@@ -344,30 +344,32 @@ def _throughput_panels(
     ray_data = _records(runs, "ray_data", "ray_data")
     if any(r["source"].startswith("in-memory baseline") for r in ray_data):
         base = next(r["rows_per_s"] for r in ray_data if r["source"].startswith("in-memory baseline"))
-        bars = []
-        for r in ray_data:
-            kind = (
-                "base"
-                if r["source"].startswith("in-memory baseline")
-                else "reference"
-                if r["source"].startswith("reference")
-                else "ray"
-            )
-            bars.append((r["source"], r["rows_per_s"], kind))
+        bars = [(r["source"], r["rows_per_s"], _bar_kind(r["source"], "in-memory baseline", "ray")) for r in ray_data]
         panels.append(("ray_data", "Ray Data iter_torch_batches (bench_ray_data), rows/s", bars, base, "baseline"))
     actors = _records(runs, "actors", "actors")
     if any(r["way"].startswith("local") for r in actors):
         local = next(r["samples_per_s"] for r in actors if r["way"].startswith("local"))
         bars = [
             (
-                "local get_batch (baseline)" if r["way"].startswith("local") else f"ShardedJasper, {r['way']}",
+                "local get_batch (baseline)"
+                if r["way"].startswith("local")
+                else r["way"]
+                if r["way"].startswith("ceiling")
+                else f"ShardedJasper, {r['way']}",
                 r["samples_per_s"],
-                "base" if r["way"].startswith("local") else "actors",
+                _bar_kind(r["way"], "local", "actors"),
             )
             for r in actors
         ]
         panels.append(("actors", "shard actors, one epoch (bench_actors), samples/s", bars, local, "local"))
     return panels
+
+
+def _bar_kind(name: str, baseline: str, measured: str) -> str:
+    """A bar's colour: the baseline, a reference or ceiling measured beside it, or the path measured."""
+    if name.startswith(baseline):
+        return "base"
+    return "reference" if name.startswith(("reference", "ceiling")) else measured
 
 
 _COLORS = {

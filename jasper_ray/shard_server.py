@@ -67,13 +67,20 @@ class ShardServer:
 
         self.node_id = ray.get_runtime_context().get_node_id()
 
-    def get_batch(self, pair_ids: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+    def get_batch(
+        self, pair_ids: np.ndarray, epoch: int, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The batch of ``pair_ids``: new arrays, or written into ``out`` (see ``assemble_batch``)."""
         ids = np.asarray(pair_ids, dtype=np.int64)
         if ids.size and (ids.min() < self.start or ids.max() >= self.stop):
             raise ValueError(f"{self.name} owns pair rows {self.start}:{self.stop}; asked for {ids.min()}..{ids.max()}")
         variants = steering_variants(ids, epoch, self.seed, self.schedule.probs(epoch))
-        batch = assemble_batch(self.source, ids, variants)
-        batch[PAIR_ID] = ids
+        batch = assemble_batch(self.source, ids, variants, out=out)
+        if out is None:
+            batch[PAIR_ID] = ids
+        else:
+            out[PAIR_ID][...] = ids
+            batch[PAIR_ID] = out[PAIR_ID]
         self.batches_served += 1
         return batch
 
@@ -82,10 +89,9 @@ class ShardServer:
     ) -> int | dict[str, np.ndarray]:
         """Write the batch into the client's shared-memory ``slot`` at ``positions`` when the client is on
         this node (returns the row count); otherwise return the batch through the object store."""
-        batch = self.get_batch(pair_ids, epoch)
         if node_id != self.node_id:
-            return batch
-        self.slots.write(slot, layout, positions, batch)
+            return self.get_batch(pair_ids, epoch)
+        self.slots.write(slot, layout, positions, lambda out: self.get_batch(pair_ids, epoch, out))
         return len(positions)
 
     def fill_many(

@@ -60,6 +60,21 @@ class ReaderContract:
                 got = case.reader.take(spec.name, idx)
                 assert_bits_equal(got, want[idx], f"{spec.name} take {label}")
 
+    def test_take_into_out_equals_take(self, case: Case) -> None:
+        """take(..., out) writes the same rows into the caller's array (a shard actor's shared memory)."""
+        for k, spec in enumerate(TENSORS):
+            want = case.expected.tensors[spec.name]
+            for label, idx in _index_sets(len(want), seed=k).items():
+                out = np.full((len(idx), *want.shape[1:]), 7, dtype=want.dtype)
+                got = case.reader.take(spec.name, idx, out)
+                assert got is out, f"{spec.name} take {label}: not written into out"
+                assert_bits_equal(out, want[idx], f"{spec.name} take into out {label}")
+
+    def test_take_into_out_still_checks_indices(self, case: Case) -> None:
+        out = np.zeros((2, 2), dtype=np.int64)
+        with pytest.raises(IndexError, match="out of range"):
+            case.reader.take("pair_index", [0, 10**9], out)
+
     def test_take_accepts_python_lists(self, case: Case) -> None:
         want = case.expected.tensors["source_embs"]
         idx = [5, 1, 5, len(want) - 1]

@@ -140,12 +140,22 @@ class Reader(ABC):
         """Rows ``start:stop`` as an array (a view of the mapping where there is one)."""
         return np.asarray(self.array(name)[start:stop])
 
-    def take(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows at ``indices`` (any order, repeats allowed) as a new array."""
+    def take(self, name: str, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows at ``indices`` (any order, repeats allowed): a new array, or written into ``out``
+        (C-contiguous, of the result's shape) and returned."""
         arr = self.array(name)
         idx = check_indices(lambda: self.location(name), np.asarray(indices), arr.shape[0])
         take = getattr(arr, "take_rows", None)
-        return take(idx) if take is not None else np.asarray(arr[idx])
+        if take is not None:  # chunked HDF5 rows
+            rows = take(idx)
+            if out is None:
+                return rows
+            out[...] = rows
+            return out
+        if out is None:
+            return np.asarray(arr[idx])
+        # mode="clip": the indices are checked above, and mode="raise" would buffer all of out.
+        return np.take(arr, idx, axis=0, out=out, mode="clip")
 
     # --- splits ------------------------------------------------------------------
     @abstractmethod
