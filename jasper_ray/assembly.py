@@ -120,12 +120,9 @@ def assemble_batch(
         elif key == "negative_embs":
             negatives = source.take("hard_negatives", pair_ids)
             dim = source.row_shape("source_embs")[-1]
-            if dest is None:
-                rows = source.take("source_embs", negatives.reshape(-1))
-                batch[key] = rows.reshape(n, negatives.shape[1], dim)  # not -1: n may be 0
-            else:
-                source.take("source_embs", negatives.reshape(-1), dest.reshape(-1, dim))  # a view: C-contiguous
-                batch[key] = dest
+            flat = None if dest is None else dest.reshape(-1, dim)  # a view: dest is C-contiguous
+            rows = source.take("source_embs", negatives.reshape(-1), flat)
+            batch[key] = rows.reshape(n, negatives.shape[1], dim) if dest is None else dest  # not -1: n may be 0
         elif key == "steering":
             # Made by the source, on its device: batches mixing variants collate.
             if dest is None:

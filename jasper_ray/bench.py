@@ -351,11 +351,7 @@ def _throughput_panels(
         local = next(r["samples_per_s"] for r in actors if r["way"].startswith("local"))
         bars = [
             (
-                "local get_batch (baseline)"
-                if r["way"].startswith("local")
-                else r["way"]
-                if r["way"].startswith("ceiling")
-                else f"ShardedJasper, {r['way']}",
+                _actor_label(r["way"]),
                 r["samples_per_s"],
                 _bar_kind(r["way"], "local", "actors"),
             )
@@ -363,6 +359,12 @@ def _throughput_panels(
         ]
         panels.append(("actors", "shard actors, one epoch (bench_actors), samples/s", bars, local, "local"))
     return panels
+
+
+def _actor_label(way: str) -> str:
+    if way.startswith("local"):
+        return "local get_batch (baseline)"
+    return way if way.startswith("ceiling") else f"ShardedJasper, {way}"
 
 
 def _bar_kind(name: str, baseline: str, measured: str) -> str:

@@ -47,8 +47,6 @@ class TensorSource:
         return indices.to(self.device, non_blocking=True)
 
     def take(self, name: str, indices: np.ndarray | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            return self.tensors[name].index_select(0, self._index(indices))
         return torch.index_select(self.tensors[name], 0, self._index(indices), out=out)
 
     def tensor(self, name: str) -> torch.Tensor:

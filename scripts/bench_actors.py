@@ -181,8 +181,6 @@ class PacedEpochs:
         self.table = None
         self.table_shm.close()
         self.table_shm.unlink()
-        for slot in self.slots:
-            slot.busy = False
         self.pool.close()
 
 
