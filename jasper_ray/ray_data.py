@@ -47,9 +47,9 @@ MIN_ROWS_PER_TASK = 64
 # splits the output of fewer tasks into that many blocks; it merges task outputs smaller than its
 # target_max_block_size (128 MiB by default) by copying them; and its executor pays a few ms per task and
 # per block. So read_jasper yields blocks of Ray's target size and asks for its own number of tasks
-# (default_num_tasks): every CPU busy twice over, each task carrying at least one block. Measured with
-# bench_ray_data.py (D=768, 45 KiB a sample, 2.6 GB split, 2 CPUs): 200 tasks 3-6x slower than 4;
-# 32 MiB blocks in 41 tasks 30 k rows/s, 128 MiB blocks in 21 tasks 49 k.
+# (default_num_tasks): every CPU busy twice over, each task carrying at least one block. Measured
+# (D=768, 45 KiB a sample, 2 CPUs): 200 tasks of a 260 MB split ran 3-6x slower than 4; on a 2.6 GB split
+# scripts/diag_ray_costs.py gave 31.0 k rows/s for 32 MiB blocks in 41 tasks, 43.6 k for 128 MiB in 21.
 DEFAULT_BLOCK_BYTES = 128 << 20
 
 
