@@ -38,7 +38,7 @@ from .errors import DatasetFormatError
 from .fingerprint import fingerprint
 from .formats import open_dataset
 from .formats.base import Reader
-from .formats.hdf5 import dataset_options, map_contiguous, require_h5py
+from .formats.hdf5 import create_file, dataset_options, map_contiguous, require_h5py
 from .formats.sharded import MANIFEST, SHARDS_DIR
 from .schema import FORMAT_VERSION, HDF5_FILE
 from .writer import TensorJob, set_checksum, tensor_jobs, write_root_attrs, write_rows
@@ -228,7 +228,7 @@ def shard_digests(path: Path, task: ShardTask) -> list[str] | None:
 def write_shard(task: ShardTask, inject_failure: str | None = None) -> ShardResult:
     """Write (or reuse, if it verifies) one shard file; published atomically under ``work_dir``."""
     started = time.perf_counter()
-    h5py = require_h5py()
+    require_h5py()  # before any work, when h5py is missing
     path = Path(task.work_dir) / task.shard.file_name
     if path.exists():
         digests = shard_digests(path, task)
@@ -256,7 +256,7 @@ def write_shard(task: ShardTask, inject_failure: str | None = None) -> ShardResu
     # HDF5 cannot recover from a write failing mid-file (ENOSPC at close leaves the library in a state
     # that segfaults the process later, h5py#914), so a full or failing disk must fail here, cleanly.
     image = io.BytesIO()
-    with h5py.File(image, "w") as f:
+    with create_file(image) as f:
         dset = f.create_dataset(job.h5_path, shape=(rows,) + job.shape[1:], dtype=job.dtype, **opts)
         hasher = BlockHasher(block_rows(job.shape, job.dtype.itemsize), job.nbytes // max(job.shape[0], 1))
         with _source(task.dataset_dir) as source:
@@ -375,7 +375,7 @@ def assemble_single(
     """Build ``output`` from the shard files by chunk copy, publish it atomically."""
     h5py = require_h5py()
     check_free_space(output, sum((work_dir / s.file_name).stat().st_size for s in plan.shards))
-    with atomic_output(output) as temp, h5py.File(temp, "w") as f:
+    with atomic_output(output) as temp, create_file(temp) as f:
         write_root_attrs(f, plan.config, plan.source_fingerprint, plan.compression)
         for job in plan.jobs:
             opts = dataset_options(job.shape, job.dtype, plan.compression, plan.compression_opts, plan.shuffle)

@@ -26,7 +26,7 @@ from .checksum import BlockHasher, block_rows, combine
 from .fingerprint import fingerprint
 from .formats import open_dataset
 from .formats.base import Reader
-from .formats.hdf5 import dataset_options, require_h5py, rows_per_chunk
+from .formats.hdf5 import create_file, dataset_options, require_h5py, rows_per_chunk
 from .schema import (
     ATTR_CHECKSUM,
     ATTR_CHECKSUM_BLOCK_ROWS,
@@ -202,7 +202,7 @@ def convert_pt_to_hdf5(
     The PT files are kept. A crash leaves the previous ``dataset.h5`` (or
     none), never a partial file.
     """
-    h5py = require_h5py()
+    require_h5py()  # before any work, when h5py is missing
     from .validate import validate_dataset
 
     dataset_dir = Path(dataset_dir)
@@ -216,7 +216,7 @@ def convert_pt_to_hdf5(
     jobs = tensor_jobs(reader)
     with (
         atomic_output(output) as temp,
-        h5py.File(temp, "w") as f,
+        create_file(temp) as f,
         _progress(sum(j.nbytes for j in jobs), progress, "convert") as bar,
     ):
         write_root_attrs(f, reader.config, fingerprint(reader.files()), compression)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from _reader_contract import Case, ReaderContract
 from _support import (
+    UPSTREAM_H5_PATHS,
     ReaderTorchDataset,
     assert_bits_equal,
     block_checksum,
@@ -25,12 +26,13 @@ from _support import (
     sha256_file,
     take_in_worker,
     take_into_queue,
+    write_upstream_hdf5,
 )
 
 import jasper_ray.formats as formats
 from jasper_ray import DatasetFormatError, DatasetNotFoundError, convert_pt_to_hdf5, open_dataset
 from jasper_ray.formats import MMAP_THRESHOLD_BYTES, decide_mmap
-from jasper_ray.formats.hdf5 import ChunkedRows, HDF5Reader
+from jasper_ray.formats.hdf5 import ALIGNMENT, ChunkedRows, HDF5Reader
 from jasper_ray.formats.pt import PTReader
 from jasper_ray.schema import (
     ATTR_CHECKSUM,
@@ -123,6 +125,61 @@ def test_uncompressed_hdf5_is_served_through_memmap(converted) -> None:
             assert not arr.flags.writeable, f"{spec.name}: a writable mapping could corrupt dataset.h5"
     values, _ = reader.keyword_csr()
     assert mapping_of(values) is not None
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS, ids=lambda c: c or "none")
+def test_our_hdf5_files_align_every_tensor(converted, compression) -> None:
+    """Mapped tensors start on 64-byte boundaries: aligned for every dtype, rows on cache lines."""
+    reader = open_dataset(converted(compression), "hdf5", use_mmap=True)
+    for spec in TENSORS:
+        offset = reader.file[spec.h5_path].id.get_offset()
+        if compression is None and reader.shape(spec.name)[0]:
+            assert offset % ALIGNMENT == 0, f"{spec.name} starts at byte {offset}"
+
+
+def test_unaligned_mapped_tensors_gather_their_values(dataset_copy: Path, small_expected) -> None:
+    """Upstream's h5py writes tensors at any offset; mapped, some are not aligned for their dtype, and
+    numpy's unaligned path is 25-50x slower: they are gathered as rows of bytes, to the same values."""
+    write_upstream_hdf5(dataset_copy, compression=None)
+    with h5py.File(dataset_copy / "dataset.h5", "a") as f:  # rewrite each tensor after 3 bytes of padding
+        for i, h5_path in enumerate(UPSTREAM_H5_PATHS.values()):
+            data = f[h5_path][...]
+            del f[h5_path]
+            f.create_dataset(f"padding_{i}", data=np.zeros(3, np.uint8))
+            f.create_dataset(h5_path, data=data)
+    reader = open_dataset(dataset_copy, "hdf5", use_mmap=True)
+    unaligned = [s.name for s in TENSORS if not reader.array(s.name).flags.aligned]
+    assert unaligned, "precondition: the upstream-style file has a tensor at an unaligned offset"
+    rng = np.random.default_rng(0)
+    for name in unaligned:
+        want = small_expected.tensors[name]
+        idx = rng.integers(0, len(want), 50)
+        assert_bits_equal(reader.take(name, idx), want[idx], name)
+        out = np.full_like(want[idx], 7)
+        assert reader.take(name, idx, out) is out
+        assert_bits_equal(out, want[idx], f"{name} (out=)")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux smaps needed to see madvise flags")
+def test_mapped_tensors_ask_for_huge_pages(converted, small_dir: Path) -> None:
+    """Every mapping a reader makes carries MADV_HUGEPAGE (smaps VmFlags "hg"): random gathers over
+    4 KB pages miss the TLB on nearly every row."""
+    for reader, file in (
+        (open_dataset(converted(None), "hdf5", use_mmap=True), "dataset.h5"),
+        (open_dataset(small_dir, "pt", use_mmap=True), TENSOR["source_embs"].pt_file),
+    ):
+        arr = reader.array("source_embs")
+        address = arr.__array_interface__["data"][0]
+        flags, inside = None, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                inside = lo <= address < hi and fields[-1].endswith(file)
+            elif fields and fields[0] == "VmFlags:" and inside:
+                flags = fields[1:]
+        assert flags is not None, f"{file}: no mapping holds source_embs"
+        assert "hg" in flags, f"{file}: VmFlags {flags}"
 
 
 def test_compressed_hdf5_gathers_by_chunk_and_load_reads_into_ram(converted) -> None:

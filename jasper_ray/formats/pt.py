@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 from ..atomic import atomic_output, publish, remove_orphan_temps, temp_path_for
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_FILES, TENSOR, split_from_pt_file, split_pt_file
-from .base import Reader
+from .base import Reader, advise_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
     obj = load_pt(path, mmap=mmap)
     if not isinstance(obj, torch.Tensor):
         raise DatasetFormatError(f"{path}: expected a tensor, found {type(obj).__name__}")
-    return obj.detach().cpu().numpy()
+    array = obj.detach().cpu().numpy()
+    if mmap:
+        advise_huge_pages(array)
+    return array
 
 
 def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:

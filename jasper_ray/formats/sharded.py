@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..schema import KEYWORD_IDS, SPLIT_H5_GROUP, TENSOR, split_h5_path
-from .base import Reader
+from .base import Reader, gather_rows
 from .hdf5 import CHUNK_CACHE_BYTES, open_h5, serve_dataset
 
 SHARDS_DIR = "dataset.shards"
@@ -51,8 +51,7 @@ class ConcatRows:
             a, _, arr = self.parts[k]
             sel = np.flatnonzero(part_of == k)
             local = indices[sel] - a
-            take = getattr(arr, "take_rows", None)
-            out[sel] = take(local) if take is not None else arr[local]
+            out[sel] = gather_rows(arr, local)
         return out
 
 
