@@ -14,7 +14,10 @@ Torch-free; used by ``shard_server`` (writer side) and ``shard_service`` (owner 
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -60,14 +63,15 @@ def _map(name: str, nbytes: int) -> np.ndarray:
 
 
 class Slot:
-    def __init__(self, layout: BatchLayout):
-        shm = shared_memory.SharedMemory(create=True, size=layout.nbytes)  # tracked: unlinked if we crash
+    def __init__(self, layout: BatchLayout, name: str | None = None):
+        shm = shared_memory.SharedMemory(name, create=True, size=layout.nbytes)  # tracked: unlinked if we crash
         shm.close()
         self._shm = shm
         self.name = shm.name
         self.root = _map(self.name, layout.nbytes)
         self.views = layout.views(self.root)
         self.busy = False
+        self.number = -1  # its index in the pool that made it
         # Set when a request into this slot was abandoned (served elsewhere) but may still run: the
         # slot is never reused, so a late write cannot land in someone else's batch.
         self.quarantined = False
@@ -87,16 +91,19 @@ class Slot:
 
 
 class SlotPool:
-    """Slots of one layout; ``acquire`` returns a free one or makes a new one."""
+    """Slots of one layout; ``acquire`` returns a free one or makes a new one. Slot ``i`` is the
+    shared-memory segment ``prefix + str(i)``, so a writer can be told a slot by its number."""
 
     def __init__(self, layout: BatchLayout):
         self.layout = layout
+        self.prefix = f"jasper_{secrets.token_hex(6)}_"
         self.slots: list[Slot] = []
 
     def acquire(self) -> Slot:
         slot = next((s for s in self.slots if s.free()), None)
         if slot is None:
-            slot = Slot(self.layout)
+            slot = Slot(self.layout, f"{self.prefix}{len(self.slots)}")
+            slot.number = len(self.slots)
             self.slots.append(slot)
         slot.busy = True
         return slot
@@ -137,3 +144,83 @@ class SlotWriter:
         batch = build(None)
         for key, view in views.items():
             view[positions] = batch[key]
+
+
+class PacingTable:
+    """The control words of a ring of batches, in shared memory: how a client and its shard actors
+    on one node hand batches over without a Ray call per batch.
+
+    Per ring position ``k``: ``offer[k]`` is ``seq * SLOTS + slot`` once batch ``seq`` may be built
+    into pool slot ``slot`` (written by the client); ``done[lane, k]`` is ``seq`` once the actor of
+    ``lane`` has written its rows of batch ``seq`` (written by that actor). ``cancel`` non-zero: stop.
+    Every word has one writer, and a word is one aligned int64 store. The flag is stored after the
+    rows it announces: x86-64 keeps stores in order (on weaker memory models the last rows could
+    become visible after the flag).
+    """
+
+    SLOTS = 1 << 20  # slot numbers per seq in an offer word
+
+    def __init__(self, ring: int, lanes: int, name: str | None = None):
+        shape = (2 + lanes, ring)
+        if name is None:
+            self._shm = shared_memory.SharedMemory(create=True, size=8 * shape[0] * shape[1])
+            self.name = self._shm.name
+            words = np.ndarray(shape, dtype=np.int64, buffer=self._shm.buf)
+            words[:] = -1
+            words[1, 0] = 0
+        else:  # attach (an actor): by path, so exiting never unlinks the client's segment
+            self._shm, self.name = None, name
+            words = np.memmap(f"{SHM_DIR}/{name}", dtype=np.int64, mode="r+", shape=shape).view(np.ndarray)
+        self.ring, self.words = ring, words
+        self.offers, self.done = words[0], words[2:]
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.words[1, 0])
+
+    def cancel(self) -> None:
+        self.words[1, 0] = 1
+
+    def offer(self, seq: int, slot: int) -> None:
+        self.offers[seq % self.ring] = seq * self.SLOTS + slot
+
+    def offered_slot(self, seq: int) -> int | None:
+        """The slot batch ``seq`` goes into, once offered; None before."""
+        word = int(self.offers[seq % self.ring])
+        return word % self.SLOTS if word >= 0 and word // self.SLOTS == seq else None
+
+    def mark_done(self, lane: int, seq: int) -> None:
+        self.done[lane, seq % self.ring] = seq
+
+    def is_done(self, lane: int, seq: int) -> bool:
+        return int(self.done[lane, seq % self.ring]) == seq
+
+    def wait_offer(self, seq: int, client_pid: int, pause: float) -> int | None:
+        """Block until batch ``seq`` is offered; None if cancelled or the client process is gone (checked
+        each second, where its pid is visible here: a container may hide it)."""
+        proc = f"/proc/{client_pid}"
+        watch, checked = os.path.exists(proc), time.monotonic()
+        while True:
+            slot = self.offered_slot(seq)
+            if slot is not None:
+                return slot
+            if self.cancelled:
+                return None
+            if watch and time.monotonic() - checked > 1.0:  # a client that died cannot cancel
+                checked = time.monotonic()
+                if not os.path.exists(proc):
+                    return None
+            time.sleep(pause)
+
+    def close(self) -> None:
+        """Unlink the segment (the client's side)."""
+        self.words = self.offers = self.done = None
+        if self._shm is not None:
+            try:
+                self._shm.close()
+            except BufferError:  # a view of the words is still alive somewhere: the mapping goes with it
+                pass
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .assembly import PAIR_ID, ReaderSource, assemble_batch
-from .batch_memory import BatchLayout, SlotWriter
+from .batch_memory import BatchLayout, PacingTable, SlotWriter
 from .formats import open_dataset
 from .formats.base import is_mapped
 from .sampling import SteeringSchedule, steering_variants
@@ -62,6 +62,7 @@ class ShardServer:
         self.schedule = SteeringSchedule(self.reader.config)
         self.start, self.stop, self.seed, self.name = start, stop, seed, name
         self.batches_served = 0
+        self.paced_calls = 0  # serve calls running now
         self.slots = SlotWriter()
         import ray
 
@@ -101,6 +102,40 @@ class ShardServer:
         for a group of batches instead of one per batch halves the per-call cost a batch pays."""
         return [self.fill(ids, epoch, slot, layout, positions, node_id) for ids, slot, positions in requests]
 
+    def serve(
+        self,
+        table: str,
+        ring: int,
+        lanes: int,
+        lane: int,
+        slot_prefix: str,
+        layout: BatchLayout,
+        work: list[tuple[int, np.ndarray, int]],
+        epoch: int,
+        client_pid: int,
+        pause: float,
+    ) -> int:
+        """Build a run of batches for a client on this node, paced through its ``PacingTable``:
+        (seq, pair ids, first row) each, written in place once the client offers the batch's slot.
+        One call per epoch instead of one per batch group. Returns the batches built (fewer when
+        cancelled or the client is gone)."""
+        pacing = PacingTable(ring, lanes, table)
+        slots = SlotWriter()  # this call's own: calls of several clients run in threads of their own
+        built = 0
+        self.paced_calls += 1
+        try:
+            for seq, ids, first in work:
+                slot = pacing.wait_offer(seq, client_pid, pause)
+                if slot is None:
+                    break
+                rows = np.arange(first, first + len(ids))
+                slots.write(f"{slot_prefix}{slot}", layout, rows, lambda out, ids=ids: self.get_batch(ids, epoch, out))
+                pacing.mark_done(lane, seq)
+                built += 1
+        finally:
+            self.paced_calls -= 1
+        return built
+
     def stats(self) -> dict[str, Any]:
         arrays = [self.reader.array(spec.name) for spec in TENSORS]
         mapped = _mapped_bytes(arrays)
@@ -109,6 +144,7 @@ class ShardServer:
             "rows": self.stop - self.start,
             "bytes_mapped": int(mapped),
             "batches_served": self.batches_served,
+            "paced_calls": self.paced_calls,
             "pid": os.getpid(),
             "node_id": self.node_id,
             **_status(),

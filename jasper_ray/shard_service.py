@@ -3,22 +3,37 @@
 ``ShardedJasper`` is the client. It starts one actor per shard, spread over
 the cluster's nodes (on the node that holds the shard's file, for the sharded
 layout, when one does), plans each epoch as the seeded permutation of the
-split that ``ResumableSampler`` gives (so a rank's order equals the local
+split that ``ResumableSampler`` gives (so a rank's batches are the local
 loader's), routes each batch's pair ids to the actors that own them, keeps
-several batches in flight and yields them in the plan's order.
+several batches in flight and yields them in the plan's order. Inside a batch
+the samples come grouped by shard, so each actor builds its rows as one block,
+in place.
+
+How batches travel. When every actor runs on the client's node (and
+``pace_in_shared_memory``, the default), each actor takes one ``serve`` call
+per epoch and the two sides pace each other through a ``PacingTable`` in
+shared memory: the client offers a batch's slot up to ``max_in_flight``
+batches ahead, the actor writes its rows there and marks them done. A Ray
+call costs about as much client CPU as building a batch part, so per-batch
+calls would halve what two cores deliver. Otherwise (actors on other nodes)
+the client makes one ``fill_many`` call per actor per ``batches_per_call``
+batches; actors on this node still write into the slot, others send rows
+through the object store.
 
 Faults: actors restart (``max_restarts``) and reopen their files in
 ``__init__``; the client resubmits what a dead actor lost, so a killed actor
-costs latency, never a sample. While an actor is restarting (Ray answers
-``ActorUnavailableError``) the client builds that actor's rows itself, with
-the same reader and assembly (``serve_while_restarting``, default on): a
-restart takes seconds (a new worker process, imports, a lost node's
-detection). With it off, the client resubmits for up to
+costs latency, never a sample. While an actor is restarting the client
+builds that actor's rows itself, with the same reader and assembly
+(``serve_while_restarting``, default on): a restart takes seconds (a new
+worker process, imports, a lost node's detection); once it is back it gets
+a new call from the current batch on. With it off, the client waits up to
 ``restart_timeout_s`` instead. Other actor errors count against
-``max_retries`` (with backoff). A shard that cannot be served after that
-raises ``ShardUnavailableError`` naming it. Actors are owned by the process
-that made them: ``close()`` (or leaving ``with``) kills them, and Ray kills
-them if that process exits.
+``max_retries`` (with backoff) on the call path, and end a paced epoch at
+once. A shard that cannot be served raises ``ShardUnavailableError`` naming
+it. Actors are owned by the process that made them: ``close()`` (or leaving
+``with``) kills them, and Ray kills them if that process exits. Actors run
+calls in threads (up to ``MAX_CLIENTS``), so the rank views of one service
+never wait on each other.
 
 Format logic stays in the reader and ``assemble_batch``; this module only
 places actors and moves ids and batches.
@@ -26,9 +41,11 @@ places actors and moves ids and batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +54,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from .batch_memory import BatchLayout, Slot, SlotPool
+from .batch_memory import BatchLayout, PacingTable, Slot, SlotPool
 from .formats import open_dataset
 from .formats.hdf5 import rows_per_chunk
 from .formats.sharded import ShardedHDF5Reader
@@ -50,8 +67,12 @@ log = logging.getLogger(__name__)
 
 # A batch's request to one actor: (shard, positions in the batch, ObjectRef, index in a fill_many result).
 Part = tuple[int, np.ndarray, Any, "int | None"]
+# A batch as routed: its pair ids grouped by shard, and (shard, first row, stop row) per shard.
+Routed = tuple[np.ndarray, list[tuple[int, int, int]]]
 
 
+PACE_S = 0.0005  # how often paced waits poll the table (0.1 ms polled the 2 cores of the benchmark away)
+MAX_CLIENTS = 16  # concurrent calls an actor runs in threads: a paced epoch holds one per client (rank view)
 DEATH_POLL_S = 0.05  # how often a slow request checks that its actor's process still exists
 CLOSE_TIMEOUT_S = 10.0
 
@@ -142,6 +163,7 @@ class ShardedJasper(IterableDataset):
         max_retries: int = 5,
         restart_timeout_s: float = 60.0,
         serve_while_restarting: bool = True,
+        pace_in_shared_memory: bool = True,
         num_cpus: float = 1.0,
         address: str | None = None,
         _actors: list[Any] | None = None,
@@ -171,6 +193,7 @@ class ShardedJasper(IterableDataset):
         self.batches_per_call = max(1, batches_per_call)
         self.restart_timeout_s = float(restart_timeout_s)
         self.serve_while_restarting = bool(serve_while_restarting)
+        self.pace_in_shared_memory = bool(pace_in_shared_memory)
         self._local: ShardServer | None = None
         self.samples_delivered = 0
         self._config = dict(
@@ -185,6 +208,7 @@ class ShardedJasper(IterableDataset):
             max_retries=max_retries,
             restart_timeout_s=restart_timeout_s,
             serve_while_restarting=serve_while_restarting,
+            pace_in_shared_memory=pace_in_shared_memory,
         )
         self._owns_actors = _actors is None
         if _actors is None:
@@ -192,7 +216,11 @@ class ShardedJasper(IterableDataset):
             strategies = _placements(ray, reader, self.ranges)
             _actors = [
                 server.options(
-                    max_restarts=max_restarts, max_task_retries=0, num_cpus=num_cpus, scheduling_strategy=strategy
+                    max_restarts=max_restarts,
+                    max_task_retries=0,
+                    max_concurrency=MAX_CLIENTS,
+                    num_cpus=num_cpus,
+                    scheduling_strategy=strategy,
                 ).remote(self.path, self.storage_format, a, b, self.seed, name)
                 for (a, b), name, strategy in zip(self.ranges, self.names, strategies)
             ]
@@ -201,6 +229,7 @@ class ShardedJasper(IterableDataset):
         # Each actor's (pid, node): a process on this node that is gone is noticed at once, without
         # waiting for Ray to report the death. None while unknown (just restarted).
         self._whereabouts: list[Any] = ray.get([actor.whereabouts.remote() for actor in _actors])
+        self._homes = [node for _, node in self._whereabouts]  # the node each actor last ran on
         self._whereabouts_refs: dict[int, Any] = {}
         self._deaths = [0] * len(_actors)
         config = reader.config
@@ -244,15 +273,22 @@ class ShardedJasper(IterableDataset):
         self.samples_delivered = state["samples_seen"]
 
     # --- batches ------------------------------------------------------------------------------
-    def _submit(self, group: list[np.ndarray]) -> list[tuple[np.ndarray, Slot, list[Part]]]:
+    def _route(self, ids: np.ndarray) -> Routed:
+        """A batch's pair ids grouped by the shard that owns them (plan order within each shard),
+        and each shard's run of rows: every actor builds its rows in place, as one block."""
+        owner = np.searchsorted(self.starts, ids, side="right") - 1
+        order = np.argsort(owner, kind="stable")
+        ids, owner = ids[order], owner[order]
+        cuts = [0, *(np.flatnonzero(np.diff(owner)) + 1).tolist(), len(ids)]
+        return ids, [(int(owner[a]), a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    def _submit(self, group: list[Routed]) -> list[tuple[np.ndarray, Slot, list[Part]]]:
         """Request a group of batches: one ``fill_many`` call per actor covers its rows of all of them."""
         slots = [self._pool.acquire() for _ in group]
         requests: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-        for b, ids in enumerate(group):
-            owner = np.searchsorted(self.starts, ids, side="right") - 1
-            for shard in np.unique(owner):
-                where = np.flatnonzero(owner == shard)
-                requests.setdefault(int(shard), []).append((b, ids[where], where))
+        for b, (ids, runs) in enumerate(group):
+            for shard, first, stop in runs:
+                requests.setdefault(shard, []).append((b, ids[first:stop], np.arange(first, stop)))
         parts: list[list[Part]] = [[] for _ in group]
         for shard, items in requests.items():
             if self.serve_while_restarting and self._whereabouts[shard] is None and self._down_here(shard):
@@ -264,7 +300,7 @@ class ShardedJasper(IterableDataset):
             )
             for index, (b, _, where) in enumerate(items):
                 parts[b].append((shard, where, ref, index))
-        return list(zip(group, slots, parts))
+        return [(ids, slot, part) for (ids, _), slot, part in zip(group, slots, parts)]
 
     def _down_here(self, shard: int) -> bool:
         """Whether the shard's actor, on this node, has exited or not come back yet (checked by pid and
@@ -278,6 +314,7 @@ class ShardedJasper(IterableDataset):
                 return True
             try:
                 self._whereabouts[shard] = known = ray.get(ref)
+                self._homes[shard] = known[1]
             except Exception:  # noqa: BLE001 - not back: ask again
                 self._whereabouts_refs[shard] = self.actors[shard].whereabouts.remote()
                 return True
@@ -294,11 +331,11 @@ class ShardedJasper(IterableDataset):
         self._whereabouts_refs[shard] = self.actors[shard].whereabouts.remote()
         return True
 
-    def _serve_here(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _serve_here(self, ids: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A batch part built in this process, as an actor would build it (for an actor that is restarting)."""
         if self._local is None:
             self._local = ShardServer(self.path, self.storage_format, 0, 1 << 62, self.seed, "client")
-        return self._local.get_batch(ids, self.epoch)
+        return self._local.get_batch(ids, self.epoch, out)
 
     def _request(self, shard: int, ids: np.ndarray, slot: Slot, where: np.ndarray) -> Any:
         return self.actors[shard].fill.remote(ids, self.epoch, slot.name, self._layout, where, self._node_id)
@@ -368,13 +405,24 @@ class ShardedJasper(IterableDataset):
     def iter_numpy(self) -> Iterator[dict[str, np.ndarray]]:
         """The rest of this rank's epoch as batches of numpy arrays (plus ``pair_id``), in plan order.
 
-        The arrays live in shared memory owned by this client; a batch's memory is reused only after
-        the caller has dropped every reference to it."""
+        Each batch holds the plan's samples, grouped by the shard that owns them (plan order within
+        a shard). The arrays live in shared memory owned by this client; a batch's memory is reused
+        only after the caller has dropped every reference to it."""
         positions = self.sampler.epoch_indices()[self.sampler.start :]
         self.samples_delivered = self.sampler.start
         batches = [
-            self.split_ids[positions[i : i + self.batch_size]] for i in range(0, len(positions), self.batch_size)
+            self._route(self.split_ids[positions[i : i + self.batch_size]])
+            for i in range(0, len(positions), self.batch_size)
         ]
+        paced = self.pace_in_shared_memory and all(node == self._node_id for node in self._homes)
+        with contextlib.closing(self._paced(batches) if paced else self._requested(batches)) as source:
+            for ids, batch in source:
+                self.samples_delivered += len(ids)
+                yield batch
+        self.sampler.start = 0  # the epoch is done: the next pass is a whole epoch
+
+    def _requested(self, batches: list[Routed]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Batches by Ray calls: one ``fill_many`` per actor per group of batches (any node)."""
         pending: deque = deque()
         submitted = 0
         try:
@@ -386,12 +434,101 @@ class ShardedJasper(IterableDataset):
                     submitted += size
                     size = min(self.batches_per_call, len(batches) - submitted)
                 ids, slot, parts = pending.popleft()
-                batch = self._collect(ids, slot, parts)
-                self.samples_delivered += len(ids)
-                yield batch
-            self.sampler.start = 0  # the epoch is done: the next pass is a whole epoch
+                yield ids, self._collect(ids, slot, parts)
         finally:
             self._abandon(pending)
+
+    def _paced(self, batches: list[Routed]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Batches paced through shared memory (every actor on this node): one ``serve`` call per actor
+        per epoch; the client offers each batch's slot in a ``PacingTable`` up to ``max_in_flight``
+        batches ahead, and an actor marks its rows done there. No Ray call per batch."""
+        import ray
+
+        ring = self.max_in_flight
+        table = PacingTable(ring, len(self.actors))
+        work: list[list[tuple[int, np.ndarray, int]]] = [[] for _ in self.actors]
+        for seq, (ids, runs) in enumerate(batches):
+            for shard, first, stop in runs:
+                work[shard].append((seq, ids[first:stop], first))
+        calls: list[Any] = [None] * len(self.actors)  # per shard: (ObjectRef, first seq it covers) or None
+        offered: dict[int, Slot] = {}
+
+        def start_call(shard: int, seq: int) -> None:
+            todo = work[shard][bisect_left(work[shard], seq, key=lambda item: item[0]) :]
+            ref = self.actors[shard].serve.remote(
+                table.name, ring, len(self.actors), shard, self._pool.prefix, self._layout, todo, self.epoch,
+                os.getpid(), PACE_S,
+            )  # fmt: skip
+            calls[shard] = (ref, seq)
+
+        try:
+            for shard in range(len(self.actors)):
+                if self._whereabouts[shard] is not None:
+                    start_call(shard, 0)
+            for seq, (ids, runs) in enumerate(batches):
+                for ahead in range(seq + len(offered), min(seq + ring, len(batches))):
+                    offered[ahead] = slot = self._pool.acquire()
+                    table.offer(ahead, slot.number)
+                slot = offered.pop(seq)
+                for shard, first, stop in runs:
+                    self._await_part(table, calls, start_call, shard, seq, ids[first:stop], slot, first)
+                slot.busy = False
+                # Fresh views of the slot: while the caller holds them, the pool will not reuse it.
+                yield ids, {key: view[: len(ids)] for key, view in slot.views.items()}
+        finally:
+            table.cancel()
+            refs = [call[0] for call in calls if call is not None]
+            if refs:  # calls see the cancel at their next wait: let them end before the slots go back
+                ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT_S)
+            for slot in offered.values():
+                slot.busy = False
+            table.close()
+
+    def _await_part(
+        self, table: PacingTable, calls: list[Any], start_call: Any, shard: int, seq: int,
+        ids: np.ndarray, slot: Slot, first: int,
+    ) -> None:  # fmt: skip
+        """Wait until shard's rows of batch ``seq`` are in ``slot``. An actor that died loses its call:
+        the client builds its rows (or waits, without ``serve_while_restarting``) until it is back on
+        this node, then gives it a new call from this batch on. Its other errors name the shard."""
+        import ray
+
+        deadline, check = None, time.monotonic() + DEATH_POLL_S
+        while not table.is_done(shard, seq):
+            call = calls[shard]
+            if call is not None and call[1] <= seq:
+                if time.monotonic() < check:  # polls read the table only; the call and the process less often
+                    time.sleep(PACE_S)
+                    continue
+                check, ref = time.monotonic() + DEATH_POLL_S, call[0]
+                if ray.wait([ref], timeout=0)[0]:  # it ended without building this batch
+                    try:
+                        ray.get(ref)
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                        pass
+                    except Exception as exc:
+                        raise ShardUnavailableError(f"{self.names[shard]} failed: {exc}") from exc
+                    if table.is_done(shard, seq):
+                        break
+                    log.warning("%s lost its call at batch %d (its actor died)", self.names[shard], seq)
+                    calls[shard] = None
+                elif self._down_here(shard):
+                    log.warning("%s lost its call at batch %d (its process is gone)", self.names[shard], seq)
+                    calls[shard] = None
+                continue
+            if not self._down_here(shard) and self._whereabouts[shard][1] == self._node_id:
+                start_call(shard, seq)  # back: it serves from this batch on
+                continue
+            if self.serve_while_restarting or self._whereabouts[shard] is not None:  # down, or back elsewhere
+                self._serve_here(ids, {key: view[first : first + len(ids)] for key, view in slot.views.items()})
+                return
+            deadline = deadline or time.monotonic() + self.restart_timeout_s
+            if time.monotonic() > deadline:
+                raise ShardUnavailableError(
+                    f"{self.names[shard]} could not be served after waiting {self.restart_timeout_s:g} s "
+                    "for its actor to restart"
+                )
+            time.sleep(0.05)
 
     def _abandon(self, pending: deque) -> None:
         """Requests still in flight when iteration stops early: let the actors finish writing, then

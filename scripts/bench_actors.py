@@ -11,13 +11,12 @@ Three ways through the same epoch (seed 0, epoch 0, batch 256, torch tensors):
 - local: ``JASPERSteeringDataset.get_batch`` over the epoch's batches, in this
   process (the baseline);
 - 1 actor / 2 actors: ``ShardedJasper`` with that many ``ShardServer`` actors
-  (each maps the file; batches come back through shared memory on this node).
-
-- ceiling: 2 actors that take one call per epoch and are paced through
-  shared memory (the client marks a slot ready, an actor marks its part of
-  the batch done), each batch's rows grouped by shard so every part is built
-  in place: what actors could deliver here with no per-batch Ray call at
-  all. A measurement, not the product: no fault handling, no other nodes.
+  (each maps the file). On one node they take one call per epoch and are
+  paced through shared memory: the client offers each batch's slot, an actor
+  builds its rows there in place and marks them done;
+- 2 actors, Ray calls: the same with ``pace_in_shared_memory=False``, one
+  Ray call per actor per 4 batches: what actors on other nodes cost (they
+  send their rows through the object store; here they still write in place).
 
 They run round robin (``--rounds`` epochs each, interleaved, so load from other
 processes falls on all alike); throughput is over the median epoch, latency is
@@ -42,7 +41,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,7 @@ from _bench_common import (  # noqa: E402
     fmt_ms,
     fmt_rate,
     fmt_ratio,
+    keep_freed_memory,
     print_table,
     proc_status,
     record,
@@ -62,13 +61,12 @@ from _bench_common import (  # noqa: E402
 
 import jasper_ray  # noqa: E402
 from jasper_ray.sampler import make_sampler  # noqa: E402
-from jasper_ray.shard_server import ShardServer  # noqa: E402
+from jasper_ray.shard_service import PACE_S  # noqa: E402
 from jasper_ray.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
 
 log = logging.getLogger("bench.actors")
 BATCH, DIM, N_NEG, SEED, EPOCH = 256, 768, 12, 0, 0
-RING, PACE_S = 8, 0.0005  # the ceiling's slots and polling interval (0.1 ms polled the cores away)
-CEILING = "ceiling: 2 actors paced by shared memory"
+RAY_CALLS = "2 actors, Ray calls"
 
 
 def make_dataset(root: Path, n_pairs: int) -> Path:
@@ -102,86 +100,6 @@ class Epoch:
         self.seconds = time.perf_counter() - t0
         self.gaps, self.samples = gaps, samples
         self.ids = np.concatenate(ids) if ids else None
-
-
-class PacedServer(ShardServer):
-    """For the ceiling: a ShardServer that takes one call per epoch, paced through a shared table."""
-
-    def serve_epoch(self, table_name: str, actor: int, n_actors: int, slots: list[str], layout: Any, work: list) -> int:
-        table = np.memmap(f"/dev/shm/{table_name}", dtype=np.int64, mode="r+", shape=(1 + n_actors, RING))
-        ready, done = table[0], table[1 + actor]
-        for seq, ids, where in work:
-            while ready[seq % RING] != seq:
-                time.sleep(PACE_S)
-            self.slots.write(slots[seq % RING], layout, where, lambda out, ids=ids: self.get_batch(ids, EPOCH, out))
-            done[seq % RING] = seq
-        return len(work)
-
-
-class PacedEpochs:
-    """The ceiling's client: plans each batch's parts (rows grouped by shard), one call per actor per epoch."""
-
-    def __init__(self, directory: Path, split_ids: np.ndarray, positions: list[np.ndarray]):
-        import ray
-
-        from jasper_ray.batch_memory import BatchLayout, SlotPool
-        from jasper_ray.shard_service import shard_ranges
-
-        reader = jasper_ray.open_dataset(directory, "hdf5")
-        ranges = shard_ranges(reader, 2)
-        server = ray.remote(PacedServer).options(num_cpus=0)  # the two clients above hold 1.5 of 2 CPUs
-        self.actors = [server.remote(str(directory), "hdf5", a, b, SEED, f"paced {a}:{b}") for a, b in ranges]
-        ray.get([actor.pid.remote() for actor in self.actors])
-        self.layout = BatchLayout.for_batch(BATCH, DIM, N_NEG)
-        self.pool = SlotPool(self.layout)
-        self.slots = [self.pool.acquire() for _ in range(RING)]
-        self.table_shm = shared_memory.SharedMemory(create=True, size=8 * (1 + len(ranges)) * RING)
-        self.table = np.ndarray((1 + len(ranges), RING), dtype=np.int64, buffer=self.table_shm.buf)
-        starts = np.array([a for a, _ in ranges])
-        self.batches, self.parts, self.work = [], [], [[] for _ in ranges]
-        for seq, p in enumerate(positions):
-            ids = split_ids[p]
-            owner = np.searchsorted(starts, ids, side="right") - 1
-            order = np.argsort(owner, kind="stable")
-            ids, owner = ids[order], owner[order]
-            self.batches.append(ids)
-            self.parts.append(np.unique(owner).tolist())
-            for a in self.parts[-1]:
-                where = np.flatnonzero(owner == a)
-                self.work[a].append((seq, ids[where], where))
-        reader.close()
-
-    def __iter__(self):
-        import ray
-
-        from jasper_ray.torch_batches import to_torch
-
-        table = self.table
-        table[:] = -1
-        table[0] = np.arange(RING)
-        names = [slot.name for slot in self.slots]
-        calls = [
-            actor.serve_epoch.remote(self.table_shm.name, a, len(self.actors), names, self.layout, self.work[a])
-            for a, actor in enumerate(self.actors)
-        ]
-        for seq, ids in enumerate(self.batches):
-            k = seq % RING
-            for a in self.parts[seq]:
-                while table[1 + a, k] != seq:
-                    time.sleep(PACE_S)
-            yield to_torch({key: view[: len(ids)] for key, view in self.slots[k].views.items()})
-            table[0, k] = seq + RING  # the loop asked for the next batch: this slot is free again
-        ray.get(calls)
-
-    def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.table = None
-        self.table_shm.close()
-        self.table_shm.unlink()
-        self.pool.close()
 
 
 def local_epoch(ds: jasper_ray.JASPERSteeringDataset, positions: list[np.ndarray]) -> Epoch:
@@ -229,6 +147,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the dataset for the next run")
     args = parser.parse_args()
     setup_logging()
+    kept = keep_freed_memory()
     args.size = args.size or ("100MB" if args.quick else "1GB")
     rounds = args.rounds or (5 if args.quick else 3)
     n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
@@ -258,16 +177,14 @@ def main() -> None:
         order = make_sampler(len(ds), shuffle=True, seed=SEED, epoch=EPOCH).epoch_indices()
         positions = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
         split = np.sort(ds.split_indices.numpy())
-        clients = {
-            n: ShardedJasper(directory, "train", batch_size=BATCH, num_shards=n, seed=SEED, epoch=EPOCH, num_cpus=0.5)
-            for n in (1, 2)
-        }
-        paced = PacedEpochs(directory, ds.split_indices.numpy(), positions)
+        common = dict(batch_size=BATCH, seed=SEED, epoch=EPOCH, num_cpus=0.4)  # 5 actors on 2 CPUs
+        clients = {n: ShardedJasper(directory, "train", num_shards=n, **common) for n in (1, 2)}
+        calls = ShardedJasper(directory, "train", num_shards=2, pace_in_shared_memory=False, **common)
         ways: dict[str, Callable[[], Epoch]] = {
             "local JASPERSteeringDataset": lambda: local_epoch(ds, positions),
             "1 actor": lambda: Epoch(clients[1]),
             "2 actors": lambda: Epoch(clients[2]),
-            CEILING: lambda: Epoch(paced),
+            RAY_CALLS: lambda: Epoch(calls),
         }
         load_before = os.getloadavg()[0]
         log.info("warm-up epoch each (page cache, actor mappings)")
@@ -283,7 +200,7 @@ def main() -> None:
             log.info("round %d/%d done", r + 1, rounds)
         bad = [
             name
-            for name in ("1 actor", "2 actors", CEILING)
+            for name in ("1 actor", "2 actors", RAY_CALLS)
             if any(not np.array_equal(np.sort(e.ids), split) for e in runs[name])
         ]
         if bad:
@@ -316,13 +233,16 @@ def main() -> None:
             rows,
             notes=[
                 f"{rounds} epochs each, interleaved in shuffled order after one warm-up epoch each; page cache warm",
+                "glibc keeps freed memory (mallopt: no mmap, no trim) in this process, so the local loader's fresh "
+                "batches are not page-faulted in each step: its steady state "
+                f"({'set' if kept else 'NOT set: no glibc'})",
                 f"1-min load average {load_before:.1f} before the runs, {os.getloadavg()[0]:.1f} after, on {cpus} "
                 "cores: the numbers mean something only on a quiet machine",
                 "batch gap: time between consecutive batches delivered to the loop (pooled over the epochs)",
-                f"Ray: {cpus} CPUs, actors num_cpus=0.5, max_in_flight=8, 4 batches a call; torch {torch.__version__}, "
-                f"{torch.get_num_threads()} intra-op threads; every service epoch delivered each sample once",
-                f"{CEILING}: one serve_epoch call per actor, {RING} slots, polling every {PACE_S * 1e3:g} ms, rows "
-                "grouped by shard within each batch (built in place); no fault handling: a bound, not the product",
+                f"Ray: {cpus} CPUs, actors num_cpus=0.4, max_in_flight=8 (batches offered ahead); paced: one call "
+                f"per actor per epoch, polling every {PACE_S * 1e3:g} ms; {RAY_CALLS}: one call per actor per 4 "
+                f"batches; torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; every service "
+                "epoch delivered each sample once",
                 f"target: 2 actors >= 0.8x local samples/s: {fmt_ratio(two)} -> {'met' if two >= 0.8 else 'MISSED'}",
             ],
         )
@@ -360,8 +280,8 @@ def main() -> None:
             ],
             kill_rows,
             notes=[
-                "the actor restarts (max_restarts=3) in a new process and reopens its mapping; "
-                "the client resubmits what it lost",
+                "the actor restarts (max_restarts=3) in a new process and reopens its mapping; the client builds "
+                "the dead actor's rows until it is back, then gives it a new call from the current batch on",
                 f"target: a killed actor costs < 2 s: worst {worst:+.2f} s -> {'met' if worst < 2 else 'MISSED'}",
             ],
         )
@@ -399,9 +319,8 @@ def main() -> None:
                 "batches served count since the actor's last (re)start",
             ],
         )
-        for client in clients.values():
+        for client in (*clients.values(), calls):
             client.close()
-        paced.close()
         ds.close()
     finally:
         if ray.is_initialized():
