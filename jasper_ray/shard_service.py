@@ -478,10 +478,11 @@ class ShardedJasper(IterableDataset):
         finally:
             table.cancel()
             refs = [call[0] for call in calls if call is not None]
-            if refs:  # calls see the cancel at their next wait: let them end before the slots go back
-                ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT_S)
+            # Calls see the cancel at their next wait: let them end before the slots go back. A call
+            # that does not end in time may still write: its slots are never handed out again.
+            ended = ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT_S)[0] if refs else []
             for slot in offered.values():
-                slot.busy = False
+                slot.busy, slot.quarantined = False, len(ended) < len(refs)
             table.close()
 
     def _await_part(
