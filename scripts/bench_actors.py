@@ -61,7 +61,7 @@ from _bench_common import (  # noqa: E402
 
 import jasper_ray  # noqa: E402
 from jasper_ray.sampler import make_sampler  # noqa: E402
-from jasper_ray.shard_service import PACE_S  # noqa: E402
+from jasper_ray.shard_service import PACE_S, PACED_AHEAD  # noqa: E402
 from jasper_ray.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
 
 log = logging.getLogger("bench.actors")
@@ -239,10 +239,10 @@ def main() -> None:
                 f"1-min load average {load_before:.1f} before the runs, {os.getloadavg()[0]:.1f} after, on {cpus} "
                 "cores: the numbers mean something only on a quiet machine",
                 "batch gap: time between consecutive batches delivered to the loop (pooled over the epochs)",
-                f"Ray: {cpus} CPUs, actors num_cpus=0.4, max_in_flight=8 (batches offered ahead); paced: one call "
-                f"per actor per epoch, polling every {PACE_S * 1e3:g} ms; {RAY_CALLS}: one call per actor per 4 "
-                f"batches; torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; every service "
-                "epoch delivered each sample once",
+                f"Ray: {cpus} CPUs, actors num_cpus=0.4; paced: one call per actor per epoch, {PACED_AHEAD} batches "
+                f"offered ahead, polling every {PACE_S * 1e3:g} ms; {RAY_CALLS}: one call per actor per 4 "
+                f"batches, 8 in flight; torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
+                "every service epoch delivered each sample once",
                 f"target: 2 actors >= 0.8x local samples/s: {fmt_ratio(two)} -> {'met' if two >= 0.8 else 'MISSED'}",
             ],
         )
