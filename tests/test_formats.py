@@ -139,7 +139,7 @@ def test_our_hdf5_files_align_every_tensor(converted, compression) -> None:
 
 def test_unaligned_mapped_tensors_gather_their_values(dataset_copy: Path, small_expected) -> None:
     """Upstream's h5py writes tensors at any offset; mapped, some are not aligned for their dtype, and
-    numpy's unaligned path is 25-50x slower: they are gathered as rows of bytes, to the same values."""
+    numpy's unaligned path is 20-70x slower: they are gathered as rows of bytes, to the same values."""
     write_upstream_hdf5(dataset_copy, compression=None)
     with h5py.File(dataset_copy / "dataset.h5", "a") as f:  # rewrite each tensor after 3 bytes of padding
         for i, h5_path in enumerate(UPSTREAM_H5_PATHS.values()):

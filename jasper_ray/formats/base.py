@@ -53,7 +53,8 @@ def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = Non
     Arrays that gather themselves (chunked HDF5 rows, shard parts) do; numpy arrays go through
     ``np.take`` (``mode="clip"``: the indices are checked, and ``mode="raise"`` would buffer all of
     ``out``). A mapped tensor that a writer placed at an offset its dtype is not aligned to is
-    gathered as rows of bytes: numpy copies unaligned elements one by one, 25-50x slower.
+    gathered as rows of bytes: numpy copies unaligned elements one by one, 20-70x slower
+    (``scripts/diag_gathers.py``).
     """
     take = getattr(arr, "take_rows", None)
     if take is not None:

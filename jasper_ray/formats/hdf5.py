@@ -83,7 +83,7 @@ def dataset_options(
 
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
-# for its dtype (numpy gathers unaligned int64 rows through a slow path, 25-50x slower) and its rows
+# for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
 # start on cache lines. HDF5 pads up to 63 bytes per object.
 ALIGNMENT = 64
 
