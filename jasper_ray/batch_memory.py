@@ -63,7 +63,7 @@ def _map(name: str, nbytes: int) -> np.ndarray:
 
 
 class Slot:
-    def __init__(self, layout: BatchLayout, name: str | None = None):
+    def __init__(self, layout: BatchLayout, name: str, number: int):
         shm = shared_memory.SharedMemory(name, create=True, size=layout.nbytes)  # tracked: unlinked if we crash
         shm.close()
         self._shm = shm
@@ -71,7 +71,7 @@ class Slot:
         self.root = _map(self.name, layout.nbytes)
         self.views = layout.views(self.root)
         self.busy = False
-        self.number = -1  # its index in the pool that made it
+        self.number = number  # its index in the pool that made it: how a writer is told the slot
         # Set when a request into this slot was abandoned (served elsewhere) but may still run: the
         # slot is never reused, so a late write cannot land in someone else's batch.
         self.quarantined = False
@@ -102,8 +102,7 @@ class SlotPool:
     def acquire(self) -> Slot:
         slot = next((s for s in self.slots if s.free()), None)
         if slot is None:
-            slot = Slot(self.layout, f"{self.prefix}{len(self.slots)}")
-            slot.number = len(self.slots)
+            slot = Slot(self.layout, f"{self.prefix}{len(self.slots)}", len(self.slots))
             self.slots.append(slot)
         slot.busy = True
         return slot
@@ -115,7 +114,7 @@ class SlotPool:
 
 
 class SlotWriter:
-    """The actor side: attach slots by name (cached) and build rows into them at positions."""
+    """The actor side: attach slots by name (cached) and build rows into them in place."""
 
     def __init__(self, max_open: int = 16):
         self.open: dict[str, dict[str, np.ndarray]] = {}
@@ -125,25 +124,17 @@ class SlotWriter:
         self,
         name: str,
         layout: BatchLayout,
-        positions: np.ndarray,
-        build: Callable[[dict[str, np.ndarray] | None], dict[str, np.ndarray]],
+        rows: slice,
+        build: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     ) -> None:
-        """Land the rows ``build`` makes at ``positions`` of slot ``name``. Positions in one run: built
-        in place (``build(out)``, no copy). Scattered: ``build(None)``'s new arrays, then scattered
-        (measured: building into a reused scratch batch first was a third slower)."""
+        """Build rows ``rows`` of slot ``name`` in place: ``build(out)`` gets the slot's views of them
+        (a batch's rows come grouped by shard, so an actor's part is always one run)."""
         views = self.open.get(name)
         if views is None:
             if len(self.open) >= self.max_open:
                 self.open.pop(next(iter(self.open)))
             views = self.open[name] = layout.views(_map(name, layout.nbytes))
-        n = len(positions)
-        if n and positions[-1] - positions[0] + 1 == n:
-            first = int(positions[0])
-            build({key: view[first : first + n] for key, view in views.items()})
-            return
-        batch = build(None)
-        for key, view in views.items():
-            view[positions] = batch[key]
+        build({key: view[rows] for key, view in views.items()})
 
 
 class PacingTable:

@@ -86,21 +86,21 @@ class ShardServer:
         return batch
 
     def fill(
-        self, pair_ids: np.ndarray, epoch: int, slot: str, layout: BatchLayout, positions: np.ndarray, node_id: str
+        self, pair_ids: np.ndarray, epoch: int, slot: str, layout: BatchLayout, rows: slice, node_id: str
     ) -> int | dict[str, np.ndarray]:
-        """Write the batch into the client's shared-memory ``slot`` at ``positions`` when the client is on
+        """Write the batch into rows ``rows`` of the client's shared-memory ``slot`` when the client is on
         this node (returns the row count); otherwise return the batch through the object store."""
         if node_id != self.node_id:
             return self.get_batch(pair_ids, epoch)
-        self.slots.write(slot, layout, positions, lambda out: self.get_batch(pair_ids, epoch, out))
-        return len(positions)
+        self.slots.write(slot, layout, rows, lambda out: self.get_batch(pair_ids, epoch, out))
+        return len(pair_ids)
 
     def fill_many(
-        self, requests: list[tuple[np.ndarray, str, np.ndarray]], epoch: int, layout: BatchLayout, node_id: str
+        self, requests: list[tuple[np.ndarray, str, slice]], epoch: int, layout: BatchLayout, node_id: str
     ) -> list[int | dict[str, np.ndarray]]:
-        """``fill`` for several batches in one call: (pair ids, slot, positions) each. One call per actor
+        """``fill`` for several batches in one call: (pair ids, slot, rows) each. One call per actor
         for a group of batches instead of one per batch halves the per-call cost a batch pays."""
-        return [self.fill(ids, epoch, slot, layout, positions, node_id) for ids, slot, positions in requests]
+        return [self.fill(ids, epoch, slot, layout, rows, node_id) for ids, slot, rows in requests]
 
     def serve(
         self,
@@ -128,7 +128,7 @@ class ShardServer:
                 slot = pacing.wait_offer(seq, client_pid, pause)
                 if slot is None:
                     break
-                rows = np.arange(first, first + len(ids))
+                rows = slice(first, first + len(ids))
                 slots.write(f"{slot_prefix}{slot}", layout, rows, lambda out, ids=ids: self.get_batch(ids, epoch, out))
                 pacing.mark_done(lane, seq)
                 built += 1

@@ -65,8 +65,8 @@ from .shard_server import ShardServer
 
 log = logging.getLogger(__name__)
 
-# A batch's request to one actor: (shard, positions in the batch, ObjectRef, index in a fill_many result).
-Part = tuple[int, np.ndarray, Any, "int | None"]
+# A batch's request to one actor: (shard, its rows of the batch, ObjectRef, index in a fill_many result).
+Part = tuple[int, slice, Any, "int | None"]
 # A batch as routed: its pair ids grouped by shard, and (shard, first row, stop row) per shard.
 Routed = tuple[np.ndarray, list[tuple[int, int, int]]]
 
@@ -288,10 +288,10 @@ class ShardedJasper(IterableDataset):
     def _submit(self, group: list[Routed]) -> list[tuple[np.ndarray, Slot, list[Part]]]:
         """Request a group of batches: one ``fill_many`` call per actor covers its rows of all of them."""
         slots = [self._pool.acquire() for _ in group]
-        requests: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        requests: dict[int, list[tuple[int, np.ndarray, slice]]] = {}
         for b, (ids, runs) in enumerate(group):
             for shard, first, stop in runs:
-                requests.setdefault(shard, []).append((b, ids[first:stop], np.arange(first, stop)))
+                requests.setdefault(shard, []).append((b, ids[first:stop], slice(first, stop)))
         parts: list[list[Part]] = [[] for _ in group]
         for shard, items in requests.items():
             if self.serve_while_restarting and self._whereabouts[shard] is None and self._down_here(shard):
@@ -340,7 +340,7 @@ class ShardedJasper(IterableDataset):
             self._local = ShardServer(self.path, self.storage_format, 0, 1 << 62, self.seed, "client")
         return self._local.get_batch(ids, self.epoch, out)
 
-    def _request(self, shard: int, ids: np.ndarray, slot: Slot, where: np.ndarray) -> Any:
+    def _request(self, shard: int, ids: np.ndarray, slot: Slot, where: slice) -> Any:
         return self.actors[shard].fill.remote(ids, self.epoch, slot.name, self._layout, where, self._node_id)
 
     def _collect(self, ids: np.ndarray, slot: Slot, parts: list[Part]) -> dict[str, Any]:
@@ -357,7 +357,7 @@ class ShardedJasper(IterableDataset):
                     log.warning(
                         "%s lost a request (its process is gone); serving its %d rows from the client",
                         self.names[shard],
-                        len(where),
+                        where.stop - where.start,
                     )
                     result = self._serve_here(ids[where])
                     slot.quarantined = True  # the request may still run once the actor is back
@@ -377,7 +377,7 @@ class ShardedJasper(IterableDataset):
                             "%s lost a request (%s: restarting); serving its %d rows from the client",
                             self.names[shard],
                             type(exc).__name__,
-                            len(where),
+                            where.stop - where.start,
                         )
                         result = self._serve_here(ids[where])
                         break

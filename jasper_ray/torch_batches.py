@@ -7,8 +7,9 @@ device with host-computed positions, so no per-sample ``.item()`` syncs.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,17 +19,24 @@ from .formats.base import Reader
 from .schema import TENSORS
 
 
-def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` without the read-only warning (mapped arrays are read-only; we never write them)."""
+@contextlib.contextmanager
+def _read_only_ok() -> Iterator[None]:
+    """Silence torch's warning about tensors over read-only arrays: mapped arrays are read-only, and
+    we never write them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without the read-only warning."""
+    with _read_only_ok():
         return torch.from_numpy(array)
 
 
 def to_torch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A batch of numpy arrays as tensors sharing their memory (tensors pass through)."""
-    with warnings.catch_warnings():  # once per batch: a third of the cost of once per key
-        warnings.simplefilter("ignore", UserWarning)
+    with _read_only_ok():  # once per batch: a third of the cost of once per key
         return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in batch.items()}
 
 

@@ -95,7 +95,7 @@ def actor_calls(ray) -> None:
 
     actor = Echo.remote()
     ray.get(actor.call.remote([]))
-    requests = [(np.arange(128), "psm_name", np.arange(128)) for _ in range(4)]  # a fill_many call's arguments
+    requests = [(np.arange(128), "psm_name", slice(0, 128)) for _ in range(4)]  # a fill_many call's arguments
     n, rows = 2000, []
     for label in ("one at a time (ray.get each)", "pipelined (all submitted, then ray.get)"):
         cpu, started = _cpu(), time.perf_counter()
