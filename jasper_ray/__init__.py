@@ -11,28 +11,34 @@ from typing import Any
 
 # --- Public API ---
 from .assembly import SAMPLE_KEYS, assemble_batch
-from .errors import ChecksumError, DatasetFormatError, DatasetNotFoundError, StaleDatasetError, ValidationError
+from .conversion.writer import ConversionReport, convert_pt_to_hdf5
+from .errors import (
+    ChecksumError,
+    ConversionError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    ShardUnavailableError,
+    StaleDatasetError,
+    ValidationError,
+)
 from .formats import open_dataset
 from .formats.base import Reader
 from .formats.pt import write_pt_dataset
-from .synth import synth_dataset
+from .tools.synth import synth_dataset
 from .validate import validate_dataset
-from .writer import ConversionReport, convert_pt_to_hdf5
 
 # Front-ends that need torch or Ray: name -> module, imported on first access.
 _LAZY = {
-    "JASPERSteeringDataset": "dataset",
-    "ResumableLoader": "loader",
-    "create_loader": "loader",
-    "set_epoch": "loader",
-    "validate_first_batch": "loader",
-    "ResumableSampler": "sampler",
-    "collate": "torch_batches",
-    "ConversionError": "ray_convert",
-    "convert": "ray_convert",
+    "JASPERSteeringDataset": "local.dataset",
+    "ResumableLoader": "local.loader",
+    "create_loader": "local.loader",
+    "set_epoch": "local.loader",
+    "validate_first_batch": "local.loader",
+    "ResumableSampler": "local.sampler",
+    "collate": "local.batches",
+    "convert": "conversion.parallel",
     "read_jasper": "ray_data",
-    "ShardedJasper": "shard_service",
-    "ShardUnavailableError": "shard_service",
+    "ShardedJasper": "serve.client",
 }
 
 __version__ = "0.1.0"
@@ -40,10 +46,12 @@ __version__ = "0.1.0"
 __all__ = [
     "SAMPLE_KEYS",
     "ChecksumError",
+    "ConversionError",
     "ConversionReport",
     "DatasetFormatError",
     "DatasetNotFoundError",
     "Reader",
+    "ShardUnavailableError",
     "StaleDatasetError",
     "ValidationError",
     "assemble_batch",

@@ -5,7 +5,7 @@ Data read tasks and the shard actors all call ``assemble_batch``, so the same
 pair at the same epoch gives the same sample on a laptop and on a cluster.
 A source gives rows of named tensors (``take``) and the few array operations
 assembly needs: ``ReaderSource`` reads numpy rows through the format reader
-(memory-mapped), ``torch_batches.TensorSource`` indexes torch tensors placed
+(memory-mapped), ``local.batches.TensorSource`` indexes torch tensors placed
 on a device (no ``.item()`` syncs: positions are computed on the host).
 Imports neither torch nor Ray, so Ray workers that serve HDF5 start fast.
 """

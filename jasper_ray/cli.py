@@ -7,11 +7,14 @@ and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 from .errors import ChecksumError
 from .formats.base import is_mapped
@@ -20,7 +23,7 @@ log = logging.getLogger("jasper_ray")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import pairs_for_size, parse_size, synth_dataset
+    from .tools.synth import pairs_for_size, parse_size, synth_dataset
 
     n_pairs = pairs_for_size(parse_size(args.size), args.dim, args.neg) if args.size else args.pairs
     started = time.perf_counter()
@@ -40,12 +43,12 @@ def _compression(text: str) -> str | None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     compression, shuffle = _compression(args.compression), not args.no_shuffle
     if args.single_process:
-        from .writer import convert_pt_to_hdf5
+        from .conversion.writer import convert_pt_to_hdf5
 
         report = convert_pt_to_hdf5(args.dir, compression, args.level, shuffle, progress=not args.quiet)
     else:
-        from .ray_convert import convert
-        from .synth import parse_size
+        from .conversion.parallel import convert
+        from .tools.synth import parse_size
 
         report = convert(
             args.dir,
@@ -117,7 +120,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     summary = run_demo(
         args.size,
@@ -132,8 +135,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def bench_report() -> ModuleType:
+    """``scripts/bench_report.py`` of the source checkout this package runs from (benchmarks are not installed)."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if not (scripts / "bench_report.py").is_file():
+        raise FileNotFoundError(
+            f"benchmark scripts not found: {scripts} lacks bench_report.py "
+            "(jasper-ray bench runs the scripts of a source checkout: install it with pip install -e from a clone)"
+        )
+    if str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
+    return importlib.import_module("bench_report")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    run_bench = bench_report().run_bench
 
     scale = "tiny" if args.tiny else "quick" if args.quick else "full"
     command = ["jasper-ray bench"] + ([f"--{scale}"] if scale != "full" else [])

@@ -31,3 +31,15 @@ class StaleDatasetError(ValueError):
 
 class ChecksumError(ValueError):
     """Stored bytes no longer match the checksum recorded when they were written."""
+
+
+class ConversionError(RuntimeError):
+    """Conversion pieces failed after their retries; names them."""
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard's actor could not serve a request after all retries."""
+
+
+class RayUnreachableError(ConnectionError):
+    """No Ray cluster answers at the address given."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from .assembly import PAIR_ID, SAMPLE_KEYS, ReaderSource, assemble_batch
 from .formats import open_dataset
-from .formats.hdf5 import rows_per_chunk
+from .formats.chunks import rows_per_chunk
 from .ray_session import require_ray
 from .sampling import DEFAULT_SEED, SteeringSchedule, steering_variants, uniform_hash
 from .schema import TENSOR

@@ -11,11 +11,9 @@ import os
 import socket
 from typing import Any
 
+from .errors import RayUnreachableError
+
 CONNECT_TIMEOUT_S = 5.0
-
-
-class RayUnreachableError(ConnectionError):
-    """No Ray cluster answers at the address given."""
 
 
 def require_ray(purpose: str) -> Any:

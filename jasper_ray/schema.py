@@ -18,6 +18,9 @@ import numpy as np
 FORMAT_VERSION = 1
 HDF5_FILE = "dataset.h5"
 CONFIG_FILE = "config.json"
+# The sharded layout: a directory of shard files and the manifest that is their truth.
+SHARDS_DIR = "dataset.shards"
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)

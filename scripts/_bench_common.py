@@ -353,7 +353,7 @@ def fmt_pct(x: float) -> str:
 
 
 def w_synth(out: str, n_pairs: int, dim: int, n_neg: int, seed: int) -> dict[str, Any]:
-    from jasper_ray.synth import synth_dataset
+    from jasper_ray.tools.synth import synth_dataset
 
     t0 = time.perf_counter()
     synth_dataset(out, n_pairs, dim, n_neg, seed)

@@ -60,9 +60,9 @@ from _bench_common import (  # noqa: E402
 )
 
 import jasper_ray  # noqa: E402
-from jasper_ray.sampler import make_sampler  # noqa: E402
-from jasper_ray.shard_service import PACE_S, PACED_AHEAD  # noqa: E402
-from jasper_ray.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
+from jasper_ray.local.sampler import make_sampler  # noqa: E402
+from jasper_ray.serve.client import PACE_S, PACED_AHEAD  # noqa: E402
+from jasper_ray.tools.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
 
 log = logging.getLogger("bench.actors")
 BATCH, DIM, N_NEG, SEED, EPOCH = 256, 768, 12, 0, 0

@@ -93,7 +93,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
         """Runs in a Ray worker (nested: pickled by value): its VmRSS with the shard task's imports, no shard."""
         import importlib
 
-        for name in ("h5py", "torch", "jasper_ray.shards"):
+        for name in ("h5py", "torch", "jasper_ray.conversion.pieces"):
             importlib.import_module(name)
         with open("/proc/self/status") as f:
             rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -103,8 +103,8 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
     import h5py  # noqa: F401
     import torch  # noqa: F401
 
+    from jasper_ray.conversion.writer import convert_pt_to_hdf5
     from jasper_ray.formats import open_dataset
-    from jasper_ray.writer import convert_pt_to_hdf5
 
     # What each Ray worker pays once, in its first shard task (jasper_ray imports torch lazily).
     result: dict[str, Any] = {"import_seconds": time.perf_counter() - t0}
@@ -116,9 +116,9 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
 
         import ray
 
-        from jasper_ray.ray_convert import READER_ENV, convert
+        from jasper_ray.conversion.parallel import READER_ENV, convert
+        from jasper_ray.conversion.plan import plan_conversion
         from jasper_ray.schema import KEYWORD_IDS
-        from jasper_ray.shards import plan_conversion
 
         tracemalloc.start()
         keyword_lists = torch.load(src_dir / KEYWORD_IDS.pt_file, weights_only=True)
@@ -277,7 +277,7 @@ def scaling_rows(run: dict[str, Any], upstream_seconds: float) -> tuple[list[lis
 
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path):
-        from jasper_ray.synth import pairs_for_size, parse_size
+        from jasper_ray.tools.synth import pairs_for_size, parse_size
 
         self.args = args
         self.work = work
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args.shard_size = args.shard_size or ("16MB" if args.quick else "64MB")
     setup_logging(args.verbose)
 
-    from jasper_ray.synth import parse_size
+    from jasper_ray.tools.synth import parse_size
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def w_convert(kind: str, src: str, output: str, compression: str | None) -> dict
     import h5py  # noqa: F401
     import torch  # noqa: F401
 
-    from jasper_ray.writer import convert_pt_to_hdf5
+    from jasper_ray.conversion.writer import convert_pt_to_hdf5
 
     src_dir, out = Path(src), Path(output)
     with Sampler() as tracker:
@@ -347,7 +347,7 @@ def _h5py_fancy(path: Path, h5_path: str, handles: list[Any]) -> tuple[Any, Any]
 
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path):
-        from jasper_ray.synth import pairs_for_size, parse_size
+        from jasper_ray.tools.synth import pairs_for_size, parse_size
 
         self.args = args
         self.work = work
@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     sections = set(args.sections.split(","))
 
-    from jasper_ray.synth import parse_size
+    from jasper_ray.tools.synth import parse_size
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

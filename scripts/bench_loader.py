@@ -36,8 +36,8 @@ from _bench_common import fmt_rate, fmt_ratio, print_table, record, setup_loggin
 import jasper_ray  # noqa: E402
 from jasper_ray.assembly import assemble_batch  # noqa: E402
 from jasper_ray.formats import open_dataset  # noqa: E402
-from jasper_ray.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
-from jasper_ray.torch_batches import TensorSource  # noqa: E402
+from jasper_ray.local.batches import TensorSource  # noqa: E402
+from jasper_ray.tools.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
 
 log = logging.getLogger("bench.loader")
 BATCH = 256

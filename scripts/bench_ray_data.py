@@ -154,7 +154,7 @@ def main() -> None:
 
     import jasper_ray
     from jasper_ray.ray_data import COLUMNS, JasperDatasource, read_jasper, row_bytes
-    from jasper_ray.synth import pairs_for_size, parse_size
+    from jasper_ray.tools.synth import pairs_for_size, parse_size
 
     n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
     root = Path(args.out) / f"bench-ray-data-{n_pairs}"

@@ -125,7 +125,7 @@ def main() -> None:
     from ray.data import DataContext
 
     import jasper_ray
-    from jasper_ray.synth import pairs_for_size, parse_size
+    from jasper_ray.tools.synth import pairs_for_size, parse_size
 
     n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
     directory = Path(args.out) / f"diag-ray-costs-{n_pairs}"

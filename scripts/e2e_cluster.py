@@ -33,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import jasper_ray  # noqa: E402
+from jasper_ray.conversion.plan import work_dir_for  # noqa: E402
 from jasper_ray.formats import open_dataset  # noqa: E402
-from jasper_ray.sampler import make_sampler  # noqa: E402
+from jasper_ray.local.sampler import make_sampler  # noqa: E402
 from jasper_ray.schema import TENSORS  # noqa: E402
-from jasper_ray.shards import work_dir_for  # noqa: E402
 
 log = logging.getLogger("e2e")
 CLUSTER = HERE / "local_cluster.sh"
@@ -59,7 +59,7 @@ def kill_node_when_shards_exist(work_dir: Path, node: int, min_shards: int, done
 
 
 def _warm() -> int:
-    import jasper_ray.shards  # noqa: F401 - what conversion tasks import
+    import jasper_ray.conversion.parallel  # noqa: F401 - what conversion tasks import
 
     return os.getpid()
 
@@ -68,7 +68,7 @@ def warm_up(ray) -> None:
     """Start a worker with jasper_ray imported on every node, so timings compare conversions, not start-up."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jasper_ray.ray_convert import READER_ENV
+    from jasper_ray.conversion.parallel import READER_ENV
 
     warm = ray.remote(num_cpus=1, runtime_env={"env_vars": READER_ENV})(_warm)  # the conversion's worker pool
     ray.get(

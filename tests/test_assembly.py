@@ -15,7 +15,7 @@ import torch
 
 from jasper_ray.assembly import SAMPLE_KEYS, ReaderSource, assemble_batch
 from jasper_ray.formats import open_dataset
-from jasper_ray.torch_batches import TensorSource
+from jasper_ray.local.batches import TensorSource
 
 
 def _garbage_like(batch: dict, as_torch: bool) -> dict:

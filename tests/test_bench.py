@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from _support import REPO, subprocess_env
 
-from jasper_ray import bench
-from jasper_ray.cli import main
+from jasper_ray import cli
+from jasper_ray.cli import bench_report, main
+
+bench = bench_report()
 
 # Table titles (their beginnings) each script prints.
 TABLES = {
@@ -151,7 +153,7 @@ def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         "jasper-ray bench: error: --only 'loader,nope': expected a comma-separated subset of "
         "formats,loader,convert,ray_data,actors"
     )
-    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "jasper_ray" / "bench.py"))
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "jasper_ray" / "cli.py"))
     assert main(["bench", "--tiny", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("jasper-ray bench: error: benchmark scripts not found:") and "\n" not in err

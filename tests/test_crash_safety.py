@@ -24,7 +24,7 @@ from jasper_ray.formats.hdf5 import HDF5Reader
 
 CHILD = """
 import sys
-from jasper_ray.writer import convert_pt_to_hdf5
+from jasper_ray.conversion.writer import convert_pt_to_hdf5
 convert_pt_to_hdf5(sys.argv[1], compression=None, progress=False, block_bytes=1)
 print("finished")
 """
@@ -124,7 +124,7 @@ def test_a_live_writers_temp_file_is_not_removed(dataset_copy: Path) -> None:
 @pytest.mark.parametrize("junk", [b"", b"\x89HDF\r\n\x1a\n truncated"], ids=["no-previous", "previous-file"])
 def test_conversion_error_midway_leaves_nothing(dataset_copy: Path, junk: bytes, monkeypatch) -> None:
     """An exception inside the writer (not a kill) removes its temp file and publishes nothing."""
-    import jasper_ray.writer as writer
+    import jasper_ray.conversion.writer as writer
 
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from jasper_ray import JASPERSteeringDataset, collate, convert_pt_to_hdf5, create_loader, validate_first_batch
-from jasper_ray.torch_batches import SampleBatch
+from jasper_ray.local.batches import SampleBatch
 
 pytest.register_assert_rewrite("_fixtures_dataset")
 from _fixtures_dataset import (  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jasper_ray import ResumableSampler, create_loader, set_epoch
-from jasper_ray.sampler import make_sampler
+from jasper_ray.local.sampler import make_sampler
 
 pytest.register_assert_rewrite("_fixtures_dataset")
 from _fixtures_dataset import assert_batches_equal  # noqa: E402

@@ -14,11 +14,11 @@ from typing import Literal
 
 from ..errors import DatasetNotFoundError, StaleDatasetError
 from ..fingerprint import changed_files
-from ..schema import HDF5_FILE, PT_PROBE
+from ..schema import HDF5_FILE, MANIFEST, PT_PROBE, SHARDS_DIR
 from .base import Reader
 from .hdf5 import HDF5Reader, require_h5py
 from .pt import PTReader
-from .sharded import MANIFEST, SHARDS_DIR, ShardedHDF5Reader
+from .sharded import ShardedHDF5Reader
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from ..schema import (
     split_h5_path,
 )
 from .base import Reader, advise_huge_pages, check_indices
+from .checksum import BlockHasher, combine
 from .pt import PTReader
 
-CHUNK_TARGET_BYTES = 64 << 10
 CHUNK_CACHE_BYTES = 32 << 20  # per reader, shared out over the datasets it gathers from
 FILE_CHUNK_CACHE_BYTES = 1 << 20
 
@@ -50,36 +50,6 @@ def require_h5py():
     except ImportError as exc:  # pragma: no cover - exercised only without h5py
         raise ImportError("HDF5 format requested but h5py is not installed. Install with: pip install h5py") from exc
     return h5py
-
-
-# --- writing policy -------------------------------------------------------------
-
-
-def rows_per_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_TARGET_BYTES) -> int:
-    """Whole-row chunks of about ``target_bytes``: one random row costs one small chunk."""
-    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
-    return int(max(1, min(max(shape[0], 1), target_bytes // max(row_bytes, 1))))
-
-
-def dataset_options(
-    shape: tuple[int, ...],
-    dtype: np.dtype,
-    compression: str | None,
-    compression_opts: Any = None,
-    shuffle: bool = True,
-) -> dict[str, Any]:
-    """``create_dataset`` keyword arguments: contiguous when uncompressed (so it maps), row chunks otherwise."""
-    if compression is not None and compression not in ("gzip", "lzf"):
-        raise ValueError(f"compression must be 'gzip', 'lzf' or None, got {compression!r}")
-    if compression is None or 0 in shape:
-        # Nothing to compress in an empty tensor (a [0, D] keyword table), and HDF5 refuses
-        # a chunk larger than a zero-length axis: store it contiguous.
-        return {}
-    chunks = (rows_per_chunk(shape, np.dtype(dtype).itemsize),) + tuple(max(1, s) for s in shape[1:])
-    opts: dict[str, Any] = {"chunks": chunks, "compression": compression, "shuffle": bool(shuffle)}
-    if compression_opts is not None:
-        opts["compression_opts"] = compression_opts
-    return opts
 
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
@@ -322,8 +292,6 @@ class HDF5Reader(Reader):
 
     def verify_checksums(self, on_block: Any = None) -> list[str]:
         """Recompute every recorded checksum; return one message per dataset that does not match."""
-        from ..checksum import BlockHasher, combine
-
         problems: list[str] = []
 
         def visit(name: str, obj: Any) -> None:

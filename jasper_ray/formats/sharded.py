@@ -8,6 +8,7 @@ that names it. Each tensor is served as its shards' rows concatenated.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetFormatError, DatasetNotFoundError
-from ..schema import KEYWORD_IDS, SPLIT_H5_GROUP, TENSOR, split_h5_path
+from ..schema import KEYWORD_IDS, MANIFEST, SHARDS_DIR, SPLIT_H5_GROUP, TENSOR, split_h5_path
 from .base import Reader, gather_rows
+from .checksum import BlockHasher, combine
 from .hdf5 import CHUNK_CACHE_BYTES, open_h5, serve_dataset
 
-SHARDS_DIR = "dataset.shards"
-MANIFEST = "manifest.json"
+
+def read_manifest(shards_dir: Path) -> dict[str, Any]:
+    path = shards_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"{path}: unreadable shard manifest ({exc})") from exc
+    if manifest.get("layout") != "sharded" or "tensors" not in manifest:
+        raise DatasetFormatError(f"{path}: not a jasper_ray shard manifest")
+    return manifest
 
 
 class ConcatRows:
@@ -77,8 +87,6 @@ class ShardedHDF5Reader(Reader):
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
-            from ..shards import read_manifest
-
             self._manifest = read_manifest(self.shards_dir)
             self._check_shards(self._manifest)
         return self._manifest
@@ -178,8 +186,6 @@ class ShardedHDF5Reader(Reader):
 
     def verify_checksums(self, on_block: Any = None) -> list[str]:
         """Recompute each shard's checksum from its rows; name every shard that does not match."""
-        from ..checksum import BlockHasher, combine
-
         problems = []
         for tensor in self.manifest["tensors"]:
             dtype = np.dtype(tensor["dtype"])

@@ -40,7 +40,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from jasper_ray import JASPERSteeringDataset, ShardedJasper
-    from jasper_ray.sampler import make_sampler
+    from jasper_ray.local.sampler import make_sampler
 
     cluster = Cluster(
         initialize_head=True,

@@ -45,9 +45,9 @@ from jasper_ray import (
 )
 from jasper_ray.atomic import TEMP_MARK
 from jasper_ray.cli import is_mapped
-from jasper_ray.formats.sharded import MANIFEST, SHARDS_DIR, ShardedHDF5Reader
-from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, TENSORS
-from jasper_ray.shards import plan_conversion, work_dir_for
+from jasper_ray.conversion.plan import plan_conversion, work_dir_for
+from jasper_ray.formats.sharded import ShardedHDF5Reader
+from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, MANIFEST, SHARDS_DIR, TENSORS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -37,9 +37,9 @@ import pytest
 
 from jasper_ray import JASPERSteeringDataset, ShardedJasper, ShardUnavailableError, convert_pt_to_hdf5, synth_dataset
 from jasper_ray.assembly import PAIR_ID
-from jasper_ray.batch_memory import SHM_DIR
-from jasper_ray.sampler import make_sampler
-from jasper_ray.shard_service import PACED_AHEAD
+from jasper_ray.local.sampler import make_sampler
+from jasper_ray.serve.client import PACED_AHEAD
+from jasper_ray.serve.slots import SHM_DIR
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -195,7 +195,7 @@ def test_killed_actor_loses_no_sample(
 
     with client(small, batch_size=32, max_restarts=3, pace_in_shared_memory=paced) as c:
         pids = ray.get([a.pid.remote() for a in c.actors])
-        with caplog.at_level("WARNING", logger="jasper_ray.shard_service"):
+        with caplog.at_level("WARNING", logger="jasper_ray.serve.client"):
             batches = [as_numpy(b) for b in kill_actor_after(iter(c), c.actors[0], after=5)]
         # The client served the dead actor's rows itself while it restarted; it is back for the next epoch.
         deadline = time.monotonic() + DEADLINE_S

@@ -73,7 +73,7 @@ PLOTS = {
 
 def scripts_dir() -> Path:
     """``<repo>/scripts`` beside the package; a clear error when this is not a source checkout."""
-    directory = Path(__file__).resolve().parents[1] / "scripts"
+    directory = Path(__file__).resolve().parent
     missing = [f"bench_{name}.py" for name in SCRIPTS if not (directory / f"bench_{name}.py").is_file()]
     if missing:
         raise FileNotFoundError(
@@ -99,7 +99,7 @@ def _size_text(nbytes: float) -> str:
 
 def script_args(name: str, scale: str = "full", size_scale: float = 1.0) -> list[str]:
     """The command-line arguments of ``bench_<name>.py`` at a scale (work directory not included)."""
-    from .synth import parse_size
+    from jasper_ray.tools.synth import parse_size
 
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r}: expected one of {', '.join(SCALES)}")

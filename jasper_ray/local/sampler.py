@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from .sampling import DEFAULT_SEED, epoch_permutation
+from ..sampling import DEFAULT_SEED, epoch_permutation
 
 log = logging.getLogger(__name__)
 

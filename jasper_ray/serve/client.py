@@ -54,14 +54,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from .batch_memory import BatchLayout, PacingTable, Slot, SlotPool
-from .formats import open_dataset
-from .formats.hdf5 import rows_per_chunk
-from .formats.sharded import ShardedHDF5Reader
-from .ray_session import connect
-from .sampling import DEFAULT_SEED
-from .schema import TENSOR
-from .shard_server import ShardServer
+from ..errors import ShardUnavailableError
+from ..formats import open_dataset
+from ..formats.chunks import rows_per_chunk
+from ..formats.sharded import ShardedHDF5Reader
+from ..ray_session import connect
+from ..sampling import DEFAULT_SEED
+from ..schema import TENSOR
+from .server import ShardServer
+from .slots import BatchLayout, PacingTable, Slot, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,6 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except (FileNotFoundError, IndexError):
         return False
-
-
-class ShardUnavailableError(RuntimeError):
-    """A shard's actor could not serve a request after all retries."""
 
 
 def shard_ranges(reader: Any, num_shards: int | None) -> list[tuple[int, int]]:
@@ -173,7 +170,7 @@ class ShardedJasper(IterableDataset):
     ):
         import ray
 
-        from .sampler import make_sampler
+        from ..local.sampler import make_sampler
 
         connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
         reader = open_dataset(path, storage_format, use_mmap=True)
@@ -552,7 +549,7 @@ class ShardedJasper(IterableDataset):
         ``num_workers=0`` (the actors already work in parallel; loader workers would each replay the epoch)."""
         from torch.utils.data import get_worker_info
 
-        from .torch_batches import to_torch
+        from ..local.batches import to_torch
 
         if get_worker_info() is not None:
             raise RuntimeError(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .formats.hdf5 import rows_per_chunk
+from .chunks import rows_per_chunk
 
 BLOCK_BYTES = 16 << 20
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from .assembly import PAIR_ID, ReaderSource, assemble_batch
-from .batch_memory import BatchLayout, PacingTable, SlotWriter
-from .formats import open_dataset
-from .formats.base import is_mapped
-from .sampling import SteeringSchedule, steering_variants
-from .schema import TENSORS
+from ..assembly import PAIR_ID, ReaderSource, assemble_batch
+from ..formats import open_dataset
+from ..formats.base import is_mapped
+from ..sampling import SteeringSchedule, steering_variants
+from ..schema import TENSORS
+from .slots import BatchLayout, PacingTable, SlotWriter
 
 
 def _status() -> dict[str, int]:

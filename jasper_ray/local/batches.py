@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .formats.base import Reader
-from .schema import TENSORS
+from ..formats.base import Reader
+from ..schema import TENSORS
 
 
 @contextlib.contextmanager

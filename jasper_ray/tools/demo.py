@@ -75,8 +75,8 @@ def _epoch(name: str, batches: Any, split_ids: np.ndarray) -> PathResult:
 
 
 def _local_batches(directory: Path):
-    from .dataset import JASPERSteeringDataset
-    from .loader import create_loader
+    from ..local.dataset import JASPERSteeringDataset
+    from ..local.loader import create_loader
 
     loader = create_loader(directory, "train", BATCH, drop_last=False, pin_memory=False, use_mmap=True)
     split = JASPERSteeringDataset(directory, "train", validate=False).split_indices.numpy()
@@ -98,11 +98,11 @@ def run_demo(
 ) -> DemoSummary:
     import ray
 
-    from .formats import open_dataset
-    from .ray_convert import convert
-    from .ray_data import read_jasper
-    from .ray_session import connect
-    from .shard_service import ShardedJasper
+    from ..conversion.parallel import convert
+    from ..formats import open_dataset
+    from ..ray_data import read_jasper
+    from ..ray_session import connect
+    from ..serve.client import ShardedJasper
     from .synth import pairs_for_size, parse_size, synth_dataset
 
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="jasper-demo-"))

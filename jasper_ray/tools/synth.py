@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .formats.pt import write_pt_dataset
+from ..formats.pt import write_pt_dataset
 
 log = logging.getLogger(__name__)
 

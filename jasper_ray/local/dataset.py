@@ -19,16 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .assembly import ReaderSource, assemble_batch
-from .config import read_config_file
-from .errors import DatasetNotFoundError
-from .formats import StorageFormat, open_dataset
-from .formats.base import Reader
-from .formats.sharded import MANIFEST, SHARDS_DIR
-from .sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
-from .schema import CONFIG_FILE, HDF5_FILE, STEERING_VARIANTS, TENSORS
-from .torch_batches import SampleBatch, TensorSource, as_tensor, to_torch
-from .validate import validate_dataset
+from ..assembly import ReaderSource, assemble_batch
+from ..config import read_config_file
+from ..errors import DatasetNotFoundError
+from ..formats import StorageFormat, open_dataset
+from ..formats.base import Reader
+from ..sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
+from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSORS
+from ..validate import validate_dataset
+from .batches import SampleBatch, TensorSource, as_tensor, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +280,13 @@ class JASPERSteeringDataset(Dataset):
         its start-up: a Ray session is already running, ``RAY_ADDRESS`` names a cluster, or the data is
         larger than one shard. Otherwise in this process (``jasper_ray.convert_pt_to_hdf5``).
         """
-        from .ray_convert import ray_worthwhile
+        from ..conversion.parallel import ray_worthwhile
 
         if ray_worthwhile(dataset_dir):
-            from .ray_convert import convert
+            from ..conversion.parallel import convert
 
             return convert(dataset_dir, compression=compression, **kwargs)
-        from .writer import convert_pt_to_hdf5
+        from ..conversion.writer import convert_pt_to_hdf5
 
         return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
 

@@ -9,7 +9,7 @@ and the client yields tensors over the slot without copying. A slot is reused
 only when nothing outside the pool still references its memory (the training
 loop has dropped the batch), so a yielded batch is never overwritten.
 
-Torch-free; used by ``shard_server`` (writer side) and ``shard_service`` (owner side).
+Torch-free; used by ``serve.server`` (writer side) and ``serve.client`` (owner side).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .assembly import PAIR_ID, SAMPLE_KEYS
+from ..assembly import PAIR_ID, SAMPLE_KEYS
 
 SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux
 

@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_output
-from .checksum import BlockHasher, block_rows, combine
-from .fingerprint import fingerprint
-from .formats import open_dataset
-from .formats.base import Reader
-from .formats.hdf5 import create_file, dataset_options, require_h5py, rows_per_chunk
-from .schema import (
+from ..atomic import atomic_output
+from ..fingerprint import fingerprint
+from ..formats import open_dataset
+from ..formats.base import Reader
+from ..formats.checksum import BlockHasher, block_rows, combine
+from ..formats.chunks import dataset_options
+from ..formats.hdf5 import create_file, require_h5py
+from ..schema import (
     ATTR_CHECKSUM,
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
@@ -37,48 +38,12 @@ from .schema import (
     FORMAT_VERSION,
     HDF5_FILE,
     KEYWORD_IDS,
-    SPLIT_DTYPE,
-    TENSORS,
-    split_h5_path,
 )
+from .plan import GROUP_MESSAGES, TensorJob, tensor_jobs
 
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 64 << 20
-# Upstream's progress lines, one per top-level group, in its order.
-GROUP_MESSAGES = {
-    "embeddings": "Converting embeddings...",
-    "pair_data": "Converting pair data...",
-    "negatives": "Converting negatives...",
-    "steering": "Converting steering tensors...",
-    "splits": "Converting split indices...",
-}
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """One HDF5 dataset to write: where it goes and how to read its rows from the source."""
-
-    h5_path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    source: str  # "tensor:<name>", "split:<name>", "keywords:values", "keywords:offsets"
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-def tensor_jobs(reader: Reader) -> list[TensorJob]:
-    """Every dataset of the output file, in upstream's group order."""
-    jobs = [TensorJob(s.h5_path, reader.shape(s.name), s.dtype, f"tensor:{s.name}") for s in TENSORS]
-    values, offsets = reader.keyword_csr()
-    jobs.append(TensorJob(KEYWORD_IDS.h5_values, (len(values),), KEYWORD_IDS.dtype, "keywords:values"))
-    jobs.append(TensorJob(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), "keywords:offsets"))
-    for split in reader.split_names():
-        jobs.append(TensorJob(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"split:{split}"))
-    order = list(GROUP_MESSAGES)
-    return sorted(jobs, key=lambda j: order.index(j.h5_path.split("/")[0]))
 
 
 def read_rows(reader: Reader, job: TensorJob, start: int, stop: int) -> np.ndarray:
@@ -203,7 +168,7 @@ def convert_pt_to_hdf5(
     none), never a partial file.
     """
     require_h5py()  # before any work, when h5py is missing
-    from .validate import validate_dataset
+    from ..validate import validate_dataset
 
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else dataset_dir / HDF5_FILE
@@ -238,4 +203,4 @@ def convert_pt_to_hdf5(
     return report
 
 
-__all__ = ["convert_pt_to_hdf5", "ConversionReport", "TensorJob", "tensor_jobs", "write_rows", "rows_per_chunk"]
+__all__ = ["convert_pt_to_hdf5", "ConversionReport", "write_rows"]

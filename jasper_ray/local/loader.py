@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .assembly import SAMPLE_KEYS
+from ..assembly import SAMPLE_KEYS
+from ..sampling import DEFAULT_SEED
+from .batches import collate, torch_dtype
 from .dataset import JASPERSteeringDataset
 from .sampler import ResumableSampler, make_sampler
-from .sampling import DEFAULT_SEED
-from .torch_batches import collate, torch_dtype
 
 log = logging.getLogger(__name__)
 

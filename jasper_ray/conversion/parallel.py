@@ -19,30 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .formats import open_dataset
-from .ray_session import connect, require_ray
-from .shards import (
-    SHARD_BYTES,
-    ConversionPlan,
-    ShardResult,
-    ShardTask,
-    WorkDir,
-    assemble_single,
-    default_output,
-    plan_conversion,
-    publish_sharded,
-    work_dir_for,
-    write_shard,
-)
+from ..errors import ConversionError
+from ..formats import open_dataset
+from ..ray_session import connect, require_ray
+from .pieces import ShardResult, WorkDir, write_shard
+from .plan import SHARD_BYTES, ConversionPlan, ShardTask, default_output, plan_conversion, work_dir_for
+from .publish import assemble_single, publish_sharded
 from .writer import ConversionReport, _progress
 
 log = logging.getLogger(__name__)
 
 READER_ENV = {"HDF5_USE_FILE_LOCKING": "FALSE"}
-
-
-class ConversionError(RuntimeError):
-    """Shards failed after their retries; names them."""
 
 
 def _require_ray():
@@ -154,7 +141,7 @@ def convert(
     or not at all. ``_inject_failure`` maps shard ids to marker paths: that
     shard's first attempt fails (for tests of retries).
     """
-    from .validate import validate_dataset
+    from ..validate import validate_dataset
 
     if layout not in ("single", "sharded"):
         raise ValueError(f"layout must be 'single' or 'sharded', got {layout!r}")

@@ -1,0 +1,1 @@
+"""One machine, torch: ``JASPERSteeringDataset``, its resumable samplers and loader, torch batches."""
