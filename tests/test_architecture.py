@@ -19,6 +19,7 @@ PACKAGE = REPO / "jasper_ray"
 MAX_MODULE_LINES = 400
 # What a function may import lazily: the heavy optional parts, and our modules that need them.
 LAZY_MARK = "# lazy:"
+LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
 def _modules() -> list[Path]:
