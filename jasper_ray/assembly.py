@@ -103,7 +103,8 @@ def assemble_batch(
         contiguous = dest.is_contiguous() if hasattr(dest, "is_contiguous") else dest.flags.c_contiguous
         if not contiguous or len(dest) != n:
             raise ValueError(f"out[{key!r}] must be C-contiguous with {n} rows (got shape {tuple(dest.shape)})")
-    index = source.take("pair_index", pair_ids) if {"question_emb", "target_source_emb"} & set(keys) else None
+    needs_index = bool({"question_emb", "target_source_emb"} & set(keys))
+    index = source.take("pair_index", pair_ids) if needs_index else source.zeros((0, 2), np.dtype("int64"))
     per_pair = {
         "cluster_id": "pair_cluster_id",
         "relevance": "pair_relevance",

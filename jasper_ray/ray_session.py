@@ -19,7 +19,7 @@ CONNECT_TIMEOUT_S = 5.0
 def require_ray(purpose: str) -> Any:
     """``ray``, or an ImportError that says what needed it and how to install it."""
     try:
-        import ray
+        import ray  # lazy: Ray is optional below the Ray front-ends; this is where they ask for it
     except ImportError as exc:
         raise ImportError(f"{purpose} needs Ray: pip install 'ray[data,train]' (or pip install jasper-ray).") from exc
     return ray
@@ -42,7 +42,7 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, **init_kwargs: Any) -> bool:
     """Make sure Ray is up; return True when this call started it (the caller then shuts it down)."""
-    import ray
+    ray = require_ray("Connecting to Ray")
 
     if ray.is_initialized():
         return False

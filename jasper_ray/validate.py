@@ -7,10 +7,11 @@ Stops at the first error (a ``ValidationError``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .config import check_probabilities
 from .errors import ValidationError
@@ -100,10 +101,11 @@ def check_range(
         )
 
 
-def check_ranges(reader: Reader, sizes: dict[str, int], bar: Any = None) -> None:
+def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int], object] | None = None) -> None:
     q, s, c, k, p = sizes["Q"], sizes["S"], sizes["C"], sizes["K"], sizes["P"]
     lo_tier, hi_tier = TIER_RANGE
-    rules = {  # tensor -> (column or None, lo, hi, what a value refers to, how many exist)
+    # tensor -> (column or None, lo, hi, what a value refers to, how many exist)
+    rules: dict[str, list[tuple[int | None, int, int, str | None, int | None]]] = {
         "pair_index": [(0, 0, q, "question", q), (1, 0, s, "source", s)],
         "pair_cluster_id": [(None, 0, c, "cluster", c)],
         "hard_negatives": [(None, 0, s, "source", s)],
@@ -129,8 +131,8 @@ def check_ranges(reader: Reader, sizes: dict[str, int], bar: Any = None) -> None
                         column,
                         summary=f"{name} references {entity} {{value}}, but only {count} {entity}s exist",
                     )
-            if bar is not None:
-                bar.update(block.nbytes)
+            if on_bytes is not None:
+                on_bytes(block.nbytes)
     values, offsets = reader.keyword_csr()
     where = reader.location_keywords()
     if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(values):
@@ -164,8 +166,6 @@ def check_ranges(reader: Reader, sizes: dict[str, int], bar: Any = None) -> None
 
 def validate_dataset(reader: Reader, progress: bool = False) -> None:
     """Raise ``ValidationError`` at the first place the dataset breaks the schema."""
-    from tqdm.auto import tqdm
-
     check_config(reader.config)
     sizes = symbol_sizes(reader)
     check_shapes(reader, sizes)
@@ -174,7 +174,7 @@ def validate_dataset(reader: Reader, progress: bool = False) -> None:
         for n in ("pair_index", "pair_cluster_id", "hard_negatives", "negative_tiers")
     )
     with tqdm(total=total, unit="B", unit_scale=True, desc="validate", disable=not progress) as bar:
-        check_ranges(reader, sizes, bar)
+        check_ranges(reader, sizes, bar.update)
 
 
 __all__ = ["validate_dataset", "check_config"]
