@@ -11,6 +11,7 @@ the sharded one. The reference for every sample is the local
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import shutil
@@ -27,10 +28,13 @@ import pytest
 import torch
 
 from jasper_ray import SAMPLE_KEYS, JASPERSteeringDataset, convert, convert_pt_to_hdf5, synth_dataset
+from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
 from jasper_ray.ray_data import (
     MIN_ROWS_PER_TASK,
+    READ_RETRIES,
     JasperDatasource,
     read_jasper,
+    read_task_options,
     shuffle_units,
     task_ranges,
 )
@@ -421,20 +425,35 @@ def test_iter_torch_batches_without_read_only_warnings(dirs: dict[str, Path]) ->
 # --- retries ------------------------------------------------------------------------------------------------
 
 
-def test_injected_failure_is_retried(dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_injected_failure_is_retried(dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clean = by_pair(columns_of(read_jasper(dirs["gzip"], "train", epoch=1)))
     # Without retries the injected error really fails the read...
+    monkeypatch.setenv(FAIL_ONCE_ENV, fail_once_env({"read_jasper": tmp_path / "once"}))
     with pytest.raises(Exception, match="injected transient I/O error"):
-        columns_of(
-            read_jasper(
-                dirs["gzip"], "train", _inject_failure=str(tmp_path / "once"), ray_remote_args={"max_retries": 0}
-            )
-        )
+        columns_of(read_jasper(dirs["gzip"], "train", ray_remote_args={"max_retries": 0}))
     # ... and with read_jasper's default retries, Ray runs the task again and the epoch is whole.
     marker = tmp_path / "marker"
-    got = by_pair(columns_of(read_jasper(dirs["gzip"], "train", epoch=1, _inject_failure=str(marker))))
+    monkeypatch.setenv(FAIL_ONCE_ENV, fail_once_env({"read_jasper": marker}))
+    got = by_pair(columns_of(read_jasper(dirs["gzip"], "train", epoch=1)))
     assert marker.exists()
     assert_same_samples(got, clean)
+
+
+def test_read_task_options_keep_the_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's options win over read_jasper's; the fault variable joins their runtime_env, replacing nothing."""
+    monkeypatch.delenv(FAIL_ONCE_ENV, raising=False)
+    assert read_task_options(None) == {"max_retries": READ_RETRIES, "retry_exceptions": [OSError]}
+    assert read_task_options({"max_retries": 0})["max_retries"] == 0
+    monkeypatch.setenv(FAIL_ONCE_ENV, "read_jasper=/tmp/marker")
+    user = {"runtime_env": {"env_vars": {"A": "1"}, "pip": ["x"]}, "num_cpus": 2}
+    options = read_task_options(user)
+    assert options["num_cpus"] == 2
+    assert options["runtime_env"] == {"env_vars": {"A": "1", FAIL_ONCE_ENV: "read_jasper=/tmp/marker"}, "pip": ["x"]}
+    assert user == {"runtime_env": {"env_vars": {"A": "1"}, "pip": ["x"]}, "num_cpus": 2}  # the caller's dict unchanged
+    assert read_task_options(None)["runtime_env"] == {"env_vars": {FAIL_ONCE_ENV: "read_jasper=/tmp/marker"}}
+    # A test seam, not a parameter: the public signatures carry no failure hook.
+    for public in (read_jasper, JasperDatasource):
+        assert not [p for p in inspect.signature(public).parameters if "inject" in p]
 
 
 # --- the datasource without Ray's executor ------------------------------------------------------------------
