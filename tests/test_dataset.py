@@ -6,12 +6,14 @@ import pickle
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from jasper_ray import JASPERSteeringDataset, collate, convert_pt_to_hdf5, create_loader, validate_first_batch
 from jasper_ray.local.batches import SampleBatch
+from jasper_ray.schema import TENSORS
 
 pytest.register_assert_rewrite("_fixtures_dataset")
 from _fixtures_dataset import (  # noqa: E402
@@ -185,6 +187,15 @@ def test_combined_splits_reload_once_for_all(synth_copy: Path) -> None:
 def test_pair_keyword_ids_is_upstreams_list_of_lists(synth_dir: Path) -> None:
     ds = JASPERSteeringDataset(synth_dir, "train")
     assert ds.pair_keyword_ids == raw(synth_dir, "pair_keyword_ids")
+
+
+def test_tensor_attributes_are_the_schemas_tensors(synth_dir: Path) -> None:
+    """One declared property per schema tensor (go to definition works), each the reader's whole tensor."""
+    properties = {name for name, value in vars(JASPERSteeringDataset).items() if isinstance(value, property)}
+    assert {spec.name for spec in TENSORS} <= properties
+    ds = JASPERSteeringDataset(synth_dir, "train", validate=False)
+    for spec in TENSORS:
+        assert torch.equal(getattr(ds, spec.name), torch.as_tensor(np.asarray(ds.reader.read(spec.name)))), spec.name
 
 
 # --- empty split ----------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _support import subprocess_env
+from torch.utils.data import DataLoader
 
-from jasper_ray import ResumableSampler, create_loader, set_epoch
+from jasper_ray import ResumableSampler, ValidationError, create_loader, set_epoch, validate_first_batch
 from jasper_ray.local.sampler import make_sampler
 
 pytest.register_assert_rewrite("_fixtures_dataset")
@@ -210,3 +215,101 @@ def test_padding_is_logged(caplog: pytest.LogCaptureFixture) -> None:
 def test_sampler_rejects_a_bad_rank() -> None:
     with pytest.raises(ValueError, match="rank 3"):
         ResumableSampler(10, num_replicas=3, rank=3)
+
+
+# --- validate_first_batch ---------------------------------------------------------------------------
+
+Batch = dict[str, torch.Tensor]
+
+
+def _set(key: str, position: int, value: float) -> Callable[[Batch], None]:
+    def edit(batch: Batch) -> None:
+        batch[key][position] = value
+
+    return edit
+
+
+def _replace(key: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Batch], None]:
+    def edit(batch: Batch) -> None:
+        batch[key] = make(batch[key])
+
+    return edit
+
+
+BAD_FIRST_BATCHES = {
+    "missing key": (lambda b: b.pop("relevance"), r"keys differ from the expected ones: \['relevance'\]"),
+    "shape": (
+        _replace("negative_embs", lambda t: t[..., :-1]),
+        r"negative_embs of the first batch: found shape \(8, 4, 31\), expected shape \(8, 4, 32\)",
+    ),
+    "dtype": (
+        _replace("cluster_id", lambda t: t.to(torch.int32)),
+        r"cluster_id of the first batch: found dtype torch.int32, expected dtype int64",
+    ),
+    "NaN": (
+        _set("steering", 3, float("nan")),
+        r"steering of the first batch at position 3: found NaN or Inf, expected finite values",
+    ),
+    "relevance": (
+        _set("relevance", 2, 1.5),
+        r"relevance of the first batch at position 2: found 1.5, expected a value in \[0, 1\]",
+    ),
+    "distance": (
+        _set("centroid_distance", 0, -0.5),
+        r"centroid_distance of the first batch at position 0: found -0.5, expected a value in \[0, 2\]",
+    ),
+    "variant": (
+        _set("steering_variant", 5, 4),
+        r"steering_variant of the first batch at position 5: found 4, expected a value in \[0, 3\]",
+    ),
+    "cluster": (
+        _set("cluster_id", 1, 10_000),
+        r"cluster_id of the first batch at position 1: found 10000, expected a row of centroid_embs, in \[0, \d+\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FIRST_BATCHES)
+def test_validate_first_batch_names_key_found_and_expected(
+    synth_dir: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Each failed check raises ValidationError (an AssertionError too, as upstream) naming key, sample, values."""
+    loader = create_loader(synth_dir, "train", 8, shuffle=False)
+    good = loader.dataset_obj.get_batch(range(8))
+    edit, message = BAD_FIRST_BATCHES[case]
+    bad = {key: value.clone() for key, value in good.items()}
+    edit(bad)
+    monkeypatch.setattr(loader.dataset_obj, "get_batch", lambda indices: bad)
+    with pytest.raises(ValidationError, match=message) as caught:
+        validate_first_batch(loader)
+    assert isinstance(caught.value, AssertionError)
+    assert validate_first_batch(DataLoader([good], batch_size=None)) is True  # not a JASPER dataset: no cluster check
+    if case != "cluster":
+        with pytest.raises(ValidationError, match=message):
+            validate_first_batch(DataLoader([bad], batch_size=None))
+
+
+def test_validate_first_batch_checks_under_python_O() -> None:
+    """Explicit checks, not asserts: ``python -O`` still rejects a bad batch."""
+    code = """if True:
+        import torch
+        from torch.utils.data import DataLoader
+        from jasper_ray import ValidationError, validate_first_batch
+        b, d, n = 2, 3, 2
+        batch = {
+            "question_emb": torch.zeros(b, d), "target_source_emb": torch.zeros(b, d),
+            "steering": torch.full((b, d), float("inf")), "negative_embs": torch.zeros(b, n, d),
+            "cluster_id": torch.zeros(b, dtype=torch.int64), "relevance": torch.zeros(b),
+            "centroid_distance": torch.zeros(b), "steering_variant": torch.zeros(b, dtype=torch.int64),
+            "negative_tiers": torch.ones(b, n, dtype=torch.int64),
+        }
+        try:
+            validate_first_batch(DataLoader([batch], batch_size=None))
+        except ValidationError as exc:
+            print(exc)
+        """
+    run = subprocess.run(
+        [sys.executable, "-O", "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "steering of the first batch at position 0: found NaN or Inf, expected finite values" in run.stdout

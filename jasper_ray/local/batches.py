@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from ..formats.base import Reader
 from ..schema import TENSORS
@@ -34,7 +34,7 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def to_torch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+def to_torch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch of numpy arrays as tensors sharing their memory (tensors pass through)."""
     with _read_only_ok():  # once per batch: a third of the cost of once per key
         return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in batch.items()}
@@ -99,10 +99,8 @@ class SampleBatch(Sequence):
         return {key: value[i] for key, value in self.batch.items()}
 
 
-def collate(batch: Any) -> Any:
+def collate(batch: SampleBatch | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``collate_fn`` for DataLoaders over JASPER datasets: batched results pass through untouched."""
     if isinstance(batch, SampleBatch):
         return batch.batch
-    from torch.utils.data import default_collate
-
     return default_collate(batch)

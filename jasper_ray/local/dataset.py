@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,26 @@ from torch.utils.data import Dataset
 
 from ..assembly import ReaderSource, assemble_batch
 from ..config import read_config_file
+from ..conversion import writer
+from ..conversion.writer import ConversionReport
 from ..errors import DatasetNotFoundError
 from ..formats import StorageFormat, open_dataset
 from ..formats.base import Reader
 from ..sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
-from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSORS
+from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSOR
 from ..validate import validate_dataset
 from .batches import SampleBatch, TensorSource, as_tensor, to_torch
 
 log = logging.getLogger(__name__)
 
 _NOT_FORCED = -1
+Positions = Sequence[int] | np.ndarray | torch.Tensor  # positions in the split (not pair ids)
 
 
 class _Core:
     """What the splits of one dataset share: the reader, the placed tensors and the schedule."""
 
-    def __init__(self, reader: Reader, device: torch.device, storage_format: str, validate: bool):
+    def __init__(self, reader: Reader, device: torch.device, storage_format: StorageFormat, validate: bool):
         if validate:
             validate_dataset(reader)
         self.reader = reader
@@ -73,7 +77,8 @@ class _Core:
         reader = open_dataset(self.reader.directory, self.requested_format, self.reader.use_mmap)
         if validate:
             validate_dataset(reader)
-        self.reader, self.source = reader, None
+        self.reader = reader
+        del self.source  # the old tensors go before the new ones are placed (device memory)
         self.source = self._make_source()
 
 
@@ -87,13 +92,15 @@ def _check_split(reader: Reader, split: str) -> None:
 
 
 def _tensor_property(name: str) -> property:
+    spec = TENSOR[name]  # a name the schema does not know fails at import
+
     def get(self: JASPERSteeringDataset) -> torch.Tensor:
         core = self._live_core()
         if isinstance(core.source, TensorSource):
-            return core.source.tensor(name)
-        return as_tensor(np.asarray(core.reader.read(name)))
+            return core.source.tensor(spec.name)
+        return as_tensor(np.asarray(core.reader.read(spec.name)))
 
-    return property(get, doc=f"The whole ``{name}`` tensor (mapped, not copied, when use_mmap).")
+    return property(get, doc=f"The whole ``{spec.name}`` tensor (mapped, not copied, when use_mmap).")
 
 
 class JASPERSteeringDataset(Dataset):
@@ -195,7 +202,7 @@ class JASPERSteeringDataset(Dataset):
         epoch = self.current_epoch
         return steering_variants(pair_ids, epoch, self.seed, self._live_core().schedule.probs(epoch))
 
-    def _pair_ids(self, indices: Any) -> np.ndarray:
+    def _pair_ids(self, indices: Positions) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
@@ -203,7 +210,7 @@ class JASPERSteeringDataset(Dataset):
             raise IndexError(f"Index {bad} out of range [0, {n})")
         return self._split_ids[idx]
 
-    def get_batch(self, indices: Any) -> dict[str, torch.Tensor]:
+    def get_batch(self, indices: Positions) -> dict[str, torch.Tensor]:
         """The collated batch for split positions ``indices``, in one vectorised call."""
         pair_ids = self._pair_ids(indices)
         return to_torch(assemble_batch(self._live_core().source, pair_ids, self.variants(pair_ids)))
@@ -249,8 +256,8 @@ class JASPERSteeringDataset(Dataset):
     @property
     def pair_keyword_ids(self) -> list[list[int]]:
         """Upstream's list of lists (built on first access; use ``reader.keyword_ids`` for batches)."""
-        values, offsets = self._live_core().reader.keyword_csr()
-        values = np.asarray(values[:])
+        stored, offsets = self._live_core().reader.keyword_csr()
+        values = np.asarray(stored[:])
         return [values[offsets[p] : offsets[p + 1]].tolist() for p in range(len(offsets) - 1)]
 
     @staticmethod
@@ -273,23 +280,33 @@ class JASPERSteeringDataset(Dataset):
         return out
 
     @staticmethod
-    def convert_pt_to_hdf5(dataset_dir: str | os.PathLike, compression: str | None = "gzip", **kwargs: Any) -> Any:
+    def convert_pt_to_hdf5(
+        dataset_dir: str | os.PathLike, compression: str | None = "gzip", **kwargs: Any
+    ) -> ConversionReport:
         """Write ``dataset.h5`` beside the PT files (they are kept).
 
         Converts in parallel with Ray tasks (``jasper_ray.convert``) when Ray is importable and worth
         its start-up: a Ray session is already running, ``RAY_ADDRESS`` names a cluster, or the data is
         larger than one shard. Otherwise in this process (``jasper_ray.convert_pt_to_hdf5``).
         """
-        from ..conversion.parallel import ray_worthwhile
+        # lazy: the Ray converter, whose module asks for Ray; a torch user converting in this process never needs it
+        from ..conversion.parallel import convert, ray_worthwhile
 
         if ray_worthwhile(dataset_dir):
-            from ..conversion.parallel import convert
-
             return convert(dataset_dir, compression=compression, **kwargs)
-        from ..conversion.writer import convert_pt_to_hdf5
+        return writer.convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
 
-        return convert_pt_to_hdf5(dataset_dir, compression, **kwargs)
-
-
-for _spec in TENSORS:
-    setattr(JASPERSteeringDataset, _spec.name, _tensor_property(_spec.name))
+    # Upstream's tensor attributes, one per schema.TENSORS entry: the whole tensor, mapped when use_mmap.
+    question_embs = _tensor_property("question_embs")
+    source_embs = _tensor_property("source_embs")
+    keyword_embs = _tensor_property("keyword_embs")
+    centroid_embs = _tensor_property("centroid_embs")
+    pair_index = _tensor_property("pair_index")
+    pair_cluster_id = _tensor_property("pair_cluster_id")
+    pair_relevance = _tensor_property("pair_relevance")
+    hard_negatives = _tensor_property("hard_negatives")
+    negative_tiers = _tensor_property("negative_tiers")
+    steering_centroid = _tensor_property("steering_centroid")
+    steering_keyword_weighted = _tensor_property("steering_keyword_weighted")
+    steering_residual = _tensor_property("steering_residual")
+    centroid_distances = _tensor_property("centroid_distances")

@@ -12,12 +12,14 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..assembly import SAMPLE_KEYS
+from ..errors import ValidationError
 from ..sampling import DEFAULT_SEED
 from .batches import collate, torch_dtype
 from .dataset import JASPERSteeringDataset
@@ -34,7 +36,8 @@ class ResumableLoader(DataLoader):
         self.samples_delivered = 0
         self._delivered_epoch: int | None = None  # the epoch samples_delivered counts in
 
-    def __iter__(self) -> Iterator[Any]:
+    # A generator that counts what reached the training loop, not torch's iterator class.
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
         self.samples_delivered = sampler.start if isinstance(sampler, ResumableSampler) else 0
         self._delivered_epoch = getattr(sampler, "epoch", None)
@@ -44,17 +47,20 @@ class ResumableLoader(DataLoader):
         if isinstance(sampler, ResumableSampler):
             sampler.start = 0  # a resumed epoch is done: the next pass is a whole epoch
 
-    def state_dict(self) -> dict[str, int]:
+    def _resumable_sampler(self, what: str) -> ResumableSampler:
         if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError("state_dict needs a ResumableSampler (use create_loader)")
-        sampler = self.sampler
+            raise TypeError(f"{what} needs a ResumableSampler (use create_loader)")
+        return self.sampler
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self._resumable_sampler("state_dict")
         # After set_epoch and before the new epoch's first batch, nothing of the new epoch was delivered.
         seen = self.samples_delivered if self._delivered_epoch == sampler.epoch else sampler.start
         return sampler.state_dict(seen)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue the saved epoch where it stopped (the dataset moves to that epoch too)."""
-        self.sampler.load_state_dict(state)
+        self._resumable_sampler("load_state_dict").load_state_dict(state)
         self.samples_delivered = state["samples_seen"]
         self._delivered_epoch = state["epoch"]
         dataset = _jasper_dataset(self)
@@ -88,7 +94,7 @@ def create_loader(
     shuffle: bool | None = None,
     seed: int = DEFAULT_SEED,
     persistent_workers: bool | None = None,
-    multiprocessing_context: Any = None,
+    multiprocessing_context: str | BaseContext | None = None,
     **dataset_kwargs: Any,
 ) -> ResumableLoader:
     """A DataLoader over one split; ``dataset_kwargs`` (``storage_format``, ``use_mmap``, ``device``, ...)
@@ -135,29 +141,51 @@ def first_batch(loader: DataLoader) -> dict[str, torch.Tensor]:
     return dataset.get_batch(indices)
 
 
+class FirstBatchError(ValidationError, AssertionError):
+    """A first batch that fails upstream's checks: a ValidationError, and an AssertionError as upstream raised."""
+
+
+def _check_rows(batch: dict[str, torch.Tensor], key: str, ok: torch.Tensor, expected: str) -> None:
+    """Raise naming the first sample of ``batch[key]`` where ``ok`` (per element) is False."""
+    ok_rows = ok.flatten(start_dim=1).all(dim=1) if ok.dim() > 1 else ok
+    if not bool(ok_rows.all()):
+        i = int(torch.argmin(ok_rows.to(torch.uint8)))
+        value = batch[key][i]
+        found = value.item() if value.dim() == 0 else "NaN or Inf"
+        raise FirstBatchError(f"{key} of the first batch", found, expected, position=i)
+
+
 def validate_first_batch(loader: DataLoader) -> bool:
-    """Upstream's checks on the first batch: keys, shapes, finiteness and value ranges."""
+    """Upstream's checks on the first batch (keys, shapes, dtypes, finiteness, value ranges); True when
+    they pass. Each failure raises ``FirstBatchError`` naming the key, the sample, what was found and
+    what was expected; explicit checks, so ``python -O`` checks too."""
     batch = first_batch(loader)
-    missing = set(SAMPLE_KEYS) ^ set(batch)
-    assert not missing, f"batch keys differ from the expected ones: {sorted(missing)}"
+    if set(batch) != set(SAMPLE_KEYS):
+        raise FirstBatchError(
+            "keys of the first batch",
+            sorted(batch),
+            f"upstream's sample keys {sorted(SAMPLE_KEYS)}",
+            summary=f"batch keys differ from the expected ones: {sorted(set(SAMPLE_KEYS) ^ set(batch))}",
+        )
     b = len(batch["steering_variant"])
-    dataset = _jasper_dataset(loader)
-    d = batch["question_emb"].shape[-1]
-    n_neg = batch["negative_tiers"].shape[-1]
-    sizes = {"D": d, "NEG": n_neg}
+    sizes = {"D": batch["question_emb"].shape[-1], "NEG": batch["negative_tiers"].shape[-1]}
     for key, (shape, dtype) in SAMPLE_KEYS.items():
         expected = (b, *(sizes[s] for s in shape))
-        assert tuple(batch[key].shape) == expected, f"{key}: shape {tuple(batch[key].shape)}, expected {expected}"
-        assert batch[key].dtype == torch_dtype(dtype), f"{key}: dtype {batch[key].dtype}, expected {dtype}"
+        if tuple(batch[key].shape) != expected:
+            raise FirstBatchError(f"{key} of the first batch", f"shape {tuple(batch[key].shape)}", f"shape {expected}")
+        if batch[key].dtype != torch_dtype(dtype):
+            raise FirstBatchError(f"{key} of the first batch", f"dtype {batch[key].dtype}", f"dtype {dtype}")
     for key in ("question_emb", "target_source_emb", "steering", "negative_embs"):
-        assert torch.isfinite(batch[key]).all(), f"{key} holds NaN or Inf"
+        _check_rows(batch, key, torch.isfinite(batch[key]), "finite values")
+    dataset = _jasper_dataset(loader)
     if dataset is not None:
         n_clusters = len(dataset.centroid_embs)
         cid = batch["cluster_id"]
-        assert ((cid >= 0) & (cid < n_clusters)).all(), f"cluster_id outside [0, {n_clusters})"
-    rel, dist, var = batch["relevance"], batch["centroid_distance"], batch["steering_variant"]
-    assert ((rel >= 0) & (rel <= 1)).all(), "relevance outside [0, 1]"
-    assert ((dist >= 0) & (dist <= 2)).all(), "centroid_distance outside [0, 2]"
-    assert ((var >= 0) & (var <= 3)).all(), "steering_variant outside [0, 3]"
+        _check_rows(
+            batch, "cluster_id", (cid >= 0) & (cid < n_clusters), f"a row of centroid_embs, in [0, {n_clusters})"
+        )
+    for key, high in (("relevance", 1), ("centroid_distance", 2), ("steering_variant", 3)):
+        values = batch[key]
+        _check_rows(batch, key, (values >= 0) & (values <= high), f"a value in [0, {high}]")
     log.info("first batch ok: %s", {k: tuple(v.shape) for k, v in batch.items()})
     return True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ class ResumableSampler(Sampler[int]):
 
     def __init__(
         self,
-        data_source: Any,
+        data_source: Sized | int,
         *,
         shuffle: bool = True,
         seed: int = DEFAULT_SEED,
@@ -51,7 +51,8 @@ class ResumableSampler(Sampler[int]):
         self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
         self.start = 0  # samples of this rank's epoch already seen (resume point)
         # Attributes torch's samplers carry, for code that reads them.
-        self.replacement, self._num_samples, self.generator = False, None, None
+        self.replacement, self.generator = False, None
+        self._num_samples: int | None = None
         self._per_rank = n // num_replicas if drop_last else math.ceil(n / num_replicas)
         self.total_size = self._per_rank * num_replicas
         if num_replicas > 1 and self.total_size != n and rank == 0:
@@ -110,19 +111,24 @@ class ResumableSampler(Sampler[int]):
         self.seed, self.epoch, self.start = state["seed"], state["epoch"], state["samples_seen"]
 
 
-class ShuffledSampler(ResumableSampler, RandomSampler):
+# These classes exist for isinstance checks only. torch types the attributes they share differently
+# (data_source is a Sized there and may be a count here; num_samples is a property in RandomSampler and
+# ours, an attribute in DistributedSampler): mypy's objections to the combinations are silenced per class.
+class ShuffledSampler(ResumableSampler, RandomSampler):  # type: ignore[misc]
     """A ``ResumableSampler`` that shuffles; an instance of ``RandomSampler`` for callers that check."""
 
 
-class OrderedSampler(ResumableSampler, SequentialSampler):
+class OrderedSampler(ResumableSampler, SequentialSampler):  # type: ignore[misc]
     """A ``ResumableSampler`` in split order; an instance of ``SequentialSampler`` for callers that check."""
 
 
-class DistributedResumableSampler(ResumableSampler, DistributedSampler):
+class DistributedResumableSampler(ResumableSampler, DistributedSampler):  # type: ignore[misc,override]
     """A ``ResumableSampler`` over ranks; an instance of ``DistributedSampler`` for callers that check."""
 
 
-def make_sampler(data_source: Any, *, shuffle: bool, num_replicas: int = 1, **kwargs: Any) -> ResumableSampler:
+def make_sampler(data_source: Sized | int, *, shuffle: bool, num_replicas: int = 1, **kwargs: Any) -> ResumableSampler:
+    """The sampler for a rank: an instance of the torch sampler class that code may check for."""
+    cls: type[ResumableSampler]
     if num_replicas > 1:
         cls = DistributedResumableSampler
     else:

@@ -5,6 +5,8 @@ converts it on a local Ray (gzip, the storage format; and contiguous, the servin
 epoch of the train split through each loading path, the local ``JASPERSteeringDataset`` (DataLoader),
 ``read_jasper`` (Ray Data) and ``ShardedJasper`` (shard actors), and checks that each delivered every
 pair of the split exactly once.
+
+The top floor but the CLI: it imports every front-end (Ray and torch), so only ``jasper-ray demo`` loads it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,24 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from ray.data import DataContext
+
+from ..conversion.parallel import convert
+from ..formats import open_dataset
+from ..local.dataset import JASPERSteeringDataset
+from ..local.loader import create_loader
+from ..ray_data import read_jasper
+from ..ray_session import connect
+from ..schema import HDF5_FILE
+from ..serve.client import ShardedJasper
+from .synth import pairs_for_size, parse_size, synth_dataset
 
 log = logging.getLogger(__name__)
 BATCH = 256
@@ -64,7 +79,7 @@ class DemoSummary:
         return "\n".join(lines)
 
 
-def _epoch(name: str, batches: Any, split_ids: np.ndarray) -> PathResult:
+def _epoch(name: str, batches: Iterable[Mapping[str, Any]], split_ids: np.ndarray) -> PathResult:
     started = time.perf_counter()
     seen = []
     for batch in batches:
@@ -74,10 +89,7 @@ def _epoch(name: str, batches: Any, split_ids: np.ndarray) -> PathResult:
     return PathResult(name, seconds, len(ids), np.array_equal(ids, np.sort(split_ids)))
 
 
-def _local_batches(directory: Path):
-    from ..local.dataset import JASPERSteeringDataset
-    from ..local.loader import create_loader
-
+def _local_batches(directory: Path) -> Iterator[dict[str, Any]]:
     loader = create_loader(directory, "train", BATCH, drop_last=False, pin_memory=False, use_mmap=True)
     split = JASPERSteeringDataset(directory, "train", validate=False).split_indices.numpy()
     order = iter(loader.sampler)
@@ -96,15 +108,8 @@ def run_demo(
     n_neg: int = 12,
     progress: bool = True,
 ) -> DemoSummary:
-    import ray
-
-    from ..conversion.parallel import convert
-    from ..formats import open_dataset
-    from ..ray_data import read_jasper
-    from ..ray_session import connect
-    from ..serve.client import ShardedJasper
-    from .synth import pairs_for_size, parse_size, synth_dataset
-
+    """Synthesise ``size`` of data, convert it on Ray and read one epoch through each path; the summary
+    says how long each took and whether each delivered the whole split."""
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="jasper-demo-"))
     pt_dir, serve_dir = base / "pt", base / "serve"
     n_pairs = pairs_for_size(parse_size(size), dim, n_neg)
@@ -116,15 +121,13 @@ def run_demo(
     summary.steps.append(("synthesise (upstream PT layout)", time.perf_counter() - t, f"D={dim}, n_neg={n_neg}"))
 
     started_ray = connect(address, num_cpus=workers)
-    from ray.data import DataContext
-
     DataContext.get_current().enable_progress_bars = progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-stage INFO lines would bury the summary
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         for compression, output, purpose in (
-            ("gzip", pt_dir / "dataset.h5", "storage"),
-            (None, serve_dir / "dataset.h5", "serving, memory-maps"),
+            ("gzip", pt_dir / HDF5_FILE, "storage"),
+            (None, serve_dir / HDF5_FILE, "serving, memory-maps"),
         ):
             report = convert(pt_dir, compression=compression, output=output, progress=progress)
             summary.steps.append(
