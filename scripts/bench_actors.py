@@ -61,7 +61,8 @@ from _bench_common import (  # noqa: E402
 
 import jasper_ray  # noqa: E402
 from jasper_ray.local.sampler import make_sampler  # noqa: E402
-from jasper_ray.serve.client import PACE_S, PACED_AHEAD  # noqa: E402
+from jasper_ray.serve.settings import ServeSettings  # noqa: E402
+from jasper_ray.serve.transport import PACE_S, PACED_AHEAD  # noqa: E402
 from jasper_ray.tools.synth import pairs_for_size, parse_size, synth_dataset  # noqa: E402
 
 log = logging.getLogger("bench.actors")
@@ -177,9 +178,11 @@ def main() -> None:
         order = make_sampler(len(ds), shuffle=True, seed=SEED, epoch=EPOCH).epoch_indices()
         positions = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
         split = np.sort(ds.split_indices.numpy())
-        common = dict(batch_size=BATCH, seed=SEED, epoch=EPOCH, num_cpus=0.4)  # 5 actors on 2 CPUs
-        clients = {n: ShardedJasper(directory, "train", num_shards=n, **common) for n in (1, 2)}
-        calls = ShardedJasper(directory, "train", num_shards=2, pace_in_shared_memory=False, **common)
+        settings = ServeSettings(batch_size=BATCH, seed=SEED, num_cpus=0.4)  # 5 actors on 2 CPUs
+        clients = {n: ShardedJasper(directory, "train", settings=settings, epoch=EPOCH, num_shards=n) for n in (1, 2)}
+        calls = ShardedJasper(
+            directory, "train", settings=settings, epoch=EPOCH, num_shards=2, pace_in_shared_memory=False
+        )
         ways: dict[str, Callable[[], Epoch]] = {
             "local JASPERSteeringDataset": lambda: local_epoch(ds, positions),
             "1 actor": lambda: Epoch(clients[1]),

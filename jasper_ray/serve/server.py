@@ -8,13 +8,14 @@ a second. It receives a path and a row range, never data or handles.
 from __future__ import annotations
 
 import os
-from typing import Any
+from functools import partial
 
 import numpy as np
+import ray
 
 from ..assembly import PAIR_ID, ReaderSource, assemble_batch
-from ..formats import open_dataset
-from ..formats.base import is_mapped
+from ..formats import StorageFormat, open_dataset
+from ..formats.base import RowArray, is_mapped
 from ..sampling import SteeringSchedule, steering_variants
 from ..schema import TENSORS
 from .slots import BatchLayout, PacingTable, SlotWriter
@@ -30,7 +31,7 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _mapped_bytes(arrays: list[Any]) -> int:
+def _mapped_bytes(arrays: list[RowArray]) -> int:
     """Bytes of ``arrays`` whose memory lies in a file mapping, read from ``/proc/self/maps``: covers
     ``np.memmap`` (HDF5) and ``torch.load(mmap=True)`` (PT, whose arrays' base is a tensor, not a memmap)."""
     spans = []
@@ -53,7 +54,7 @@ def _mapped_bytes(arrays: list[Any]) -> int:
 class ShardServer:
     """Owns pair rows ``[start, stop)`` of one dataset; serves batches of them. Run as a Ray actor."""
 
-    def __init__(self, path: str, storage_format: str, start: int, stop: int, seed: int, name: str):
+    def __init__(self, path: str, storage_format: StorageFormat, start: int, stop: int, seed: int, name: str):
         os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
         self.reader = open_dataset(path, storage_format, use_mmap=True)
         for spec in TENSORS:  # map everything now: a restarted actor is ready when it answers
@@ -64,8 +65,6 @@ class ShardServer:
         self.batches_served = 0
         self.paced_calls = 0  # serve calls running now
         self.slots = SlotWriter()
-        import ray
-
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def get_batch(
@@ -92,7 +91,7 @@ class ShardServer:
         this node (returns the row count); otherwise return the batch through the object store."""
         if node_id != self.node_id:
             return self.get_batch(pair_ids, epoch)
-        self.slots.write(slot, layout, rows, lambda out: self.get_batch(pair_ids, epoch, out))
+        self.slots.write(slot, layout, rows, partial(self.get_batch, pair_ids, epoch))
         return len(pair_ids)
 
     def fill_many(
@@ -129,14 +128,14 @@ class ShardServer:
                 if slot is None:
                     break
                 rows = slice(first, first + len(ids))
-                slots.write(f"{slot_prefix}{slot}", layout, rows, lambda out, ids=ids: self.get_batch(ids, epoch, out))
+                slots.write(f"{slot_prefix}{slot}", layout, rows, partial(self.get_batch, ids, epoch))
                 pacing.mark_done(lane, seq)
                 built += 1
         finally:
             self.paced_calls -= 1
         return built
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, int | str]:
         arrays = [self.reader.array(spec.name) for spec in TENSORS]
         mapped = _mapped_bytes(arrays)
         return {

@@ -68,8 +68,10 @@ class Slot:
         shm.close()
         self._shm = shm
         self.name = shm.name
-        self.root = _map(self.name, layout.nbytes)
-        self.views = layout.views(self.root)
+        root = _map(self.name, layout.nbytes)
+        self.views = layout.views(root)
+        self.root: np.ndarray | None = root  # None once released
+        del root  # the baseline counts the slot's own references only
         self.busy = False
         self.number = number  # its index in the pool that made it: how a writer is told the slot
         # Set when a request into this slot was abandoned (served elsewhere) but may still run: the
@@ -153,6 +155,7 @@ class PacingTable:
 
     def __init__(self, ring: int, lanes: int, name: str | None = None):
         shape = (2 + lanes, ring)
+        self._shm: shared_memory.SharedMemory | None  # the client's segment; None where attached (an actor)
         if name is None:
             self._shm = shared_memory.SharedMemory(create=True, size=8 * shape[0] * shape[1])
             self.name = self._shm.name

@@ -15,6 +15,8 @@ order, whatever happens to its actors.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import pickle
@@ -38,8 +40,9 @@ import pytest
 from jasper_ray import JASPERSteeringDataset, ShardedJasper, ShardUnavailableError, convert_pt_to_hdf5, synth_dataset
 from jasper_ray.assembly import PAIR_ID
 from jasper_ray.local.sampler import make_sampler
-from jasper_ray.serve.client import PACED_AHEAD
+from jasper_ray.serve.settings import ServeOverrides, ServeSettings
 from jasper_ray.serve.slots import SHM_DIR
+from jasper_ray.serve.transport import PACED_AHEAD
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -195,7 +198,7 @@ def test_killed_actor_loses_no_sample(
 
     with client(small, batch_size=32, max_restarts=3, pace_in_shared_memory=paced) as c:
         pids = ray.get([a.pid.remote() for a in c.actors])
-        with caplog.at_level("WARNING", logger="jasper_ray.serve.client"):
+        with caplog.at_level("WARNING", logger="jasper_ray.serve"):
             batches = [as_numpy(b) for b in kill_actor_after(iter(c), c.actors[0], after=5)]
         # The client served the dead actor's rows itself while it restarted; it is back for the next epoch.
         deadline = time.monotonic() + DEADLINE_S
@@ -444,10 +447,70 @@ def test_held_batches_are_never_overwritten(small: Path, local: dict[str, Any]) 
             assert_batches_equal(as_numpy(h), copy, "held batch")
         names = [slot.name for slot in c._pool.slots]
         assert all(os.path.exists(f"{SHM_DIR}/{name}") for name in names)
-        ahead = min(c.max_in_flight, PACED_AHEAD)  # batches in flight besides the 3 held
+        ahead = min(c.settings.max_in_flight, PACED_AHEAD)  # batches in flight besides the 3 held
         assert len(names) >= 3 + ahead, "held slots were not reused: the pool grew instead"
     # Closing unlinked every segment; memory a caller still holds stays valid until dropped.
     assert not [name for name in names if os.path.exists(f"{SHM_DIR}/{name}")]
     for h, copy in zip(held, copies):
         assert_batches_equal(as_numpy(h), copy, "held batch after close")
     assert_plan_batches(copies + rest, local["batch"], "shared-memory epoch")
+
+
+# --- 8. settings and views --------------------------------------------------------------------------
+
+# The constructor's defaults when it took 22 keyword parameters: ServeSettings keeps them.
+DEFAULTS_BEFORE = {
+    "batch_size": 256,
+    "num_shards": None,
+    "seed": 42,
+    "shuffle": True,
+    "storage_format": "auto",
+    "drop_last": False,
+    "max_in_flight": 8,
+    "batches_per_call": 4,
+    "max_restarts": 3,
+    "max_retries": 5,
+    "restart_timeout_s": 60.0,
+    "serve_while_restarting": True,
+    "pace_in_shared_memory": True,
+    "num_cpus": 1.0,
+}
+
+
+def test_settings_keep_the_old_defaults() -> None:
+    assert dataclasses.asdict(ServeSettings()) == DEFAULTS_BEFORE
+    assert set(ServeOverrides.__annotations__) == set(DEFAULTS_BEFORE), "the keyword types name every field"
+    view = inspect.signature(ShardedJasper).parameters
+    assert {k: view[k].default for k in ("split", "epoch", "rank", "world_size", "address")} == {
+        "split": "train",
+        "epoch": 0,
+        "rank": 0,
+        "world_size": 1,
+        "address": None,
+    }
+
+
+def test_an_unknown_keyword_is_refused_naming_the_valid_ones(small: Path) -> None:
+    valid = r"valid: settings, epoch, rank, world_size, address, batch_size, .*, num_cpus"
+    with pytest.raises(TypeError, match=r"ShardedJasper\(\) got an unexpected .*'batchsize'; " + valid):
+        ShardedJasper(small, "train", batchsize=64)
+    with pytest.raises(TypeError, match="'batchsize'"):
+        ServeSettings().with_overrides({"batchsize": 64})
+
+
+def test_a_rank_view_shares_the_owners_actors_and_does_not_own_them(small: Path) -> None:
+    import ray
+
+    base = ServeSettings(batch_size=32, num_shards=2, seed=SEED, num_cpus=CPUS)
+    with ShardedJasper(small, "train", settings=base, epoch=EPOCH, max_in_flight=2) as owner:
+        assert owner.settings == dataclasses.replace(base, max_in_flight=2), "keywords apply over settings"
+        assert owner.batch_size == 32 and owner.epoch == EPOCH and len(owner.actors) == 2
+        view = owner.for_rank(1, 2)
+        assert view.actors is owner.actors and view.settings is owner.settings and view.epoch == EPOCH
+        assert view._pool is not owner._pool, "each view hands out batches from its own slots"
+        per_rank = -(-len(owner.split_ids) // 2)
+        assert len(view) == -(-per_rank // 32)
+        view.close()
+        assert view.actors == [] and owner.actors, "closing a view leaves the owner's actors to the owner"
+        assert len(ray.get([a.pid.remote() for a in owner.actors], timeout=DEADLINE_S)) == 2
+        assert sum(len(b[PAIR_ID]) for b in owner.iter_numpy()) == len(owner.split_ids)
