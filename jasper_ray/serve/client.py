@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 import torch
+from ray.actor import ActorHandle
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..formats import open_dataset
@@ -52,6 +53,7 @@ from ..local.sampler import ResumableSampler, make_sampler
 from ..ray_session import connect
 from .failover import Failover
 from .placement import Fleet, start_fleet, stop_fleet
+from .server import ShardServer
 from .settings import ServeOverrides, ServeSettings
 from .slots import SlotPool
 from .transport import transport_for
@@ -83,10 +85,7 @@ class ShardedJasper(IterableDataset):
         address: str | None = None,
         **overrides: Unpack[ServeOverrides],
     ) -> None:
-        try:
-            settings = (settings or ServeSettings()).with_overrides(overrides, also=OWN_KEYWORDS)
-        except TypeError as exc:
-            raise TypeError(f"ShardedJasper() got an {exc}") from None
+        settings = (settings or ServeSettings()).with_overrides(overrides, caller="ShardedJasper()", also=OWN_KEYWORDS)
         connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
         reader = open_dataset(path, settings.storage_format, use_mmap=True)
         try:
@@ -100,7 +99,8 @@ class ShardedJasper(IterableDataset):
     def _sharing(cls, owner: ShardedJasper, rank: int, world_size: int) -> ShardedJasper:
         """A view of ``owner``'s actors for one rank (it does not own them)."""
         view = cls.__new__(cls)
-        view._attach(owner.fleet, owner.settings, owner.split, owner.split_ids, owner.epoch, rank, world_size, False)
+        fleet, settings, epoch = owner.fleet, owner.settings, owner.epoch
+        view._attach(fleet, settings, owner.split, owner.split_ids, epoch, rank, world_size, owns_actors=False)
         return view
 
     def _attach(
@@ -125,7 +125,7 @@ class ShardedJasper(IterableDataset):
         self._pool = SlotPool(fleet.layout)  # per view and per process: the batches it hands out
 
     @property
-    def actors(self) -> list[ray.actor.ActorHandle]:
+    def actors(self) -> list[ActorHandle[ShardServer]]:
         """One ``ShardServer`` per shard (none once closed)."""
         return [] if self._closed else self.fleet.actors
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -38,14 +39,13 @@ def _running(pid: int) -> bool:
         return False
 
 
+@dataclass
 class Patience:
     """What one batch part has spent on its actor: the restart deadline, and retries of failed requests."""
 
-    def __init__(self, settings: ServeSettings):
-        self.settings = settings
-        self.deadline: float | None = None  # when waiting for a restart ends (set by the first wait)
-        self.waits = 0  # restart waits so far
-        self.retries = 0  # failed requests retried so far
+    deadline: float | None = None  # when waiting for a restart ends (set by the first wait)
+    waits: int = 0  # restart waits so far
+    retries: int = 0  # failed requests retried so far
 
 
 class Failover:

@@ -33,15 +33,17 @@ class ServeSettings:
     pace_in_shared_memory: bool = True  # all actors on this node: one paced call per actor per epoch
     num_cpus: float = 1.0  # CPUs each actor reserves in Ray
 
-    def with_overrides(self, overrides: ServeOverrides, *, also: tuple[str, ...] = ()) -> ServeSettings:
-        """These settings with some fields replaced. An unknown name raises ``TypeError`` listing the
-        valid ones (``also``: the other keywords of the caller, named in the message)."""
+    def with_overrides(
+        self, overrides: ServeOverrides, *, caller: str = "with_overrides()", also: tuple[str, ...] = ()
+    ) -> ServeSettings:
+        """These settings with some fields replaced. An unknown name raises ``TypeError`` naming
+        ``caller`` and the valid keywords (``also``: the caller's own, listed first)."""
         names = [field.name for field in dataclasses.fields(self)]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise TypeError(
-                f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; valid: "
-                f"{', '.join((*also, *names))} (the ServeSettings fields)"
+                f"{caller} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join((*also, *names))}"
             )
         return dataclasses.replace(self, **overrides) if overrides else self
 

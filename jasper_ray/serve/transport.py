@@ -8,7 +8,7 @@ actor that is down goes through the one failover path (``Failover.stand_in``).
   the two sides pace each other through a ``PacingTable`` in shared memory: the client offers a
   batch's slot up to ``PACED_AHEAD`` batches ahead, the actor writes its rows there and marks them
   done. A Ray call costs about as much client CPU as building a batch part, so per-batch calls
-  would halve what two cores deliver. No Ray call and no allocation per batch.
+  would halve what two cores deliver: no Ray call per batch.
 - ``CallTransport`` (any node): one ``fill_many`` call per actor per ``batches_per_call``
   batches; actors on this node still write into the slot, others send rows through the object
   store.
@@ -80,16 +80,21 @@ def transport_for(fleet: Fleet, pool: SlotPool, failover: Failover, settings: Se
 class PacedTransport(Transport):
     """Batches paced through shared memory: one ``serve`` call per actor per epoch (module docstring)."""
 
+    # The epoch being delivered (set by ``deliver``):
+    ring: int  # batches offered ahead
+    table: PacingTable  # the offers and the actors' done marks
+    work: list[list[tuple[int, np.ndarray, int]]]  # per shard: (seq, its pair ids of batch seq, first row)
+    calls: list[tuple[ObjectRef, int] | None]  # per shard: its running call and the first batch it covers
+
     def deliver(self, batches: list[Routed]) -> Generator[Delivery, None, None]:
         actors = self.fleet.actors
         self.ring = ring = min(max(1, self.settings.max_in_flight), PACED_AHEAD)
         self.table = table = PacingTable(ring, len(actors))
-        self.work: list[list[tuple[int, np.ndarray, int]]] = [[] for _ in actors]  # per shard: (seq, ids, row)
+        self.work = [[] for _ in actors]
         for seq, (ids, runs) in enumerate(batches):
             for shard, first, stop in runs:
                 self.work[shard].append((seq, ids[first:stop], first))
-        # Per shard: its running call (ObjectRef, the first batch it covers), or None.
-        self.calls: list[tuple[ObjectRef, int] | None] = [None] * len(actors)
+        self.calls = [None] * len(actors)
         offered: dict[int, Slot] = {}
         try:
             for shard in range(len(actors)):
@@ -155,7 +160,7 @@ class PacedTransport(Transport):
                 self._start_call(shard, seq)  # back: it serves from this batch on
                 continue
             # Down, or back on another node (where a paced call cannot reach this slot): stand in for it.
-            patience = patience or Patience(self.settings)
+            patience = patience or Patience()
             if failover.whereabouts[shard] is not None or failover.stand_in(shard, patience):
                 failover.build_here(
                     ids, self.epoch, {key: view[first : first + len(ids)] for key, view in slot.views.items()}
@@ -228,7 +233,7 @@ class CallTransport(Transport):
         error: BaseException | None = None
         while True:
             if ref is None:  # no request in flight: planned while its actor was down, or lost
-                patience = patience or Patience(self.settings)
+                patience = patience or Patience()
                 if failover.stand_in(shard, patience, error):
                     return failover.build_here(ids, self.epoch)
                 ref, index = self._request(shard, ids, slot, where), None  # waited: ask it again
@@ -245,7 +250,7 @@ class CallTransport(Transport):
                 result = ray.get(ref)
                 return result if index is None else result[index]  # one of a fill_many call's results
             except ACTOR_LOST as exc:
-                error, patience = exc, patience or Patience(self.settings)
+                error, patience = exc, patience or Patience()
                 if isinstance(exc, ray.exceptions.ActorUnavailableError):  # restarting: the failover path
                     level = logging.WARNING if not patience.waits else logging.DEBUG
                     log.log(level, "%s lost a request (%s: restarting)", name, type(exc).__name__)
