@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's jasper_ray, as bench_ray_data
 from _bench_common import fmt_rate, fmt_ratio, print_table, record, setup_logging  # noqa: E402
 
 import jasper_ray  # noqa: E402
