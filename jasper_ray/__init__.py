@@ -39,6 +39,7 @@ _LAZY = {
     "convert": "conversion.parallel",
     "read_jasper": "ray_data",
     "ShardedJasper": "serve.client",
+    "ServeSettings": "serve.settings",
 }
 
 __version__ = "0.1.0"
