@@ -25,6 +25,10 @@ class ValidationError(ValueError):
         super().__init__(f"{summary} ({detail})" if summary else detail)
 
 
+class FirstBatchError(ValidationError, AssertionError):
+    """A first batch that fails upstream's checks: a ValidationError, and an AssertionError as upstream raised."""
+
+
 class StaleDatasetError(ValueError):
     """dataset.h5 was converted from PT files that have changed since."""
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..assembly import SAMPLE_KEYS
-from ..errors import ValidationError
+from ..errors import FirstBatchError
 from ..sampling import DEFAULT_SEED
 from .batches import collate, torch_dtype
 from .dataset import JASPERSteeringDataset
@@ -139,10 +139,6 @@ def first_batch(loader: DataLoader) -> dict[str, torch.Tensor]:
         return next(iter(loader))
     indices = list(itertools.islice(iter(loader.sampler), loader.batch_size or 1))
     return dataset.get_batch(indices)
-
-
-class FirstBatchError(ValidationError, AssertionError):
-    """A first batch that fails upstream's checks: a ValidationError, and an AssertionError as upstream raised."""
 
 
 def _check_rows(batch: dict[str, torch.Tensor], key: str, ok: torch.Tensor, expected: str) -> None:
