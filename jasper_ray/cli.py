@@ -16,19 +16,25 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from tqdm.auto import tqdm
+
+from .conversion.parallel import convert
+from .conversion.writer import convert_pt_to_hdf5
 from .errors import ChecksumError
-from .formats.base import is_mapped
+from .formats import open_dataset
+from .formats.base import Reader, is_mapped
+from .schema import HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, PT_SUFFIX, SHARDS_DIR, TENSORS
+from .tools.synth import pairs_for_size, parse_size, synth_dataset
+from .validate import validate_dataset
 
 log = logging.getLogger("jasper_ray")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .tools.synth import pairs_for_size, parse_size, synth_dataset
-
     n_pairs = pairs_for_size(parse_size(args.size), args.dim, args.neg) if args.size else args.pairs
     started = time.perf_counter()
     out = synth_dataset(args.out, n_pairs, args.dim, args.neg, args.seed)
-    nbytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".pt")
+    nbytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix == PT_SUFFIX)
     print(
         f"wrote {n_pairs} pairs (D={args.dim}, n_neg={args.neg}, seed={args.seed}) to {out}: "
         f"{nbytes / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s"
@@ -43,13 +49,8 @@ def _compression(text: str) -> str | None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     compression, shuffle = _compression(args.compression), not args.no_shuffle
     if args.single_process:
-        from .conversion.writer import convert_pt_to_hdf5
-
         report = convert_pt_to_hdf5(args.dir, compression, args.level, shuffle, progress=not args.quiet)
     else:
-        from .conversion.parallel import convert
-        from .tools.synth import parse_size
-
         report = convert(
             args.dir,
             compression=compression,
@@ -66,7 +67,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_storage(reader, name: str) -> str:
+def _describe_storage(reader: Reader, name: str) -> str:
     arr = reader.array(name)
     if is_mapped(arr) or (reader.storage_format == "pt" and reader.use_mmap):
         return "mmap"
@@ -77,9 +78,6 @@ def _describe_storage(reader, name: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .formats import open_dataset
-    from .schema import TENSORS
-
     reader = open_dataset(args.dir, storage_format=args.format, use_mmap=True)
     print(f"dataset   {reader.directory}")
     print(f"format    {reader.storage_format} ({reader.nbytes_on_disk() / 1e6:.1f} MB on disk)")
@@ -96,16 +94,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"{_describe_storage(reader, spec.name)}"
         )
     values, offsets = reader.keyword_csr()
-    print(f"{'pair_keyword_ids':<27} {len(offsets) - 1} pairs, {len(values)} ids")
+    print(f"{'pair_keyword_ids':<27} {len(offsets) - 1} pairs, {values.shape[0]} ids")
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .formats import open_dataset
-    from .validate import validate_dataset
-
     reader = open_dataset(args.dir, storage_format=args.format, use_mmap=True)
     if reader.storage_format == "hdf5":
         with tqdm(
@@ -120,7 +113,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .tools.demo import run_demo
+    from .tools.demo import run_demo  # lazy: the demo imports torch and Ray
 
     summary = run_demo(
         args.size,
@@ -198,12 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="an existing Ray cluster ('auto', ip:port; or set RAY_ADDRESS)")
     p.add_argument(
         "--layout",
-        default="single",
-        choices=("single", "sharded"),
-        help="one dataset.h5, or dataset.shards/ + manifest",
+        default=LAYOUT_SINGLE,
+        choices=LAYOUTS,
+        help=f"one {HDF5_FILE}, or {SHARDS_DIR}/ + manifest",
     )
     p.add_argument(
-        "--shard-size", default="256MB", help="bytes of source data per shard task (at least one 16 MiB checksum block)"
+        "--shard-size",
+        default="256MB",
+        help="bytes of source data per conversion task, a piece (at least one 16 MiB checksum block)",
     )
     p.add_argument("--single-process", action="store_true", help="convert in this process, without Ray")
     p.set_defaults(func=_cmd_convert)

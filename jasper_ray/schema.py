@@ -1,8 +1,9 @@
-"""Every tensor of a JASPER dataset, named once.
+"""Every tensor of a JASPER dataset, and every file, folder and attribute name, named once.
 
 Readers, writers, validation and conversion look tensors up here by their
 ``name`` (the upstream attribute name, which is also the PT file's stem); no
-other module spells a file name or an HDF5 path.
+other module spells a file name, a suffix, an HDF5 path or an attribute name.
+The bottom floor: imports nothing of the package.
 
 Shape rules use symbols: ``P`` pairs, ``Q`` questions, ``S`` sources,
 ``K`` keywords, ``C`` clusters (centroids), ``D`` embedding dim, ``NEG`` the
@@ -16,11 +17,41 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_VERSION = 1
-HDF5_FILE = "dataset.h5"
+PT_SUFFIX = ".pt"
+HDF5_SUFFIX = ".h5"
+# What ``open_dataset`` accepts as a path to an HDF5 file (rather than to a dataset directory).
+HDF5_SUFFIXES = (HDF5_SUFFIX, ".hdf5")
+HDF5_FILE = f"dataset{HDF5_SUFFIX}"
 CONFIG_FILE = "config.json"
 # The sharded layout: a directory of shard files and the manifest that is their truth.
 SHARDS_DIR = "dataset.shards"
 MANIFEST = "manifest.json"
+# The layouts a conversion writes (``convert(layout=...)``, ``--layout``): one file, or the sharded
+# directory (also the manifest's "layout").
+LAYOUT_SINGLE = "single"
+LAYOUT_SHARDED = "sharded"
+LAYOUTS = (LAYOUT_SINGLE, LAYOUT_SHARDED)
+
+# A conversion's work directory (hidden beside its output: never auto-detected) holds its piece files
+# (``<piece id>.h5``), the plan they belong to and the lock that keeps a second conversion out.
+WORK_SUFFIX = ".work"
+PLAN_FILE = "plan.json"
+LOCK_FILE = "lock"
+# Where a published sharded directory moves while its replacement is renamed into place.
+OLD_SUFFIX = ".old"
+
+
+def work_dir_name(output_name: str) -> str:
+    return f".{output_name}{WORK_SUFFIX}"
+
+
+def old_dir_name(final_name: str, mark: str) -> str:
+    """``mark`` tags the name as temporary (``atomic.TEMP_MARK`` and a pid): orphan cleanup finds it."""
+    return f".{final_name}{OLD_SUFFIX}{mark}"
+
+
+def piece_file(piece_id: str) -> str:
+    return f"{piece_id}{HDF5_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -41,7 +72,7 @@ class TensorSpec:
 
 
 def _spec(name: str, h5_path: str, dtype: str, shape: tuple[str, ...], aliases: tuple[str, ...] = ()) -> TensorSpec:
-    return TensorSpec(name, f"{name}.pt", h5_path, np.dtype(dtype), shape, aliases)
+    return TensorSpec(name, f"{name}{PT_SUFFIX}", h5_path, np.dtype(dtype), shape, aliases)
 
 
 TENSORS: tuple[TensorSpec, ...] = (
@@ -84,7 +115,7 @@ class RaggedSpec:
 
 KEYWORD_IDS = RaggedSpec(
     "pair_keyword_ids",
-    "pair_keyword_ids.pt",
+    f"pair_keyword_ids{PT_SUFFIX}",
     "pair_data/keyword_ids",
     "pair_data/keyword_ids/values",
     "pair_data/keyword_ids/offsets",
@@ -96,8 +127,12 @@ SPLIT_DTYPE = np.dtype("int64")
 SPLIT_H5_GROUP = "splits"
 
 
+SPLIT_PT_SUFFIX = f"_idx{PT_SUFFIX}"
+SPLIT_PT_GLOB = f"*{SPLIT_PT_SUFFIX}"
+
+
 def split_pt_file(split: str) -> str:
-    return f"{split}_idx.pt"
+    return f"{split}{SPLIT_PT_SUFFIX}"
 
 
 def split_h5_path(split: str) -> str:
@@ -106,7 +141,7 @@ def split_h5_path(split: str) -> str:
 
 def split_from_pt_file(file_name: str) -> str | None:
     """``train_idx.pt`` -> ``train``; anything else -> None."""
-    suffix = "_idx.pt"
+    suffix = SPLIT_PT_SUFFIX
     return file_name[: -len(suffix)] if file_name.endswith(suffix) and len(file_name) > len(suffix) else None
 
 
@@ -128,3 +163,10 @@ ATTR_FINGERPRINT = "source_fingerprint"
 ATTR_CHECKSUM = "sha256"
 ATTR_CHECKSUM_BLOCK_ROWS = "sha256_block_rows"
 ATTR_LAYOUT = "layout"
+ATTR_COMPRESSION = "compression"
+COMPRESSION_NONE = "none"  # ATTR_COMPRESSION (and the manifest's "compression") of uncompressed data
+LAYOUT_CSR = "csr"  # ATTR_LAYOUT of the keyword-id group we write
+# A piece file's dataset: the block digests of its rows, and which rows of the tensor it holds.
+ATTR_BLOCK_DIGESTS = "block_digests"
+ATTR_PIECE_START = "start"
+ATTR_PIECE_STOP = "stop"

@@ -126,7 +126,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
         tracemalloc.stop()
         del keyword_lists
         t0 = time.perf_counter()
-        plan = plan_conversion(open_dataset(src_dir, "pt", use_mmap=True), compression, shard_bytes=shard_bytes)
+        plan = plan_conversion(open_dataset(src_dir, "pt", use_mmap=True), compression, piece_bytes=shard_bytes)
         result["plan_seconds"] = time.perf_counter() - t0
         workers = 1 if method == "ray1" else os.cpu_count() or 1
         t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
             shards=report.shards,
             shard_runs=[(r.seconds, r.worker_pid) for r in results],
             shard_raw_bytes=max(
-                j.nbytes * (s.stop - s.start) // max(j.shape[0], 1) for j in plan.jobs for s in plan.shards_of(j)
+                c.nbytes * (p.stop - p.start) // max(c.shape[0], 1) for c in plan.columns for p in plan.pieces_of(c)
             ),
             worker_peak_rss=busiest.worker_peak_rss,
             worker_idle_rss=idle,

@@ -41,7 +41,7 @@ def _index_sets(n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 class ReaderContract:
-    """Behaviour every reader (PT, HDF5 ours, HDF5 upstream's) must share."""
+    """Behaviour every reader (PT, HDF5 ours, sharded HDF5, HDF5 upstream's) must share."""
 
     @pytest.fixture
     def case(self) -> Case:  # pragma: no cover - overridden
@@ -142,6 +142,12 @@ class ReaderContract:
     def test_keyword_ids_reject_bad_pairs(self, case: Case) -> None:
         with pytest.raises(IndexError, match="out of range"):
             case.reader.keyword_ids([case.expected.n_pairs])
+
+    def test_verify_checksums_finds_nothing_wrong(self, case: Case) -> None:
+        """Intact data verifies: every checksum it recorded matches (PT records none)."""
+        seen: list[int] = []
+        assert case.reader.verify_checksums(on_block=seen.append) == []
+        assert bool(seen) == bool(case.reader.recorded_checksums()), "on_block hears of every block read"
 
     def test_config(self, case: Case) -> None:
         assert case.reader.config == case.expected.config

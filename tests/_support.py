@@ -2,7 +2,8 @@
 
 Everything here reads the PT files with plain ``torch.load(weights_only=True)``
 and h5py, independently of jasper_ray's readers, so tests compare the readers
-against the raw source and not against themselves.
+against the raw source and not against themselves (``write_sharded`` writes
+test data with jasper_ray's conversion; it reads nothing back).
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import Dataset
 
-from jasper_ray.schema import KEYWORD_IDS, TENSORS, split_from_pt_file
+import jasper_ray.formats.checksum as checksum
+from jasper_ray.conversion.pieces import WorkDir, write_piece
+from jasper_ray.conversion.plan import default_output, plan_conversion, work_dir_for
+from jasper_ray.conversion.publish import publish_sharded
+from jasper_ray.formats import open_dataset
+from jasper_ray.schema import KEYWORD_IDS, LAYOUT_SHARDED, TENSORS, split_from_pt_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,3 +218,21 @@ class ReaderTorchDataset(Dataset):
         out["pid"] = torch.tensor(os.getpid())
         out["kw_count"] = torch.tensor([len(r.keyword_ids([pair])[0]) for r in self.readers.values()])
         return out
+
+
+def write_sharded(directory: Path, compression: str | None, piece_bytes: int = 64 << 10) -> Path:
+    """``directory``'s PT files converted to the sharded layout (``dataset.shards/`` beside them) in this
+    process, without Ray: the conversion's own plan, pieces and publish, run one after another.
+
+    The checksum block is cut to 64 KiB for the conversion (one chunk of a steering tensor), so that pieces of
+    ``piece_bytes`` split the small dataset's tensors into several shards: readers then serve rows that span
+    shard files. The manifest records the block rows it used; nothing else depends on them.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checksum, "BLOCK_BYTES", 64 << 10)
+        plan = plan_conversion(open_dataset(directory, "pt", use_mmap=True), compression, piece_bytes=piece_bytes)
+        output = default_output(Path(directory), LAYOUT_SHARDED)
+        with WorkDir(work_dir_for(output), plan) as work:
+            results = {task.piece.piece_id: write_piece(task) for task in plan.tasks(work.path)}
+        publish_sharded(plan, work.path, output, results)
+    return output

@@ -124,12 +124,12 @@ def test_a_live_writers_temp_file_is_not_removed(dataset_copy: Path) -> None:
 @pytest.mark.parametrize("junk", [b"", b"\x89HDF\r\n\x1a\n truncated"], ids=["no-previous", "previous-file"])
 def test_conversion_error_midway_leaves_nothing(dataset_copy: Path, junk: bytes, monkeypatch) -> None:
     """An exception inside the writer (not a kill) removes its temp file and publishes nothing."""
-    import jasper_ray.conversion.writer as writer
+    import jasper_ray.formats.hdf5_writer as hdf5_writer
 
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(writer, "write_rows", boom)
+    monkeypatch.setattr(hdf5_writer, "write_rows", boom)
     with pytest.raises(OSError, match="disk full"):
         convert_pt_to_hdf5(dataset_copy, "gzip", progress=False)
     assert not (dataset_copy / "dataset.h5").exists() and not list(dataset_copy.glob(".*tmp-*"))

@@ -1,4 +1,5 @@
-"""Format layer: the reader contract on PT and HDF5, the HDF5 writer's layout, processes, opening."""
+"""Format layer: the reader contract on every reader (PT, HDF5, sharded HDF5), the writers, the HDF5 layout,
+processes, opening."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -26,14 +29,19 @@ from _support import (
     sha256_file,
     take_in_worker,
     take_into_queue,
+    write_sharded,
     write_upstream_hdf5,
 )
 
 import jasper_ray.formats as formats
 from jasper_ray import DatasetFormatError, DatasetNotFoundError, convert_pt_to_hdf5, open_dataset
+from jasper_ray.fingerprint import fingerprint
 from jasper_ray.formats import MMAP_THRESHOLD_BYTES, decide_mmap
-from jasper_ray.formats.hdf5 import ALIGNMENT, ChunkedRows, HDF5Reader
-from jasper_ray.formats.pt import PTReader
+from jasper_ray.formats.base import Writer
+from jasper_ray.formats.hdf5 import ChunkedRows, HDF5Reader
+from jasper_ray.formats.hdf5_writer import ALIGNMENT, HDF5Writer
+from jasper_ray.formats.pt import PTReader, PTWriter
+from jasper_ray.formats.sharded import ConcatRows, ShardedHDF5Reader
 from jasper_ray.schema import (
     ATTR_CHECKSUM,
     ATTR_CHECKSUM_BLOCK_ROWS,
@@ -75,14 +83,48 @@ class TestHDF5Reader(ReaderContract):
         return Case(reader, small_expected)
 
 
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, str | None], Path]:
+    """``sharded(source_dir, compression)``: a copy of a PT dataset with ``dataset.shards/`` beside its files,
+    tensors cut into several shards (cached)."""
+    cache: dict[tuple[Path, str | None], Path] = {}
+
+    def get(source: Path, compression: str | None) -> Path:
+        if (source, compression) not in cache:
+            out = tmp_path_factory.mktemp(f"sharded-{compression or 'none'}") / "ds"
+            shutil.copytree(source, out)
+            write_sharded(out, compression)
+            cache[source, compression] = out
+        return cache[source, compression]
+
+    return get
+
+
+class TestShardedHDF5Reader(ReaderContract):
+    @pytest.fixture(
+        params=[("gzip", True), ("gzip", False), (None, True), ("lzf", True)],
+        ids=lambda p: f"{p[0] or 'none'}-{'mmap' if p[1] else 'load'}",
+    )
+    def case(self, request, sharded, small_dir, small_expected) -> Case:
+        compression, use_mmap = request.param
+        reader = open_dataset(sharded(small_dir, compression), storage_format="hdf5", use_mmap=use_mmap)
+        assert isinstance(reader, ShardedHDF5Reader) and reader.use_mmap is use_mmap
+        assert isinstance(reader.array("steering_centroid"), ConcatRows), "rows span several shard files"
+        return Case(reader, small_expected)
+
+
 class TestEmptyKeywordTable(ReaderContract):
     """keyword_embs is [0, D] and every pair has no keywords (upstream's placeholder)."""
 
-    @pytest.fixture(params=["pt", "gzip", "none"])
-    def case(self, request, empty_keywords_dir, empty_keywords_converted, empty_keywords_expected) -> Case:
+    @pytest.fixture(params=["pt", "gzip", "none", "sharded"])
+    def case(self, request, empty_keywords_dir, empty_keywords_converted, empty_keywords_expected, sharded) -> Case:
         assert empty_keywords_expected.tensors["keyword_embs"].shape == (0, 32)
         if request.param == "pt":
             return Case(open_dataset(empty_keywords_dir, "pt", use_mmap=True), empty_keywords_expected)
+        if request.param == "sharded":
+            reader = open_dataset(sharded(empty_keywords_dir, "gzip"), "hdf5", use_mmap=True)
+            assert isinstance(reader, ShardedHDF5Reader)
+            return Case(reader, empty_keywords_expected)
         compression = None if request.param == "none" else request.param
         return Case(open_dataset(empty_keywords_converted(compression), "hdf5", use_mmap=True), empty_keywords_expected)
 
@@ -271,6 +313,58 @@ def test_synthetic_data_is_realistic(small_expected) -> None:
     assert not questions["train"] & questions["val"] and not questions["train"] & questions["test"]
 
 
+# --- the Writer contract: every writer writes what any reader reads -----------------------------------------
+
+
+def _writer(kind: str, directory: Path) -> Writer:
+    return PTWriter(directory) if kind == "pt" else HDF5Writer(directory / "dataset.h5", "gzip")
+
+
+@pytest.mark.parametrize("kind", ["pt", "hdf5"])
+def test_a_writer_writes_any_readers_dataset(tmp_path: Path, converted, small_expected, kind: str) -> None:
+    """Streamed from a chunked, lazily read HDF5 source, read back bit for bit in the writer's format."""
+    source = open_dataset(converted("lzf"), "hdf5", use_mmap=True)
+    with _writer(kind, tmp_path) as writer:
+        writer.write_from(source)
+    back = open_dataset(tmp_path, kind)
+    for spec in TENSORS:
+        assert_bits_equal(back.read(spec.name), small_expected.tensors[spec.name], f"{kind} {spec.name}")
+    assert [ids.tolist() for ids in back.keyword_ids(np.arange(back.n_pairs))] == small_expected.keyword_ids
+    for split, ids in small_expected.splits.items():
+        assert_bits_equal(back.split(split), ids, f"{kind} split {split}")
+    assert back.config == small_expected.config
+    assert back.verify_checksums() == []
+    assert not list(tmp_path.glob(".*tmp-*")), "no temp files left behind"
+
+
+@pytest.mark.parametrize("kind", ["pt", "hdf5"])
+def test_a_writer_copying_pt_files_writes_the_converters_bytes(tmp_path: Path, small_dir: Path, kind: str) -> None:
+    """PT to PT gives upstream's files again, byte for byte; PT to HDF5 gives convert_pt_to_hdf5's file."""
+    source = open_dataset(small_dir, "pt", use_mmap=True)
+    with _writer(kind, tmp_path) as writer:
+        writer.write_from(source, fingerprint(source.files()) if kind == "hdf5" else None)
+    if kind == "pt":
+        assert {p.name: sha256_file(p) for p in tmp_path.iterdir()} == {
+            p.name: sha256_file(p) for p in small_dir.iterdir()
+        }
+    else:
+        reference = tmp_path / "reference.h5"
+        convert_pt_to_hdf5(small_dir, "gzip", output=reference, progress=False, validate=False)
+        assert sha256_file(tmp_path / "dataset.h5") == sha256_file(reference)
+
+
+def test_an_error_in_the_hdf5_writers_block_publishes_nothing(converted, tmp_path: Path) -> None:
+    source = open_dataset(converted("gzip"), "hdf5", use_mmap=True)
+    previous = tmp_path / "dataset.h5"
+    previous.write_bytes(b"the previous file")
+    with pytest.raises(RuntimeError, match="stop"), HDF5Writer(previous, "gzip") as writer:
+        writer.write_config(source.config)
+        writer.write_tensor("pair_index", source.array("pair_index"))
+        raise RuntimeError("stop")
+    assert previous.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.h5"], "no temp file is left"
+
+
 # --- the HDF5 writer's layout ------------------------------------------------------------------------------
 
 
@@ -373,12 +467,13 @@ def test_opening_the_h5_file_directly(converted, small_expected) -> None:
 
 
 @pytest.fixture(scope="module")
-def used_readers(small_dir, converted):
+def used_readers(small_dir, converted, sharded):
     """One reader per storage kind, each already used in this process (handles and mappings open)."""
     readers = {
         "pt": open_dataset(small_dir, "pt", use_mmap=True),
         "h5_gzip": open_dataset(converted("gzip"), "hdf5", use_mmap=True),
         "h5_none": open_dataset(converted(None), "hdf5", use_mmap=True),
+        "sharded_gzip": open_dataset(sharded(small_dir, "gzip"), "hdf5", use_mmap=True),
     }
     for reader in readers.values():
         reader.take("steering_centroid", [0, 5])

@@ -1,14 +1,19 @@
-"""Parallel PT -> HDF5 conversion on Ray: plan, schedule shard tasks, assemble.
+"""Parallel PT -> HDF5 conversion on Ray: plan, schedule piece tasks, assemble.
 
-Thin by design: the plan, the shard files, assembly and the manifest are in
-``shards`` (no Ray there). This module connects to Ray, submits one task per
-shard with retries, shows progress, names failed shards, and cleans up.
+Thin by design: the plan, the pieces, assembly and the manifest are in
+``plan``, ``pieces`` and ``publish`` (no Ray there). This module connects to
+Ray, submits one task per piece with retries, shows progress, names failed
+pieces, and cleans up. The only conversion module that uses Ray (through
+``ray_session``, so importing it needs no Ray: ``ray_worthwhile`` asks).
 
 Where it runs: with no ``address`` and no ``RAY_ADDRESS``, a local Ray on this
 machine with ``num_workers`` (default: all) CPUs; with ``address="auto"``, an
 ``ip:port`` or ``RAY_ADDRESS``, an existing cluster, and then the dataset
 directory must be on a filesystem every node sees (NFS, Lustre, a shared
-volume): tasks open the sources and write shards by path.
+volume): tasks open the sources and write pieces by path.
+
+``shard_bytes`` and the report's ``shards`` are the piece size and count (public
+names from before the word "piece"; the sharded layout's files are the shards).
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import faults
 from ..errors import ConversionError
 from ..formats import open_dataset
 from ..ray_session import connect, require_ray
-from .pieces import ShardResult, WorkDir, write_shard
-from .plan import SHARD_BYTES, ConversionPlan, ShardTask, default_output, plan_conversion, work_dir_for
+from ..schema import LAYOUT_SINGLE, LAYOUTS
+from ..validate import validate_dataset
+from .pieces import PieceResult, WorkDir, write_piece
+from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import assemble_single, publish_sharded
 from .writer import ConversionReport, _progress
 
@@ -32,16 +40,16 @@ log = logging.getLogger(__name__)
 READER_ENV = {"HDF5_USE_FILE_LOCKING": "FALSE"}
 
 
-def _require_ray():
+def _require_ray() -> Any:
     try:
         return require_ray("Parallel conversion")
     except ImportError as exc:
         raise ImportError(f"{exc} Without Ray, jasper_ray.convert_pt_to_hdf5 converts in one process.") from exc
 
 
-def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = SHARD_BYTES) -> bool:
+def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = PIECE_BYTES) -> bool:
     """Whether converting with Ray beats one process: Ray importable and running, a cluster named,
-    or more than one shard of data (a local Ray takes seconds to start)."""
+    or more than one piece of data (``shard_bytes``; a local Ray takes seconds to start)."""
     try:
         ray = _require_ray()
     except ImportError:
@@ -56,14 +64,14 @@ def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
     return connect(address, num_cpus=num_workers, runtime_env={"env_vars": READER_ENV})
 
 
-def _shard_task(task: ShardTask, inject_failure: str | None) -> ShardResult:
+def _piece_task(task: PieceTask) -> PieceResult:
     os.environ.update(READER_ENV)
-    return write_shard(task, inject_failure)
+    return write_piece(task)
 
 
 def _reason(exc: BaseException) -> str:
     """Why a task failed, on one line: the task's own exception (a RayTaskError's first line is only
-    ``ray::_shard_task() (pid=..., ip=...)``), else Ray's (a worker that died)."""
+    ``ray::_piece_task() (pid=..., ip=...)``), else Ray's (a worker that died)."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         exc = cause
@@ -71,47 +79,46 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]}"
 
 
-def run_shards(
+def run_pieces(
     ray: Any,
-    tasks: list[ShardTask],
+    tasks: list[PieceTask],
     *,
     max_retries: int,
     progress: bool,
     total_bytes: int,
-    inject_failure: dict[str, str] | None = None,
     max_in_flight: int | None = None,
-) -> dict[str, ShardResult]:
-    """Run every shard task; return results by shard id, or raise ConversionError naming the failures."""
-    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_shard_task)
-    remote = remote.options(runtime_env={"env_vars": READER_ENV})
-    inject_failure = inject_failure or {}
+) -> dict[str, PieceResult]:
+    """Run every piece task; return results by piece id, or raise ConversionError naming the failures."""
+    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_piece_task)
+    remote = remote.options(runtime_env={"env_vars": {**READER_ENV, **faults.task_env()}})
     bytes_of = {
-        t.shard.shard_id: t.job.nbytes * (t.shard.stop - t.shard.start) // max(t.job.shape[0], 1) for t in tasks
+        t.piece.piece_id: t.column.nbytes * (t.piece.stop - t.piece.start) // max(t.column.shape[0], 1) for t in tasks
     }
     queue = list(tasks)
     limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict[Any, ShardTask] = {}
-    results: dict[str, ShardResult] = {}
+    pending: dict[Any, PieceTask] = {}
+    results: dict[str, PieceResult] = {}
     failures: list[str] = []
     with _progress(total_bytes, progress, "convert") as bar:
         while queue or pending:
             while queue and len(pending) < limit:
                 task = queue.pop(0)
-                pending[remote.remote(task, inject_failure.get(task.shard.shard_id))] = task
+                pending[remote.remote(task)] = task
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 task = pending.pop(ref)
                 try:
                     result = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - reported by shard name below
+                except Exception as exc:  # noqa: BLE001 - reported by piece id below
                     failures.append(
-                        f"{task.shard.shard_id} (rows {task.shard.start}:{task.shard.stop} of "
-                        f"{task.job.h5_path}): {_reason(exc)}"
+                        f"{task.piece.piece_id} (rows {task.piece.start}:{task.piece.stop} of "
+                        f"{task.column.h5_path}): {_reason(exc)}"
                     )
                     continue
-                results[result.shard_id] = result
-                bar.update(bytes_of[result.shard_id])
+                results[result.piece_id] = result
+                bar.update(bytes_of[result.piece_id])
     if failures:
+        # "shard(s)": the documented wording (docs/troubleshooting.md), from before the word "piece".
         raise ConversionError(f"{len(failures)} shard(s) failed after {max_retries} retries: " + "; ".join(failures))
     return results
 
@@ -124,26 +131,23 @@ def convert(
     shuffle: bool = True,
     num_workers: int | None = None,
     address: str | None = None,
-    layout: str = "single",
-    shard_bytes: int = SHARD_BYTES,
+    layout: str = LAYOUT_SINGLE,
+    shard_bytes: int = PIECE_BYTES,
     max_retries: int = 3,
     output: str | os.PathLike | None = None,
     progress: bool = True,
     validate: bool = True,
     keep_ray: bool = False,
-    _inject_failure: dict[str, str] | None = None,
 ) -> ConversionReport:
     """Convert a PT dataset to HDF5 with Ray tasks: ``dataset.h5`` (``layout="single"``) or
     ``dataset.shards/`` + manifest (``layout="sharded"``).
 
-    Resumable: shards finished by an earlier, interrupted run with the same
-    sources and options are verified and reused. The output appears complete
-    or not at all. ``_inject_failure`` maps shard ids to marker paths: that
-    shard's first attempt fails (for tests of retries).
+    The work is cut into pieces of about ``shard_bytes`` of source data, one Ray
+    task each. Resumable: pieces finished by an earlier, interrupted run with
+    the same sources and options are verified and reused. The output appears
+    complete or not at all.
     """
-    from ..validate import validate_dataset
-
-    if layout not in ("single", "sharded"):
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'single' or 'sharded', got {layout!r}")
     ray = _require_ray()
     dataset_dir = Path(dataset_dir)
@@ -159,30 +163,29 @@ def convert(
     try:
         with work:
             try:
-                reused = work.existing_shards()
+                reused = work.existing_pieces()
                 if reused:
                     log.info(
-                        "resuming: %d of %d shards are on disk from an earlier run; verifying them",
+                        "resuming: %d of %d pieces are on disk from an earlier run; verifying them",
                         reused,
-                        len(plan.shards),
+                        len(plan.pieces),
                     )
-                results = run_shards(
+                results = run_pieces(
                     ray,
                     plan.tasks(work.path),
                     max_retries=max_retries,
                     progress=progress,
                     total_bytes=plan.total_bytes,
-                    inject_failure=_inject_failure,
                 )
-                shards_done = time.perf_counter()
-                if layout == "single":
+                pieces_done = time.perf_counter()
+                if layout == LAYOUT_SINGLE:
                     assemble_single(plan, work.path, output, results)
             except Exception:
                 # A failure leaves nothing behind (the disk may be full). An interrupt or a crash
-                # (KeyboardInterrupt, SIGKILL) keeps the finished shards for a re-run to reuse.
+                # (KeyboardInterrupt, SIGKILL) keeps the finished pieces for a re-run to reuse.
                 work.remove()
                 raise
-        if layout == "single":
+        if layout == LAYOUT_SINGLE:
             work.remove()
         else:
             publish_sharded(plan, work.path, output, results)
@@ -197,9 +200,9 @@ def convert(
         out_bytes,
         assembled - started,
         compression,
-        len(plan.shards),
+        len(plan.pieces),
         sum(r.reused for r in results.values()),
-        assembled - shards_done,
+        assembled - pieces_done,
         results,
     )
     for line in report.lines():

@@ -1,16 +1,16 @@
-"""One piece of a conversion: its HDF5 file, written (or reused when it verifies) by one task.
+"""One piece of a conversion: its part file, written (or reused when it verifies) by one task.
 
-Each piece is written to its own HDF5 file with the final chunk shape and
-filters, so assembly copies the already-compressed chunks and never
-re-encodes. Piece files keep the block digests of their rows: the tensor
-checksum is combined from them, and a re-run reuses a piece only when its rows
-hash to them again. ``WorkDir`` holds the pieces of one conversion.
+Each piece is written to its own part file with the final chunk shape and
+filters (``formats.hdf5_writer.write_part``), so assembly copies the
+already-compressed chunks and never re-encodes. Part files keep the block
+digests of their rows: the tensor checksum is combined from them, and a re-run
+reuses a piece only when its rows hash to them again. ``WorkDir`` holds the
+pieces of one conversion. No Ray here: the Ray driver runs ``write_piece``.
 """
 
 from __future__ import annotations
 
 import fcntl
-import io
 import json
 import logging
 import os
@@ -20,27 +20,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..atomic import TEMP_MARK, atomic_output
+from ..faults import fail_once
 from ..formats import open_dataset
 from ..formats.base import Reader
-from ..formats.checksum import BlockHasher, block_rows
-from ..formats.chunks import dataset_options
-from ..formats.hdf5 import create_file, require_h5py
-from .plan import ConversionPlan, ShardTask
-from .writer import write_rows
+from ..formats.hdf5 import require_h5py
+from ..formats.hdf5_writer import part_digests, write_part
+from ..schema import HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
+from .plan import ConversionPlan, PieceTask
 
 log = logging.getLogger(__name__)
 
-ATTR_DIGESTS = "block_digests"
-
 
 @dataclass
-class ShardResult:
-    shard_id: str
+class PieceResult:
+    piece_id: str
     rows: int
-    digests: list[str]
+    digests: list[str]  # hex: results travel back through Ray and into the manifest
     file_bytes: int
     seconds: float
     reused: bool
@@ -48,7 +44,7 @@ class ShardResult:
     worker_peak_rss: int
 
 
-# --- one shard ------------------------------------------------------------------------
+# --- one piece ------------------------------------------------------------------------------
 
 
 def _source(dataset_dir: str) -> Reader:
@@ -65,80 +61,41 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def shard_digests(path: Path, task: ShardTask) -> list[str] | None:
-    """The shard's block digests if its file is complete and its rows hash to them, else None."""
-    h5py = require_h5py()
+def piece_digests(path: Path, task: PieceTask) -> list[str] | None:
+    """The piece's block digests if its file is complete and its rows hash to them, else None."""
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            dset = f[task.job.h5_path]
-            recorded = [bytes(d).hex() for d in dset.attrs[ATTR_DIGESTS].reshape(-1, 32)] if dset.size else []
-            if dset.shape[0] != task.shard.stop - task.shard.start:
-                return None
-            job = task.job
-            hasher = BlockHasher(block_rows(job.shape, job.dtype.itemsize), job.nbytes // max(job.shape[0], 1))
-            step = block_rows(job.shape, job.dtype.itemsize)
-            for a in range(0, dset.shape[0], step):
-                hasher.update(dset[a : a + step])
-            got = [d.hex() for d in hasher.finish()]
+        digests = part_digests(path, task.column, task.piece.start, task.piece.stop)
     except (OSError, KeyError, ValueError) as exc:
-        log.info("shard %s cannot be reused (%s)", path.name, exc)
+        log.info("piece %s cannot be reused (%s)", path.name, exc)
         return None
-    return got if got == recorded else None
+    return None if digests is None else [d.hex() for d in digests]
 
 
-def write_shard(task: ShardTask, inject_failure: str | None = None) -> ShardResult:
-    """Write (or reuse, if it verifies) one shard file; published atomically under ``work_dir``."""
+def write_piece(task: PieceTask) -> PieceResult:
+    """Write (or reuse, if it verifies) one piece's part file; published atomically under ``work_dir``."""
     started = time.perf_counter()
     require_h5py()  # before any work, when h5py is missing
-    path = Path(task.work_dir) / task.shard.file_name
-    if path.exists():
-        digests = shard_digests(path, task)
-        if digests is not None:
-            return ShardResult(
-                task.shard.shard_id,
-                task.shard.stop - task.shard.start,
-                digests,
-                path.stat().st_size,
-                time.perf_counter() - started,
-                True,
-                os.getpid(),
-                _peak_rss(),
-            )
-        log.warning("shard %s does not verify; rewriting it", path)
-    if inject_failure is not None and not Path(inject_failure).exists():
-        Path(inject_failure).touch()  # fails once: the retry finds the marker
-        raise OSError(f"injected failure writing shard {task.shard.shard_id}")
-    job, shard = task.job, task.shard
-    opts = dataset_options(job.shape, job.dtype, task.compression, task.compression_opts, task.shuffle)
-    rows = shard.stop - shard.start
-    if opts:
-        opts["maxshape"] = (None,) + job.shape[1:]  # lets a short last shard keep the full chunk shape
-    # The shard is built in memory (it is bounded by the shard size) and written with plain file I/O:
-    # HDF5 cannot recover from a write failing mid-file (ENOSPC at close leaves the library in a state
-    # that segfaults the process later, h5py#914), so a full or failing disk must fail here, cleanly.
-    image = io.BytesIO()
-    with create_file(image) as f:
-        dset = f.create_dataset(job.h5_path, shape=(rows,) + job.shape[1:], dtype=job.dtype, **opts)
-        hasher = BlockHasher(block_rows(job.shape, job.dtype.itemsize), job.nbytes // max(job.shape[0], 1))
+    piece = task.piece
+    path = Path(task.work_dir) / piece.file_name
+    digests = piece_digests(path, task) if path.exists() else None
+    reused = digests is not None
+    if digests is None:
+        if path.exists():
+            log.warning("piece %s does not verify; rewriting it", path)
+        fail_once(piece.piece_id, f"injected failure writing piece {piece.piece_id}")
         with _source(task.dataset_dir) as source:
-            write_rows(dset, source, job, shard.start, shard.stop, hasher, dest_start=0)
-        digests = hasher.finish()
-        dset.attrs[ATTR_DIGESTS] = np.frombuffer(b"".join(digests), dtype=np.uint8)
-        dset.attrs["start"], dset.attrs["stop"] = shard.start, shard.stop
-    with atomic_output(path) as temp:
-        try:
-            with open(temp, "wb") as out:
-                out.write(image.getbuffer())
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(temp)) from exc
-    del image
-    return ShardResult(
-        shard.shard_id,
-        rows,
-        [d.hex() for d in digests],
+            rows = task.column.rows(source)
+            written = write_part(
+                path, task.column, rows, piece.start, piece.stop, task.compression, task.compression_opts, task.shuffle
+            )
+        digests = [d.hex() for d in written]
+    return PieceResult(
+        piece.piece_id,
+        piece.stop - piece.start,
+        digests,
         path.stat().st_size,
         time.perf_counter() - started,
-        False,
+        reused,
         os.getpid(),
         _peak_rss(),
     )
@@ -148,7 +105,7 @@ def write_shard(task: ShardTask, inject_failure: str | None = None) -> ShardResu
 
 
 class WorkDir:
-    """The shard directory of one conversion, locked against a second concurrent conversion."""
+    """The piece directory of one conversion, locked against a second concurrent conversion."""
 
     def __init__(self, path: Path, plan: ConversionPlan):
         self.path = path
@@ -157,25 +114,25 @@ class WorkDir:
 
     def __enter__(self) -> WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.path / "lock", os.O_CREAT | os.O_RDWR)
+        self._lock_fd = os.open(self.path / LOCK_FILE, os.O_CREAT | os.O_RDWR)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             raise RuntimeError(f"another conversion is running on {self.path} (its lock is held)") from None
-        plan_file = self.path / "plan.json"
+        plan_file = self.path / PLAN_FILE
         previous = json.loads(plan_file.read_text()).get("key") if plan_file.exists() else None
         for p in self.path.iterdir():
-            stale_shard = p.suffix == ".h5" and previous != self.plan.key
-            if TEMP_MARK in p.name or stale_shard:  # dead writers' temps; shards of another plan
+            stale_piece = p.suffix == HDF5_SUFFIX and previous != self.plan.key
+            if TEMP_MARK in p.name or stale_piece:  # dead writers' temps; pieces of another plan
                 p.unlink()
         if previous != self.plan.key:
             with atomic_output(plan_file) as temp:
                 temp.write_text(json.dumps({"key": self.plan.key, **self.plan._body()}, default=str))
         return self
 
-    def existing_shards(self) -> int:
-        return sum(1 for s in self.plan.shards if (self.path / s.file_name).exists())
+    def existing_pieces(self) -> int:
+        return sum(1 for p in self.plan.pieces if (self.path / p.file_name).exists())
 
     def __exit__(self, *exc: object) -> None:
         if self._lock_fd is not None:

@@ -1,93 +1,64 @@
 """The plan of a conversion: every output dataset cut into pieces of work.
 
-A plan splits every output dataset into row ranges aligned to checksum
-blocks (themselves whole HDF5 chunks), of about ``shard_bytes`` each; small
-tensors go whole. The same sources and options always give the same pieces
-and the same key, so an interrupted conversion can find and reuse what it
-finished. Plans hold paths, names and integers only: they travel to Ray tasks.
+A plan splits every dataset of the output (a ``Column``) into row ranges
+aligned to checksum blocks (themselves whole HDF5 chunks), of about
+``piece_bytes`` each; small tensors go whole. The same sources and options
+always give the same pieces and the same key, so an interrupted conversion can
+find and reuse what it finished. Plans hold paths, names and integers only:
+they travel to Ray tasks.
+
+One word per meaning: a *piece* is a unit of conversion work (one task, one
+part file); *shards* are the files of the sharded layout (there, each piece's
+file becomes a shard). Public names from before this distinction keep
+"shard" for a piece: ``convert(shard_bytes=...)``, ``--shard-size``,
+``ConversionReport.shards``, and the keys of ``plan.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..fingerprint import fingerprint
 from ..formats.base import Reader
 from ..formats.checksum import block_rows
-from ..formats.chunks import dataset_options
-from ..schema import FORMAT_VERSION, HDF5_FILE, KEYWORD_IDS, SHARDS_DIR, SPLIT_DTYPE, TENSORS, split_h5_path
+from ..formats.chunks import check_options
+from ..formats.hdf5_writer import Column, columns
+from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, SHARDS_DIR, piece_file, work_dir_name
 
-# Upstream's progress lines, one per top-level group, in its order.
-GROUP_MESSAGES = {
-    "embeddings": "Converting embeddings...",
-    "pair_data": "Converting pair data...",
-    "negatives": "Converting negatives...",
-    "steering": "Converting steering tensors...",
-    "splits": "Converting split indices...",
-}
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """One HDF5 dataset to write: where it goes and how to read its rows from the source."""
-
-    h5_path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    source: str  # "tensor:<name>", "split:<name>", "keywords:values", "keywords:offsets"
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-def tensor_jobs(reader: Reader) -> list[TensorJob]:
-    """Every dataset of the output file, in upstream's group order."""
-    jobs = [TensorJob(s.h5_path, reader.shape(s.name), s.dtype, f"tensor:{s.name}") for s in TENSORS]
-    values, offsets = reader.keyword_csr()
-    jobs.append(TensorJob(KEYWORD_IDS.h5_values, (len(values),), KEYWORD_IDS.dtype, "keywords:values"))
-    jobs.append(TensorJob(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), "keywords:offsets"))
-    for split in reader.split_names():
-        jobs.append(TensorJob(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"split:{split}"))
-    order = list(GROUP_MESSAGES)
-    return sorted(jobs, key=lambda j: order.index(j.h5_path.split("/")[0]))
-
-
-SHARD_BYTES = 256 << 20
-ATTR_DIGESTS = "block_digests"
+PIECE_BYTES = 256 << 20
 
 
 def work_dir_for(output: Path) -> Path:
-    """Where shards of a conversion into ``output`` live until assembly (hidden: never auto-detected)."""
-    return output.with_name(f".{output.name}.work")
+    """Where the pieces of a conversion into ``output`` live until assembly (hidden: never auto-detected)."""
+    return output.with_name(work_dir_name(output.name))
 
 
 @dataclass(frozen=True)
-class Shard:
-    shard_id: str
+class Piece:
+    """Rows ``start:stop`` of the dataset at ``h5_path``: one task's work, written to one part file."""
+
+    piece_id: str
     h5_path: str
     start: int
     stop: int
 
     @property
     def file_name(self) -> str:
-        return f"{self.shard_id}.h5"
+        return piece_file(self.piece_id)
 
 
 @dataclass(frozen=True)
-class ShardTask:
+class PieceTask:
     """Everything one task needs: paths, names and integers, never data or handles."""
 
     dataset_dir: str
     work_dir: str
-    shard: Shard
-    job: TensorJob
+    piece: Piece
+    column: Column
     compression: str | None
     compression_opts: Any
     shuffle: bool
@@ -99,11 +70,11 @@ class ConversionPlan:
     compression: str | None
     compression_opts: Any
     shuffle: bool
-    shard_bytes: int
-    config: dict
-    source_fingerprint: dict
-    jobs: list[TensorJob]
-    shards: list[Shard]
+    piece_bytes: int
+    config: dict[str, Any]
+    source_fingerprint: dict[str, Any]
+    columns: list[Column]
+    pieces: list[Piece]
     key: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -112,42 +83,46 @@ class ConversionPlan:
             self.key = hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def _body(self) -> dict[str, Any]:
+        """What the key hashes, and plan.json holds. Its keys predate the word "piece" ("shards", "jobs"):
+        kept, so the key of a plan is what it was, and an interrupted conversion resumes across versions."""
         jobs = [
-            {"h5_path": j.h5_path, "shape": list(j.shape), "dtype": j.dtype.str, "source": j.source} for j in self.jobs
+            {"h5_path": c.h5_path, "shape": list(c.shape), "dtype": c.dtype.str, "source": c.source}
+            for c in self.columns
         ]
+        pieces = [{"shard_id": p.piece_id, "h5_path": p.h5_path, "start": p.start, "stop": p.stop} for p in self.pieces]
         return {
             "format_version": FORMAT_VERSION,
             "compression": self.compression,
             "compression_opts": self.compression_opts,
             "shuffle": self.shuffle,
-            "shard_bytes": self.shard_bytes,
+            "shard_bytes": self.piece_bytes,
             "config": self.config,
             "source_fingerprint": self.source_fingerprint,
             "jobs": jobs,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": pieces,
         }
 
-    def tasks(self, work_dir: Path) -> list[ShardTask]:
-        job_of = {j.h5_path: j for j in self.jobs}
+    def tasks(self, work_dir: Path) -> list[PieceTask]:
+        column_of = {c.h5_path: c for c in self.columns}
         return [
-            ShardTask(
+            PieceTask(
                 self.dataset_dir,
                 str(work_dir),
-                s,
-                job_of[s.h5_path],
+                p,
+                column_of[p.h5_path],
                 self.compression,
                 self.compression_opts,
                 self.shuffle,
             )
-            for s in self.shards
+            for p in self.pieces
         ]
 
-    def shards_of(self, job: TensorJob) -> list[Shard]:
-        return [s for s in self.shards if s.h5_path == job.h5_path]
+    def pieces_of(self, column: Column) -> list[Piece]:
+        return [p for p in self.pieces if p.h5_path == column.h5_path]
 
     @property
     def total_bytes(self) -> int:
-        return sum(j.nbytes for j in self.jobs)
+        return sum(c.nbytes for c in self.columns)
 
 
 def plan_conversion(
@@ -155,39 +130,33 @@ def plan_conversion(
     compression: str | None = "gzip",
     compression_opts: Any = None,
     shuffle: bool = True,
-    shard_bytes: int = SHARD_BYTES,
+    piece_bytes: int = PIECE_BYTES,
 ) -> ConversionPlan:
-    """A deterministic plan: the same sources and options always give the same shards and key."""
-    dataset_options((1, 1), np.dtype("float32"), compression, compression_opts, shuffle)  # reject bad options
-    jobs = tensor_jobs(reader)
-    shards = []
-    for job in jobs:
-        rows = job.shape[0]
-        row_bytes = max(1, job.nbytes // max(rows, 1))
-        block = block_rows(job.shape, job.dtype.itemsize)
-        per_shard = block * max(1, shard_bytes // (block * row_bytes))
-        starts = range(0, rows, per_shard) if rows else [0]
+    """A deterministic plan: the same sources and options always give the same pieces and key."""
+    check_options(compression, compression_opts, shuffle)
+    found = columns(reader)
+    pieces: list[Piece] = []
+    for column in found:
+        rows = column.shape[0]
+        row_bytes = max(1, column.nbytes // max(rows, 1))
+        block = block_rows(column.shape, column.dtype.itemsize)
+        per_piece = block * max(1, piece_bytes // (block * row_bytes))
+        starts = range(0, rows, per_piece) if rows else [0]
         for i, start in enumerate(starts):
-            shards.append(
-                Shard(
-                    f"{len(shards):05d}-{job.h5_path.replace('/', '.')}-{i}",
-                    job.h5_path,
-                    start,
-                    min(start + per_shard, rows),
-                )
-            )
+            piece_id = f"{len(pieces):05d}-{column.h5_path.replace('/', '.')}-{i}"
+            pieces.append(Piece(piece_id, column.h5_path, start, min(start + per_piece, rows)))
     return ConversionPlan(
         str(reader.directory),
         compression,
         compression_opts,
         shuffle,
-        int(shard_bytes),
+        int(piece_bytes),
         reader.config,
         fingerprint(reader.files()),
-        jobs,
-        shards,
+        found,
+        pieces,
     )
 
 
 def default_output(dataset_dir: Path, layout: str) -> Path:
-    return dataset_dir / (HDF5_FILE if layout == "single" else SHARDS_DIR)
+    return dataset_dir / (HDF5_FILE if layout == LAYOUT_SINGLE else SHARDS_DIR)

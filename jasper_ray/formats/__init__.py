@@ -1,29 +1,84 @@
 """Opening a dataset: format detection, staleness and the mmap decision.
 
 ``open_dataset`` is the one way every front-end (local torch dataset, Ray
-tasks, shard actors, CLI) gets at data. Detection is one mapping from format
-name to reader class.
+tasks, shard actors, CLI) gets at data. Detection is one mapping, ``FORMATS``:
+format name -> its layouts in priority order, each a probe file and the reader
+that opens it. The writers are ``pt.PTWriter`` and ``hdf5_writer.HDF5Writer``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import DatasetNotFoundError, StaleDatasetError
 from ..fingerprint import changed_files
-from ..schema import HDF5_FILE, MANIFEST, PT_PROBE, SHARDS_DIR
-from .base import Reader
+from ..schema import HDF5_FILE, HDF5_SUFFIXES, MANIFEST, PT_PROBE, PT_SUFFIX, SHARDS_DIR
+from .base import Reader, Writer
 from .hdf5 import HDF5Reader, require_h5py
-from .pt import PTReader
+from .hdf5_writer import HDF5Writer
+from .pt import PTReader, PTWriter
 from .sharded import ShardedHDF5Reader
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("pt", "hdf5")
 StorageFormat = Literal["auto", "pt", "hdf5"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a format lies in a directory: the file whose presence shows it, and the reader that opens it."""
+
+    probe: str  # relative to the dataset directory
+    open: Callable[..., Reader]  # (directory, **options) -> Reader
+    probe_option: str | None = None  # an open_dataset option that renames the probe file
+
+    def probe_path(self, directory: Path, options: Mapping[str, Any]) -> Path:
+        name = options.get(self.probe_option, self.probe) if self.probe_option else self.probe
+        return directory / str(name)
+
+    def present(self, directory: Path, options: Mapping[str, Any]) -> bool:
+        return self.probe_path(directory, options).is_file()
+
+
+@dataclass(frozen=True)
+class Format:
+    """A storage format: its layouts in priority order, and what opening it needs."""
+
+    layouts: tuple[Layout, ...]
+    missing: str  # the error when no layout is present; {directory} and {probe} (the first layout's file)
+    require: Callable[[], object] | None = None  # raises ImportError when the format's library is missing
+    converted: bool = True  # converted from PT files: stale when they changed since
+
+
+def _sharded(directory: Path, file_name: str | None = None, **options: Any) -> Reader:
+    """``file_name`` names a single HDF5 file: the sharded layout has none."""
+    return ShardedHDF5Reader(directory, **options)
+
+
+def _pt(directory: Path, **options: Any) -> Reader:
+    """Options tune the HDF5 readers; PT takes none."""
+    return PTReader(directory)
+
+
+# Detection: format name -> layouts, in priority order. "auto" takes the first format with a layout
+# present whose library imports (HDF5 before PT, unless its PT sources changed since conversion);
+# a format opens its first layout present (dataset.h5 before dataset.shards/).
+FORMATS: dict[str, Format] = {
+    "hdf5": Format(
+        (Layout(HDF5_FILE, HDF5Reader, probe_option="file_name"), Layout(f"{SHARDS_DIR}/{MANIFEST}", _sharded)),
+        missing="HDF5 file not found: {probe}",
+        require=require_h5py,
+    ),
+    "pt": Format(
+        (Layout(PT_PROBE, _pt),), missing="PT files not found in {directory} (looked for {probe})", converted=False
+    ),
+}
+
 
 # Upstream's threshold: mmap above 10 GB.
 MMAP_THRESHOLD_BYTES = 10 << 30
@@ -55,9 +110,11 @@ def declared_bytes(config: dict) -> int:
         return 0
 
 
-def _h5py_available() -> bool:
+def _usable(fmt: Format) -> bool:
+    """The format's library imports (h5py for HDF5)."""
     try:
-        require_h5py()
+        if fmt.require is not None:
+            fmt.require()
     except ImportError:
         return False
     return True
@@ -74,42 +131,37 @@ def stale_sources(directory: Path, converted: Reader) -> list[str]:
     return changed_files(directory, recorded, pt_files)
 
 
-def hdf5_reader(directory: Path, **options) -> Reader:
-    """``dataset.h5`` if present, else the sharded layout (``dataset.shards/manifest.json``)."""
-    if (
-        not (directory / options.get("file_name", HDF5_FILE)).is_file()
-        and (directory / SHARDS_DIR / MANIFEST).is_file()
-    ):
-        options.pop("file_name", None)
-        return ShardedHDF5Reader(directory, **options)
-    return HDF5Reader(directory, **options)
-
-
-def _has_hdf5(directory: Path) -> bool:
-    return (directory / HDF5_FILE).is_file() or (directory / SHARDS_DIR / MANIFEST).is_file()
+def open_layout(storage_format: str, directory: Path, **options: Any) -> Reader:
+    """The reader of the format's first layout present in ``directory`` (its first layout when none is)."""
+    layouts = FORMATS[storage_format].layouts
+    layout = next((lay for lay in layouts if lay.present(directory, options)), layouts[0])
+    return layout.open(directory, **options)
 
 
 def detect_format(directory: Path) -> str:
-    """HDF5 if ``dataset.h5`` or ``dataset.shards/`` is there (and h5py imports) and is not stale, else PT."""
-    if _has_hdf5(directory) and _h5py_available():
-        converted = hdf5_reader(directory)
-        h5 = converted.path
+    """The first format of ``FORMATS`` with a layout present and its library importable; converted data
+    whose PT sources changed since is passed over for the PT files, with a warning."""
+    for name, fmt in FORMATS.items():
+        if not any(lay.present(directory, {}) for lay in fmt.layouts) or not _usable(fmt):
+            continue
+        if not fmt.converted:
+            return name
+        converted = open_layout(name, directory)
         changed = stale_sources(directory, converted)
         converted.close()
         if not changed:
-            return "hdf5"
+            return name
         log.warning(
             "%s is stale: %s changed since it was converted; serving the PT files. "
             "Reconvert with `jasper-ray convert %s`.",
-            h5,
+            converted.path,
             ", ".join(changed),
             directory,
         )
         return "pt"
-    if (directory / PT_PROBE).is_file():
-        return "pt"
     raise DatasetNotFoundError(
-        f"No dataset files found in {directory}. Expected either {HDF5_FILE} or *.pt files (looked for {PT_PROBE})"
+        f"No dataset files found in {directory}. "
+        f"Expected either {HDF5_FILE} or *{PT_SUFFIX} files (looked for {PT_PROBE})"
     )
 
 
@@ -117,7 +169,7 @@ def open_dataset(
     path: str | os.PathLike,
     storage_format: StorageFormat = "auto",
     use_mmap: bool | None = None,
-    **options,
+    **options: Any,
 ) -> Reader:
     """Open a JASPER dataset directory (or its ``dataset.h5``) for lazy reading.
 
@@ -127,30 +179,19 @@ def open_dataset(
     PT sources changed since conversion raises ``StaleDatasetError``.
     """
     path = Path(path)
-    if path.is_file() and path.suffix in (".h5", ".hdf5"):
+    if path.is_file() and path.suffix in HDF5_SUFFIXES:
         options.setdefault("file_name", path.name)
         path, storage_format = path.parent, "hdf5"
     if not path.is_dir():
         raise DatasetNotFoundError(f"Dataset directory not found: {path}")
     if storage_format == "auto":
-        storage_format = detect_format(path)
+        name = detect_format(path)
     elif storage_format not in FORMATS:
         raise ValueError(f"Invalid storage_format: {storage_format}. Must be 'auto', 'pt', or 'hdf5'")
-    elif storage_format == "hdf5":
-        require_h5py()
-        h5 = hdf5_reader(path, **options)
-        if not h5.path.exists():
-            raise DatasetNotFoundError(f"HDF5 file not found: {h5.path}")
-        changed = stale_sources(path, h5)
-        h5.close()
-        if changed:
-            raise StaleDatasetError(
-                f"{h5.path} is stale: {', '.join(changed)} changed since it was converted. "
-                f"Reconvert with `jasper-ray convert {path}`, or open the PT files with storage_format='pt'."
-            )
-    elif not (path / PT_PROBE).is_file():
-        raise DatasetNotFoundError(f"PT files not found in {path} (looked for {PT_PROBE})")
-    reader = hdf5_reader(path, **options) if storage_format == "hdf5" else PTReader(path)
+    else:
+        name = storage_format
+        _check_present(name, path, options)
+    reader = open_layout(name, path, **options)
     if use_mmap is None:
         # A config that declares a larger dataset than the files hold is honoured too: mapping is never
         # the risky choice, loading is.
@@ -163,4 +204,35 @@ def open_dataset(
     return reader
 
 
-__all__ = ["HDF5Reader", "PTReader", "Reader", "ShardedHDF5Reader", "open_dataset", "detect_format", "decide_mmap"]
+def _check_present(name: str, directory: Path, options: Mapping[str, Any]) -> None:
+    """An explicit format: its library imports, a layout is there, and (converted data) it is not stale."""
+    fmt = FORMATS[name]
+    if fmt.require is not None:
+        fmt.require()
+    if not any(lay.present(directory, options) for lay in fmt.layouts):
+        probe = fmt.layouts[0].probe_path(directory, options)
+        raise DatasetNotFoundError(fmt.missing.format(directory=directory, probe=probe))
+    if fmt.converted:
+        converted = open_layout(name, directory, **options)
+        changed = stale_sources(directory, converted)
+        converted.close()
+        if changed:
+            raise StaleDatasetError(
+                f"{converted.path} is stale: {', '.join(changed)} changed since it was converted. "
+                f"Reconvert with `jasper-ray convert {directory}`, or open the PT files with storage_format='pt'."
+            )
+
+
+__all__ = [
+    "FORMATS",
+    "HDF5Reader",
+    "HDF5Writer",
+    "PTReader",
+    "PTWriter",
+    "Reader",
+    "ShardedHDF5Reader",
+    "Writer",
+    "decide_mmap",
+    "detect_format",
+    "open_dataset",
+]

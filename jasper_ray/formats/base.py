@@ -1,101 +1,47 @@
-"""The reader contract that every storage format implements.
+"""The reader and writer contracts that every storage format implements.
 
 A reader holds a directory, a format name and options, never a handle: it
 pickles as those, and opens its files lazily in whichever process uses it (a
 fork is detected by pid and reopens). Arrays come back as numpy: memory-mapped
 where the format allows, so opening costs nothing and reads touch only the
-rows asked for. This module imports neither torch nor h5py nor Ray.
+rows asked for.
+
+A writer is a context manager: it publishes what it wrote atomically when the
+block ends without an error, and leaves nothing behind when it raises. Tensors
+go in by schema name from any row array (a reader's lazily read arrays work:
+a format that can stream, streams, so a dataset larger than RAM converts).
+
+The floor above ``schema``: this module imports neither torch nor h5py nor Ray,
+and holds no caching or cleanup policy (each format owns its own).
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
-import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..config import read_config_file
 from ..errors import DatasetNotFoundError
 from ..schema import CONFIG_FILE, TENSOR, TENSORS
+from .arrays import RowArray, advise_huge_pages, check_indices, gather_rows, is_mapped
+from .checksum import RecordedChecksum, verify_checksums
 
-
-class RowArray(Protocol):
-    """What a reader hands out per tensor: numpy arrays, memmaps, or chunked HDF5 rows."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    def __getitem__(self, key: Any) -> np.ndarray: ...
-
-
-def check_indices(where: str | Callable[[], str], indices: np.ndarray, n_rows: int) -> np.ndarray:
-    """Indices as int64, or an IndexError naming ``where`` (a callable is only called on error)."""
-    indices = np.asarray(indices)
-    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
-        where = where() if callable(where) else where
-        raise IndexError(f"{where}: indices must be a 1-D integer array, got shape {indices.shape} {indices.dtype}")
-    if indices.size and (indices.min() < 0 or indices.max() >= n_rows):
-        where = where() if callable(where) else where
-        bad = indices[(indices < 0) | (indices >= n_rows)][0]
-        raise IndexError(f"{where}: index {int(bad)} out of range [0, {n_rows})")
-    return indices.astype(np.int64, copy=False)
-
-
-def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``arr[indices]`` (checked int64 indices) as a new array, or written into C-contiguous ``out``.
-
-    Arrays that gather themselves (chunked HDF5 rows, shard parts) do; numpy arrays go through
-    ``np.take`` (``mode="clip"``: the indices are checked, and ``mode="raise"`` would buffer all of
-    ``out``). A mapped tensor that a writer placed at an offset its dtype is not aligned to is
-    gathered as rows of bytes: numpy copies unaligned elements one by one, 20-70x slower
-    (``scripts/diag_gathers.py``).
-    """
-    take = getattr(arr, "take_rows", None)
-    if take is not None:
-        rows = take(indices)
-        if out is None:
-            return rows
-        out[...] = rows
-        return out
-    arr = np.asarray(arr)
-    if out is None:
-        out = np.empty((len(indices), *arr.shape[1:]), dtype=arr.dtype)
-    if not arr.flags.aligned and arr.flags.c_contiguous and len(arr):
-        row_bytes = arr.nbytes // len(arr)
-        arr, out_bytes = arr.view(np.uint8).reshape(len(arr), row_bytes), out.view(np.uint8)
-        np.take(arr, indices, axis=0, out=out_bytes.reshape(len(indices), row_bytes), mode="clip")
-        return out
-    return np.take(arr, indices, axis=0, out=out, mode="clip")
-
-
-def advise_huge_pages(arr: np.ndarray) -> None:
-    """Ask Linux to map ``arr``'s file pages 2 MB at a time (``MADV_HUGEPAGE``).
-
-    Random row gathers over 4 KB pages miss the TLB on nearly every row. With the advice the kernel
-    reads the file ahead in 2 MB folios and maps them whole, whatever ``read_ahead_kb`` says (128 KB
-    on many systems gives no 2 MB folios at all). Best effort: a no-op where unsupported.
-    """
-    if sys.platform != "linux" or not arr.nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return
-    start = arr.__array_interface__["data"][0]
-    first = start - start % mmap.PAGESIZE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + arr.nbytes - first), mmap.MADV_HUGEPAGE)
-
-
-def is_mapped(arr: object) -> bool:
-    """True when an array's memory is a file mapping (np.memmap or a view of one)."""
-    while arr is not None:
-        if isinstance(arr, (np.memmap, mmap.mmap)):
-            return True
-        arr = getattr(arr, "base", None)
-    return False
+__all__ = [
+    "Reader",
+    "RecordedChecksum",
+    "RowArray",
+    "Writer",
+    "advise_huge_pages",
+    "check_indices",
+    "gather_rows",
+    "is_mapped",
+]
 
 
 class Reader(ABC):
@@ -105,6 +51,8 @@ class Reader(ABC):
 
     def __init__(self, directory: str | os.PathLike, *, use_mmap: bool = True):
         self.directory = Path(directory)
+        # Where the data lives, for messages: the file or folder a format keeps it in (PT: the directory).
+        self.path = self.directory
         self.use_mmap = bool(use_mmap)
         self._opened_in: int | None = None
         self._arrays: dict[str, RowArray] = {}
@@ -259,7 +207,67 @@ class Reader(ABC):
     def nbytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.files() if p.exists())
 
+    # --- checksums -----------------------------------------------------------------
+    def recorded_checksums(self) -> list[RecordedChecksum]:
+        """Every checksum the stored data carries (none for formats that record none, like PT)."""
+        return []
+
+    def verify_checksums(self, on_block: Callable[[int], object] | None = None) -> list[str]:
+        """Recompute every recorded checksum; one message per place that does not match (none: all is well).
+
+        ``on_block`` gets the bytes of each block read (a progress bar's ``update``)."""
+        return verify_checksums(self.recorded_checksums(), on_block)
+
     @property
     def n_pairs(self) -> int:
         """Rows of ``pair_index``: the number of question-source pairs."""
         return self.shape("pair_index")[0]
+
+
+W = TypeVar("W", bound="Writer")
+
+
+class Writer(ABC):
+    """Writes one dataset in one storage format: ``with SomeWriter(...) as w: w.write_config(...); ...``.
+
+    The block publishes on success and leaves nothing on error; what "atomic" covers is the format's
+    unit (HDF5: the whole file; PT: each file, upstream's layout having no single file to publish).
+    Write the config first; then tensors, keyword ids and splits (``write_from`` writes all of a reader's
+    dataset in the layout's order).
+    """
+
+    storage_format: str = ""
+
+    def __enter__(self: W) -> W:
+        return self
+
+    def __exit__(  # noqa: B027 - a format that publishes file by file has nothing left to do
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Publish what was written when the block succeeded (``exc_type`` is None), else discard it."""
+
+    @abstractmethod
+    def write_config(self, config: Mapping[str, Any], source_fingerprint: Mapping[str, Any] | None = None) -> None:
+        """The dataset's config, and the fingerprint of the files it is converted from where the format
+        records one (PT files are sources: they record none)."""
+
+    @abstractmethod
+    def write_tensor(self, name: str, rows: RowArray) -> None:
+        """The tensor ``name`` (a schema name) from any row array."""
+
+    @abstractmethod
+    def write_keyword_ids(self, values: RowArray, offsets: np.ndarray) -> None:
+        """Every pair's keyword ids, given as CSR (a reader's ``keyword_csr()``)."""
+
+    @abstractmethod
+    def write_split(self, split: str, ids: RowArray) -> None:
+        """The pair ids of a split."""
+
+    def write_from(self, reader: Reader, source_fingerprint: Mapping[str, Any] | None = None) -> None:
+        """All of ``reader``'s dataset: config, tensors in schema order, keyword ids, splits."""
+        self.write_config(reader.config, source_fingerprint)
+        for spec in TENSORS:
+            self.write_tensor(spec.name, reader.array(spec.name))
+        self.write_keyword_ids(*reader.keyword_csr())
+        for split in reader.split_names():
+            self.write_split(split, reader.split(split))

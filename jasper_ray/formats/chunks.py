@@ -39,3 +39,8 @@ def dataset_options(
     if compression_opts is not None:
         opts["compression_opts"] = compression_opts
     return opts
+
+
+def check_options(compression: str | None, compression_opts: Any = None, shuffle: bool = True) -> None:
+    """Refuse bad compression options before any work or file (``dataset_options`` raises)."""
+    dataset_options((1, 1), np.dtype("float32"), compression, compression_opts, shuffle)

@@ -1,4 +1,4 @@
-"""The HDF5 layout: reader, and the dataset-creation policy every HDF5 writer uses.
+"""The HDF5 layout and its reader (the writer is ``hdf5_writer``).
 
 Layout (``dataset.h5``): the seed's tree (``embeddings/questions``,
 ``pair_data/index``, ``negatives/hard``, ``steering/centroid``,
@@ -11,13 +11,16 @@ at ``dset.id.get_offset()``: real zero-copy mapping. Compressed tensors use
 whole-row chunks and are gathered chunk by chunk through h5py's chunk cache.
 Files written by upstream's converter (``negatives/hardnegatives``, one
 keyword dataset per pair, splits only as ``{split}_idx.pt``) read too.
+h5py is imported on first use (``require_h5py``), so importing this costs nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,36 +34,27 @@ from ..schema import (
     ATTR_LAYOUT,
     HDF5_FILE,
     KEYWORD_IDS,
+    LAYOUT_CSR,
     SPLIT_H5_GROUP,
     TENSOR,
     TensorSpec,
     split_h5_path,
 )
-from .base import Reader, advise_huge_pages, check_indices
-from .checksum import BlockHasher, combine
+from .arrays import RowArray, advise_huge_pages, check_indices
+from .base import Reader
+from .checksum import RecordedChecksum, row_nbytes
 from .pt import PTReader
 
 CHUNK_CACHE_BYTES = 32 << 20  # per reader, shared out over the datasets it gathers from
 FILE_CHUNK_CACHE_BYTES = 1 << 20
 
 
-def require_h5py():
+def require_h5py() -> ModuleType:
     try:
-        import h5py
+        import h5py  # lazy: readers of PT data, and processes that only plan, never load h5py
     except ImportError as exc:  # pragma: no cover - exercised only without h5py
         raise ImportError("HDF5 format requested but h5py is not installed. Install with: pip install h5py") from exc
     return h5py
-
-
-# Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
-# for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
-# start on cache lines. HDF5 pads up to 63 bytes per object.
-ALIGNMENT = 64
-
-
-def create_file(target: Any) -> Any:
-    """A new HDF5 file (a path or a file object) for writing, with ``ALIGNMENT``."""
-    return require_h5py().File(target, "w", alignment_threshold=1, alignment_interval=ALIGNMENT)
 
 
 # --- reading --------------------------------------------------------------------------
@@ -260,9 +254,9 @@ class HDF5Reader(Reader):
         self._ensure_open()
         if self._keywords is None:
             group = self._dataset(KEYWORD_IDS.h5_group, "keyword ids")
-            if group.attrs.get(ATTR_LAYOUT) == "csr" or "offsets" in group:
-                offsets = group["offsets"][...].astype(np.int64, copy=False)
-                self._keywords = (self._serve(group["values"]), offsets)
+            if self._is_csr(group):
+                offsets = self.file[KEYWORD_IDS.h5_offsets][...].astype(np.int64, copy=False)
+                self._keywords = (self._serve(self.file[KEYWORD_IDS.h5_values]), offsets)
             else:
                 self._keywords = self._upstream_keywords(group)
         return self._keywords
@@ -270,11 +264,15 @@ class HDF5Reader(Reader):
     def keyword_ids(self, pairs: Any) -> list[np.ndarray]:
         self._ensure_open()
         group = self._dataset(KEYWORD_IDS.h5_group, "keyword ids")
-        if self._keywords is None and not (group.attrs.get(ATTR_LAYOUT) == "csr" or "offsets" in group):
+        if self._keywords is None and not self._is_csr(group):
             # Upstream's one-dataset-per-pair layout: read only the pairs asked for.
             pairs = check_indices(self.location_keywords(), np.asarray(pairs), len(group))
             return [group[str(int(p))][...].astype(KEYWORD_IDS.dtype) for p in pairs]
         return super().keyword_ids(pairs)
+
+    def _is_csr(self, group: Any) -> bool:
+        """Ours (CSR: values + offsets), not upstream's one dataset per pair."""
+        return bool(group.attrs.get(ATTR_LAYOUT) == LAYOUT_CSR or KEYWORD_IDS.h5_offsets in self.file)
 
     def _upstream_keywords(self, group: Any) -> tuple[np.ndarray, np.ndarray]:
         n = len(group)
@@ -290,36 +288,25 @@ class HDF5Reader(Reader):
         values = np.concatenate(lists).astype(KEYWORD_IDS.dtype) if lists else np.empty(0, KEYWORD_IDS.dtype)
         return values, offsets
 
-    def verify_checksums(self, on_block: Any = None) -> list[str]:
-        """Recompute every recorded checksum; return one message per dataset that does not match."""
-        problems: list[str] = []
+    def recorded_checksums(self) -> list[RecordedChecksum]:
+        """Every dataset that carries a checksum attribute (upstream's files carry none)."""
+        found: list[RecordedChecksum] = []
 
         def visit(name: str, obj: Any) -> None:
             recorded = getattr(obj, "attrs", {}).get(ATTR_CHECKSUM)
             if recorded is None or not hasattr(obj, "shape"):
                 return
             rows = int(obj.attrs.get(ATTR_CHECKSUM_BLOCK_ROWS, max(1, obj.shape[0])))
-            row_bytes = obj.dtype.itemsize * int(np.prod(obj.shape[1:], dtype=np.int64))
-            hasher = BlockHasher(rows, row_bytes)
-            a = 0
-            try:
-                for a in range(0, obj.shape[0], rows):
-                    block = obj[a : a + rows]
-                    hasher.update(block)
-                    if on_block is not None:
-                        on_block(block.nbytes)
-            except OSError as exc:
-                problems.append(f"{self.path}:{name}: cannot be decoded near row {a} ({exc})")
-                return
-            got = combine(hasher.finish())
-            if got != recorded:
-                problems.append(
-                    f"{self.path}:{name}: checksum {got[:16]}... does not match "
-                    f"the recorded {recorded[:16]}... (the stored bytes changed)"
-                )
+
+            def opened(dset: Any = obj) -> contextlib.AbstractContextManager[RowArray]:
+                return contextlib.nullcontext(dset)
+
+            found.append(
+                RecordedChecksum(f"{self.path}:{name}", opened, rows, row_nbytes(obj.shape, obj.dtype), recorded)
+            )
 
         self.file.visititems(visit)
-        return problems
+        return found
 
     def _embedded_config(self) -> dict[str, Any] | None:
         raw = self.file.attrs.get(ATTR_CONFIG)

@@ -2,11 +2,15 @@
 
 Every load is ``torch.load(weights_only=True)``: dataset files are untrusted,
 and upstream's pickled ``pair_keyword_ids.pt`` (a list of lists of ints) loads
-under it too. With ``use_mmap`` the tensors are mapped, not read.
+under it too. With ``use_mmap`` the tensors are mapped, not read. The writer
+writes upstream's exact bytes (what its builder writes and its loader reads).
+torch is imported on first use: HDF5 readers (and the Ray workers serving them)
+start without it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -22,15 +26,25 @@ if TYPE_CHECKING:
 
 from ..atomic import atomic_output, publish, remove_orphan_temps, temp_path_for
 from ..errors import DatasetFormatError, DatasetNotFoundError
-from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_FILES, TENSOR, split_from_pt_file, split_pt_file
-from .base import Reader, advise_huge_pages
+from ..schema import (
+    CONFIG_FILE,
+    KEYWORD_IDS,
+    PT_FILES,
+    SPLIT_DTYPE,
+    SPLIT_PT_GLOB,
+    TENSOR,
+    split_from_pt_file,
+    split_pt_file,
+)
+from .arrays import RowArray, advise_huge_pages
+from .base import Reader, Writer
 
 log = logging.getLogger(__name__)
 
 
 def load_pt(path: Path, *, mmap: bool) -> Any:
     """``torch.load`` with weights_only, and errors that name the file."""
-    import torch  # only PT data needs torch: HDF5 readers (and the Ray workers serving them) start without it
+    import torch  # lazy: only PT data needs torch; HDF5 readers (and the Ray workers serving them) start without it
 
     if not path.is_file():
         raise DatasetNotFoundError(f"Required tensor file not found: {path}")
@@ -50,7 +64,7 @@ def load_pt(path: Path, *, mmap: bool) -> Any:
 
 
 def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
-    import torch
+    import torch  # lazy: only PT data needs torch
 
     obj = load_pt(path, mmap=mmap)
     if not isinstance(obj, torch.Tensor):
@@ -63,7 +77,7 @@ def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
 
 def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Upstream's ``List[List[int]]`` as CSR, checking each entry is a list of ints."""
-    import torch
+    import torch  # lazy: only PT data needs torch
 
     if isinstance(obj, torch.Tensor) and obj.ndim == 2:  # a dense [P, k] tensor is a valid ragged list too
         obj = obj.tolist()
@@ -117,7 +131,7 @@ class PTReader(Reader):
         return load_pt_tensor(self.directory / TENSOR[name].pt_file, mmap=self.use_mmap)
 
     def split_names(self) -> tuple[str, ...]:
-        names = (split_from_pt_file(p.name) for p in self.directory.glob("*_idx.pt"))
+        names = (split_from_pt_file(p.name) for p in self.directory.glob(SPLIT_PT_GLOB))
         return tuple(sorted(n for n in names if n))
 
     def _load_split(self, split: str) -> np.ndarray:
@@ -137,7 +151,7 @@ class PTReader(Reader):
 def _save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` published atomically. The temp file keeps the final name inside a private
     directory: torch names the records of its zip after the file, so the bytes equal upstream's."""
-    import torch
+    import torch  # lazy: only PT data needs torch
 
     remove_orphan_temps(path)
     private = temp_path_for(path)
@@ -147,6 +161,49 @@ def _save_atomic(obj: Any, path: Path) -> None:
         publish(private / path.name, path)
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+class PTWriter(Writer):
+    """Upstream's layout in ``directory``: one ``torch.save`` file per tensor, keyword ids as a pickled
+    ``List[List[int]]``, ``{split}_idx.pt``, ``config.json``.
+
+    Each file is published atomically as it is written (the layout has no single file to publish): an
+    error leaves the files written before it, each whole, and never half a file.
+    """
+
+    storage_format = "pt"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def __enter__(self) -> PTWriter:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write_config(self, config: Mapping[str, Any], source_fingerprint: Mapping[str, Any] | None = None) -> None:
+        """``config.json`` (PT files are sources: no fingerprint is recorded)."""
+        with atomic_output(self.directory / CONFIG_FILE) as temp:
+            temp.write_text(json.dumps(dict(config), indent=2))
+
+    def write_tensor(self, name: str, rows: RowArray | torch.Tensor) -> None:
+        """A tensor file, saved whole (torch.save cannot stream): the rows are read into memory."""
+        import torch  # lazy: only PT data needs torch
+
+        tensor = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(rows[:]))
+        _save_atomic(tensor.contiguous(), self.directory / TENSOR[name].pt_file)
+
+    def write_keyword_ids(self, values: RowArray, offsets: np.ndarray) -> None:
+        values = np.asarray(values[:])
+        self.write_keyword_lists([values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])])
+
+    def write_keyword_lists(self, keyword_ids: Sequence[Sequence[int]]) -> None:
+        """Upstream's form: a plain ``List[List[int]]``."""
+        _save_atomic([[int(k) for k in ids] for ids in keyword_ids], self.directory / KEYWORD_IDS.pt_file)
+
+    def write_split(self, split: str, ids: RowArray | torch.Tensor) -> None:
+        import torch  # lazy: only PT data needs torch
+
+        _save_atomic(torch.as_tensor(np.asarray(ids[:], dtype=SPLIT_DTYPE)), self.directory / split_pt_file(split))
 
 
 def write_pt_dataset(
@@ -161,19 +218,11 @@ def write_pt_dataset(
     ``keyword_ids`` is saved as a plain ``List[List[int]]``, as upstream does.
     Each file is published atomically.
     """
-    import json
-
-    import torch
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, value in tensors.items():
-        spec = TENSOR[name]
-        tensor = torch.as_tensor(np.ascontiguousarray(value)) if not isinstance(value, torch.Tensor) else value
-        _save_atomic(tensor.contiguous(), directory / spec.pt_file)
-    _save_atomic([[int(k) for k in ids] for ids in keyword_ids], directory / KEYWORD_IDS.pt_file)
-    for split, ids in splits.items():
-        _save_atomic(torch.as_tensor(np.asarray(ids, dtype=np.int64)), directory / split_pt_file(split))
-    with atomic_output(directory / CONFIG_FILE) as temp:
-        temp.write_text(json.dumps(dict(config), indent=2))
-    return directory
+    with PTWriter(directory) as writer:
+        for name, value in tensors.items():
+            writer.write_tensor(name, value)
+        writer.write_keyword_lists(keyword_ids)
+        for split, ids in splits.items():
+            writer.write_split(split, ids)
+        writer.write_config(config)
+    return writer.directory

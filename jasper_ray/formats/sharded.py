@@ -4,33 +4,115 @@ For clusters where each node should hold only its shards. The manifest is the
 truth (rows, file sizes and checksums per shard), not HDF5 virtual datasets,
 which read a missing source as zeros: a missing or truncated shard is an error
 that names it. Each tensor is served as its shards' rows concatenated.
+
+The manifest's fields are spelled once, as the fields of ``Manifest``,
+``ManifestTensor`` and ``ManifestShard``: the conversion that publishes the
+layout builds these, the reader parses them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_output
 from ..errors import DatasetFormatError, DatasetNotFoundError
-from ..schema import KEYWORD_IDS, MANIFEST, SHARDS_DIR, SPLIT_H5_GROUP, TENSOR, split_h5_path
-from .base import Reader, gather_rows
-from .checksum import BlockHasher, combine
+from ..schema import (
+    FORMAT_VERSION,
+    KEYWORD_IDS,
+    LAYOUT_SHARDED,
+    MANIFEST,
+    SHARDS_DIR,
+    SPLIT_H5_GROUP,
+    TENSOR,
+    split_h5_path,
+)
+from .arrays import RowArray, gather_rows
+from .base import Reader
+from .checksum import RecordedChecksum, row_nbytes
 from .hdf5 import CHUNK_CACHE_BYTES, open_h5, serve_dataset
 
 
+@dataclass(frozen=True)
+class ManifestShard:
+    """Rows ``start:stop`` of a tensor, in ``file`` (``bytes`` long, ``checksum`` over those rows)."""
+
+    file: str
+    start: int
+    stop: int
+    bytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ManifestTensor:
+    """One tensor (an HDF5 path) and its shards, in row order."""
+
+    h5_path: str
+    shape: list[int]
+    dtype: str
+    checksum: str
+    checksum_block_rows: int
+    shards: list[ManifestShard]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """manifest.json: the layout's truth. Fields in the order of the file."""
+
+    format_version: int = FORMAT_VERSION
+    layout: str = LAYOUT_SHARDED
+    compression: str
+    config: dict[str, Any]
+    source_fingerprint: dict[str, Any] | None
+    tensors: list[ManifestTensor]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Manifest:
+        """Raises KeyError or TypeError where a field is missing or malformed."""
+        tensors = []
+        for t in obj["tensors"]:
+            shards = [ManifestShard(**_fields_of(ManifestShard, s)) for s in t["shards"]]
+            tensors.append(ManifestTensor(**{**_fields_of(ManifestTensor, t), "shards": shards}))
+        return cls(**{**_fields_of(cls, obj), "tensors": tensors})
+
+
+def _fields_of(cls: type, obj: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``obj`` that are fields of ``cls`` (a missing one fails the construction)."""
+    return {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+
+
 def read_manifest(shards_dir: Path) -> dict[str, Any]:
+    """The manifest as JSON (what ``ShardedHDF5Reader.manifest`` returns), checked to parse."""
     path = shards_dir / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DatasetFormatError(f"{path}: unreadable shard manifest ({exc})") from exc
-    if manifest.get("layout") != "sharded" or "tensors" not in manifest:
-        raise DatasetFormatError(f"{path}: not a jasper_ray shard manifest")
+    try:
+        if manifest.get("layout") != LAYOUT_SHARDED:
+            raise ValueError(f"layout is not {LAYOUT_SHARDED!r}")
+        Manifest.from_json(manifest)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise DatasetFormatError(f"{path}: not a jasper_ray shard manifest ({exc})") from exc
     return manifest
+
+
+def write_manifest(shards_dir: Path, manifest: Manifest) -> None:
+    """Publish ``manifest.json`` in ``shards_dir`` atomically."""
+    with atomic_output(shards_dir / MANIFEST) as temp:
+        temp.write_text(manifest.to_json())
 
 
 class ConcatRows:
@@ -49,10 +131,10 @@ class ConcatRows:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError(f"ConcatRows supports row slices and index arrays, not {key!r}")
         start, stop, _ = key.indices(self.shape[0])
-        pieces = [
+        runs = [
             np.asarray(arr[max(start, a) - a : min(stop, b) - a]) for a, b, arr in self.parts if a < stop and b > start
         ]
-        return np.concatenate(pieces) if pieces else np.empty((0,) + self.shape[1:], self.dtype)
+        return np.concatenate(runs) if runs else np.empty((0,) + self.shape[1:], self.dtype)
 
     def take_rows(self, indices: np.ndarray) -> np.ndarray:
         out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
@@ -63,6 +145,13 @@ class ConcatRows:
             local = indices[sel] - a
             out[sel] = gather_rows(arr, local)
         return out
+
+
+@contextlib.contextmanager
+def _dataset_in(path: Path, h5_path: str) -> Iterator[RowArray]:
+    """One dataset of a shard file, open for the block."""
+    with open_h5(path) as f:
+        yield f[h5_path]
 
 
 class ShardedHDF5Reader(Reader):
@@ -80,35 +169,49 @@ class ShardedHDF5Reader(Reader):
         self.shards_dir = self.path = self.directory / shards_dir
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._manifest: dict[str, Any] | None = None
-        self._files: dict[str, Any] | None = None
+        self._layout: Manifest | None = None
+        self._files: dict[str, Any] = {}
 
-    _process_local = ("_files",)
+    # Read per process (and reread after close): a pickled reader carries paths, never the manifest.
+    _process_local = ("_files", "_manifest", "_layout")
 
     @property
     def manifest(self) -> dict[str, Any]:
-        if self._manifest is None:
-            self._manifest = read_manifest(self.shards_dir)
-            self._check_shards(self._manifest)
+        """manifest.json as read (every shard it lists checked present, at its recorded size)."""
+        self._ensure_open()
+        if self._manifest is None:  # pragma: no cover - _open reads it
+            raise DatasetFormatError(f"{self.shards_dir / MANIFEST}: not read")
         return self._manifest
 
-    def _check_shards(self, manifest: dict[str, Any]) -> None:
-        for tensor in manifest["tensors"]:
-            for shard in tensor["shards"]:
-                path = self.shards_dir / shard["file"]
-                where = f"shard {path} ({tensor['h5_path']} rows {shard['start']}:{shard['stop']})"
+    @property
+    def layout(self) -> Manifest:
+        """The manifest, parsed."""
+        self._ensure_open()
+        if self._layout is None:  # pragma: no cover - _open reads it
+            raise DatasetFormatError(f"{self.shards_dir / MANIFEST}: not read")
+        return self._layout
+
+    def _check_shards(self, layout: Manifest) -> None:
+        for tensor in layout.tensors:
+            for shard in tensor.shards:
+                path = self.shards_dir / shard.file
+                where = f"shard {path} ({tensor.h5_path} rows {shard.start}:{shard.stop})"
                 if not path.is_file():
                     raise DatasetNotFoundError(
                         f"{where} is missing; the sharded dataset cannot be served. Restore the file or reconvert."
                     )
-                if path.stat().st_size != shard["bytes"]:
+                if path.stat().st_size != shard.bytes:
                     raise DatasetFormatError(
                         f"{where} is corrupt: {path.stat().st_size} bytes, the manifest "
-                        f"records {shard['bytes']}. Restore the file or reconvert."
+                        f"records {shard.bytes}. Restore the file or reconvert."
                     )
 
     def _open(self) -> None:
         self._files = {}
-        self.manifest  # noqa: B018 - checks every shard is there
+        manifest = read_manifest(self.shards_dir)
+        layout = Manifest.from_json(manifest)
+        self._check_shards(layout)
+        self._manifest, self._layout = manifest, layout
 
     def _release(self) -> None:
         for f in (self._files or {}).values():
@@ -118,31 +221,26 @@ class ShardedHDF5Reader(Reader):
                 pass
         super()._release()
 
-    def _tensor(self, h5_path: str) -> dict[str, Any] | None:
-        return next((t for t in self.manifest["tensors"] if t["h5_path"] == h5_path), None)
+    def _tensor(self, h5_path: str) -> ManifestTensor | None:
+        return next((t for t in self.layout.tensors if t.h5_path == h5_path), None)
 
-    def _rows(self, h5_path: str) -> Any:
-        self._ensure_open()
+    def _rows(self, h5_path: str) -> RowArray:
         tensor = self._tensor(h5_path)
         if tensor is None:
             raise DatasetNotFoundError(f"{self.shards_dir}: no tensor at {h5_path!r} in the manifest")
         parts = []
-        per_shard_cache = self.chunk_cache_bytes // len(tensor["shards"])  # one budget for the tensor
-        for shard in tensor["shards"]:
-            path = self.shards_dir / shard["file"]
-            handle = self._files.get(shard["file"])
+        per_shard_cache = self.chunk_cache_bytes // len(tensor.shards)  # one budget for the tensor
+        for shard in tensor.shards:
+            path = self.shards_dir / shard.file
+            handle = self._files.get(shard.file)
             if handle is None:
-                handle = self._files[shard["file"]] = open_h5(path)
+                handle = self._files[shard.file] = open_h5(path)
             parts.append(
-                (
-                    shard["start"],
-                    shard["stop"],
-                    serve_dataset(path, handle[h5_path], self.use_mmap, per_shard_cache),
-                )
+                (shard.start, shard.stop, serve_dataset(path, handle[h5_path], self.use_mmap, per_shard_cache))
             )
         if len(parts) == 1:
             return parts[0][2]
-        return ConcatRows(parts, tuple(tensor["shape"]), np.dtype(tensor["dtype"]))
+        return ConcatRows(parts, tuple(tensor.shape), np.dtype(tensor.dtype))
 
     def location(self, name: str) -> str:
         return f"{self.shards_dir}:{TENSOR[name].h5_path}"
@@ -156,58 +254,44 @@ class ShardedHDF5Reader(Reader):
     def has_tensor(self, name: str) -> bool:
         return self._tensor(TENSOR[name].h5_path) is not None
 
-    def _load_array(self, name: str) -> Any:
+    def _load_array(self, name: str) -> RowArray:
         return self._rows(TENSOR[name].h5_path)
 
     def split_names(self) -> tuple[str, ...]:
         prefix = f"{SPLIT_H5_GROUP}/"
-        return tuple(
-            sorted(t["h5_path"][len(prefix) :] for t in self.manifest["tensors"] if t["h5_path"].startswith(prefix))
-        )
+        return tuple(sorted(t.h5_path[len(prefix) :] for t in self.layout.tensors if t.h5_path.startswith(prefix)))
 
     def _load_split(self, split: str) -> np.ndarray:
         return np.asarray(self._rows(split_h5_path(split))[0:None])
 
-    def keyword_csr(self) -> tuple[Any, np.ndarray]:
+    def keyword_csr(self) -> tuple[RowArray, np.ndarray]:
         values = self._rows(KEYWORD_IDS.h5_values)
         offsets = np.asarray(self._rows(KEYWORD_IDS.h5_offsets)[0:None], dtype=np.int64)
         return values, offsets
 
     def _embedded_config(self) -> dict[str, Any] | None:
-        return self.manifest.get("config")
+        return self.layout.config
 
     def source_fingerprint(self) -> dict[str, Any] | None:
-        return self.manifest.get("source_fingerprint")
+        return self.layout.source_fingerprint
 
     def files(self) -> list[Path]:
-        return [self.shards_dir / MANIFEST] + [
-            self.shards_dir / s["file"] for t in self.manifest["tensors"] for s in t["shards"]
-        ]
+        return [self.shards_dir / MANIFEST] + [self.shards_dir / s.file for t in self.layout.tensors for s in t.shards]
 
-    def verify_checksums(self, on_block: Any = None) -> list[str]:
-        """Recompute each shard's checksum from its rows; name every shard that does not match."""
-        problems = []
-        for tensor in self.manifest["tensors"]:
-            dtype = np.dtype(tensor["dtype"])
-            rows = tensor["checksum_block_rows"]
-            row_bytes = dtype.itemsize * int(np.prod(tensor["shape"][1:], dtype=np.int64))
-            for shard in tensor["shards"]:
-                path = self.shards_dir / shard["file"]
-                hasher = BlockHasher(rows, row_bytes)
-                try:
-                    with open_h5(path) as f:
-                        dset = f[tensor["h5_path"]]
-                        for a in range(0, dset.shape[0], rows):
-                            block = dset[a : a + rows]
-                            hasher.update(block)
-                            if on_block is not None:
-                                on_block(block.nbytes)
-                except (OSError, KeyError, DatasetFormatError) as exc:
-                    problems.append(f"shard {path} ({tensor['h5_path']}): cannot be read ({exc})")
-                    continue
-                if combine(hasher.finish()) != shard["checksum"]:
-                    problems.append(
-                        f"shard {path} ({tensor['h5_path']} rows {shard['start']}:{shard['stop']}): "
-                        f"checksum does not match the manifest (the stored bytes changed)"
+    def recorded_checksums(self) -> list[RecordedChecksum]:
+        """Each shard's checksum of its rows, from the manifest."""
+        found = []
+        for tensor in self.layout.tensors:
+            row_bytes = row_nbytes(tuple(tensor.shape), np.dtype(tensor.dtype))
+            for shard in tensor.shards:
+                path = self.shards_dir / shard.file
+                found.append(
+                    RecordedChecksum(
+                        f"shard {path} ({tensor.h5_path} rows {shard.start}:{shard.stop})",
+                        functools.partial(_dataset_in, path, tensor.h5_path),
+                        tensor.checksum_block_rows,
+                        row_bytes,
+                        shard.checksum,
                     )
-        return problems
+                )
+        return found

@@ -5,10 +5,10 @@ Ray of its own in a subprocess where a test kills the driver or runs the CLI.
 Two synthetic datasets:
 
 - ``small``: 3000 pairs, D=32; every tensor fits one checksum block (16 MiB),
-  so every tensor is one shard: 18 shards, many more than the 2 workers;
+  so every tensor is one piece: 18 pieces, many more than the 2 workers;
 - ``big``: 80000 pairs, D=64 (~100 MB); the steering tensors (20 MB each) are
-  split into two chunk-aligned shards, so assembly copies chunks to non-zero
-  row offsets and the sharded reader concatenates shards. Gzip conversions of
+  split into two chunk-aligned pieces, so assembly copies chunks to non-zero
+  row offsets and the sharded reader concatenates shards (the pieces' files). Gzip conversions of
   it take a few seconds: long enough to kill a driver or a worker mid-run.
 
 Reference outputs come from the single-process writer
@@ -46,6 +46,7 @@ from jasper_ray import (
 from jasper_ray.atomic import TEMP_MARK
 from jasper_ray.cli import is_mapped
 from jasper_ray.conversion.plan import plan_conversion, work_dir_for
+from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
 from jasper_ray.formats.sharded import ShardedHDF5Reader
 from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, MANIFEST, SHARDS_DIR, TENSORS
 
@@ -106,7 +107,7 @@ def assert_same_file(ours: Path, reference: Path) -> None:
     with h5py.File(ours, "r") as fa, h5py.File(reference, "r") as fb:
         for name, (kind, _, layout, _) in b.items():
             if kind == "dataset" and layout[2] is not None:
-                # Chunk bytes equal: assembly copied the shards' compressed chunks, it did not re-encode.
+                # Chunk bytes equal: assembly copied the pieces' compressed chunks, it did not re-encode.
                 assert raw_chunks(fa[name]) == raw_chunks(fb[name]), f"{name}: stored chunks differ"
 
 
@@ -142,8 +143,8 @@ def leftovers(*dirs: Path) -> list[Path]:
     return found
 
 
-def shard_files(work: Path) -> list[Path]:
-    """Published shard files in a work directory (temp files are hidden: they start with a dot)."""
+def piece_files(work: Path) -> list[Path]:
+    """Published piece files in a work directory (temp files are hidden: they start with a dot)."""
     return sorted(p for p in work.glob("*.h5") if not p.name.startswith(".")) if work.is_dir() else []
 
 
@@ -190,13 +191,13 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Read-only PT source: every tensor is one shard."""
+    """Read-only PT source: every tensor is one piece."""
     return synth_dataset(tmp_path_factory.mktemp("ray-small") / "ds", **SMALL)
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Read-only PT source whose steering tensors span two shards."""
+    """Read-only PT source whose steering tensors span two pieces."""
     return synth_dataset(tmp_path_factory.mktemp("ray-big") / "ds", **BIG)
 
 
@@ -229,16 +230,16 @@ def big_checksums(big_single_lzf: Path) -> dict[str, str]:
     return checksums(big_single_lzf)
 
 
-def test_big_dataset_splits_tensors_into_several_shards(big: Path) -> None:
-    plan = plan_conversion(open_dataset(big, "pt"), "gzip", shard_bytes=BIG_SHARD)
+def test_big_dataset_splits_tensors_into_several_pieces(big: Path) -> None:
+    plan = plan_conversion(open_dataset(big, "pt"), "gzip", piece_bytes=BIG_SHARD)
     per_tensor: dict[str, list[tuple[int, int]]] = {}
-    for s in plan.shards:
+    for s in plan.pieces:
         per_tensor.setdefault(s.h5_path, []).append((s.start, s.stop))
     split = {k: v for k, v in per_tensor.items() if len(v) > 1}
     assert "steering/centroid" in split, per_tensor
     for ranges in per_tensor.values():  # consecutive, covering, and (but the last) whole chunks
         assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert plan.key == plan_conversion(open_dataset(big, "pt"), "gzip", shard_bytes=BIG_SHARD).key
+    assert plan.key == plan_conversion(open_dataset(big, "pt"), "gzip", piece_bytes=BIG_SHARD).key
 
 
 # --- 1, 2: the same file as the single-process writer -------------------------------------------------
@@ -252,9 +253,9 @@ def test_equals_single_process_writer_bit_for_bit(
     report = convert(small, compression=compression, shard_bytes=SMALL_SHARD, output=out, progress=False)
 
     assert report.output == out and report.output_bytes == out.stat().st_size
-    assert report.shards > 2 * NUM_CPUS, "more shards than workers"
+    assert report.shards > 2 * NUM_CPUS, "more pieces than workers"
     assert len(report.results) == report.shards and report.shards_reused == 0
-    assert report.shards == len(plan_conversion(open_dataset(small, "pt"), compression, shard_bytes=SMALL_SHARD).shards)
+    assert report.shards == len(plan_conversion(open_dataset(small, "pt"), compression, piece_bytes=SMALL_SHARD).pieces)
     assert_same_file(out, small_single(compression))
     assert_verifies(out)
     assert leftovers(tmp_path) == [], "the work directory and temp files are removed on success"
@@ -269,8 +270,8 @@ def test_equals_single_process_writer_bit_for_bit(
         reader.close()
 
 
-def test_multi_shard_tensors_equal_single_process_writer(tmp_path: Path, big: Path, big_single_lzf: Path) -> None:
-    """Shards of one tensor land at their row offsets; the last chunk of a shard is whole, the tensor's last is not."""
+def test_multi_piece_tensors_equal_single_process_writer(tmp_path: Path, big: Path, big_single_lzf: Path) -> None:
+    """Pieces of one tensor land at their row offsets; the last chunk of a piece is whole, the tensor's last is not."""
     out = tmp_path / "dataset.h5"
     report = convert(big, compression="lzf", shard_bytes=BIG_SHARD, output=out, progress=False, validate=False)
     assert report.shards > len(TENSORS)
@@ -294,44 +295,31 @@ def test_reused_workers_read_the_current_files_not_a_cached_mapping(tmp_path: Pa
 # --- 3: retries ----------------------------------------------------------------------------------
 
 
-def _a_shard_id(directory: Path, compression: str | None, shard_bytes: int, h5_path: str) -> str:
-    plan = plan_conversion(open_dataset(directory, "pt"), compression, shard_bytes=shard_bytes)
-    return next(s.shard_id for s in plan.shards if s.h5_path == h5_path)
+def _a_piece_id(directory: Path, compression: str | None, piece_bytes: int, h5_path: str) -> str:
+    plan = plan_conversion(open_dataset(directory, "pt"), compression, piece_bytes=piece_bytes)
+    return next(p.piece_id for p in plan.pieces if p.h5_path == h5_path)
 
 
-def test_a_task_failing_once_is_retried(tmp_path: Path, small: Path, small_single: Callable) -> None:
-    shard_id = _a_shard_id(small, "gzip", SMALL_SHARD, "steering/residual")
+def test_a_task_failing_once_is_retried(tmp_path: Path, small: Path, small_single: Callable, monkeypatch) -> None:
+    piece_id = _a_piece_id(small, "gzip", SMALL_SHARD, "steering/residual")
     marker = tmp_path / "marker"
     out = tmp_path / "out" / "dataset.h5"
-    report = convert(
-        small,
-        compression="gzip",
-        shard_bytes=SMALL_SHARD,
-        output=out,
-        progress=False,
-        _inject_failure={shard_id: str(marker)},
-    )
+    monkeypatch.setenv(FAIL_ONCE_ENV, fail_once_env({piece_id: marker}))
+    report = convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=out, progress=False)
     assert marker.exists(), "the first attempt did fail"
-    assert shard_id in report.results
+    assert piece_id in report.results
     assert checksums(out) == checksums(small_single("gzip"))
     assert_verifies(out)
     assert leftovers(out.parent) == []
 
 
-def test_a_shard_failing_every_time_is_named_and_nothing_is_published(tmp_path: Path, small: Path) -> None:
-    shard_id = _a_shard_id(small, "gzip", SMALL_SHARD, "negatives/hard")
+def test_a_piece_failing_every_time_is_named_and_nothing_is_published(tmp_path: Path, small: Path, monkeypatch) -> None:
+    piece_id = _a_piece_id(small, "gzip", SMALL_SHARD, "negatives/hard")
     out = tmp_path / "out" / "dataset.h5"
+    monkeypatch.setenv(FAIL_ONCE_ENV, fail_once_env({piece_id: tmp_path / "marker"}))
     with pytest.raises(ConversionError) as info:
-        convert(
-            small,
-            compression="gzip",
-            shard_bytes=SMALL_SHARD,
-            output=out,
-            progress=False,
-            max_retries=0,
-            _inject_failure={shard_id: str(tmp_path / "marker")},
-        )
-    assert shard_id in str(info.value) and "injected failure" in str(info.value)
+        convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=out, progress=False, max_retries=0)
+    assert piece_id in str(info.value) and "injected failure" in str(info.value)
     assert not out.exists()
     assert leftovers(tmp_path) == []
 
@@ -361,10 +349,10 @@ def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
     )
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while len(shard_files(work)) < 2:
+        while len(piece_files(work)) < 2:
             if proc.poll() is not None:
                 pytest.fail(f"the conversion ended (rc={proc.returncode}) before it was killed: {proc.stdout.read()}")
-            assert time.monotonic() < deadline, "no shard file appeared"
+            assert time.monotonic() < deadline, "no piece file appeared"
             time.sleep(0.01)
     finally:
         kill_session(proc)
@@ -372,13 +360,13 @@ def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
     assert not output.exists(), "a killed driver never publishes dataset.h5"
     assert [p.name for p in data.iterdir() if "dataset" in p.name and not p.name.startswith(".")] == []
     assert open_dataset(data).storage_format == "pt", "auto-detection serves the PT files"
-    done = shard_files(work)
-    total = len(plan_conversion(open_dataset(data, "pt"), "gzip", shard_bytes=BIG_SHARD).shards)
-    assert 2 <= len(done) < total, f"killed mid-run: {len(done)} of {total} shards were written"
+    done = piece_files(work)
+    total = len(plan_conversion(open_dataset(data, "pt"), "gzip", piece_bytes=BIG_SHARD).pieces)
+    assert 2 <= len(done) < total, f"killed mid-run: {len(done)} of {total} pieces were written"
 
     report = convert(data, compression="gzip", shard_bytes=BIG_SHARD, progress=False)
     assert report.shards == total
-    assert report.shards_reused == len(done), "every finished shard verifies and is reused"
+    assert report.shards_reused == len(done), "every finished piece verifies and is reused"
     assert sum(not r.reused for r in report.results.values()) == total - len(done), "only the rest is redone"
     assert checksums(output) == big_checksums, "the same final checksums as a clean conversion"
     assert_verifies(output)
@@ -394,8 +382,8 @@ def _stat_fields(pid: int) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
 
 
-def running_shard_tasks() -> list[int]:
-    """Pids of this session's Ray workers now running a shard task.
+def running_piece_tasks() -> list[int]:
+    """Pids of this session's Ray workers now running a piece task.
 
     Ray titles a worker ``ray::<task name>`` while it runs a task (``ray::IDLE`` otherwise); the workers of
     this session's raylet are the children of a child of this process (the driver), which keeps the Ray
@@ -406,7 +394,7 @@ def running_shard_tasks() -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if not (entry / "cmdline").read_bytes().startswith(b"ray::_shard_task"):
+            if not (entry / "cmdline").read_bytes().startswith(b"ray::_piece_task"):
                 continue
             parent = int(_stat_fields(int(entry.name))[1])
             if int(_stat_fields(parent)[1]) == me:
@@ -417,10 +405,10 @@ def running_shard_tasks() -> list[int]:
 
 
 def _kill_a_running_task(stop: threading.Event, killed: list[int]) -> None:
-    """Wait until a shard task runs (the first tasks also start the workers); SIGKILL its worker."""
+    """Wait until a piece task runs (the first tasks also start the workers); SIGKILL its worker."""
     seen_at: dict[int, float] = {}
     while not stop.is_set():
-        for pid in running_shard_tasks():
+        for pid in running_piece_tasks():
             # Kill a task that has run a little while: mid-task, not at its first instruction.
             if time.monotonic() - seen_at.setdefault(pid, time.monotonic()) > 0.05:
                 try:
@@ -442,7 +430,7 @@ def test_a_worker_killed_mid_task_is_survived(tmp_path: Path, big: Path, big_che
     finally:
         stop.set()
         killer.join(timeout=10)
-    assert killed, "no shard task was caught running"
+    assert killed, "no piece task was caught running"
     assert not Path(f"/proc/{killed[0]}").exists() or _stat_fields(killed[0])[0] == "Z", "the worker died"
     assert len(report.results) == report.shards and report.shards_reused == 0
     assert checksums(output) == big_checksums
@@ -510,11 +498,11 @@ def test_read_only_target(tmp_path: Path, small: Path) -> None:
         assert list(target.iterdir()) == []
 
 
-@pytest.mark.parametrize("phase", ["shards", "assembly"])
+@pytest.mark.parametrize("phase", ["pieces", "assembly"])
 def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase: str) -> None:
-    """A disk that fills while shards are written, or only when the assembled file is: an error, no leftovers."""
+    """A disk that fills while pieces are written, or only when the assembled file is: an error, no leftovers."""
     size = small_single("gzip").stat().st_size
-    room = size // 4 if phase == "shards" else size * 3 // 2  # shards fit, the file beside them does not
+    room = size // 4 if phase == "pieces" else size * 3 // 2  # pieces fit, the file beside them does not
     with mounted_tmpfs(tmp_path / "full", f"size={room}") as target:
         output = target / "dataset.h5"
         with pytest.raises((OSError, ConversionError)) as info:

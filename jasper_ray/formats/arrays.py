@@ -1,0 +1,92 @@
+"""Row arrays: what readers hand out, and the helpers that gather from them.
+
+Numpy only (no h5py, torch or Ray): a row array is a numpy array, a memory map,
+or an object that gathers its own rows (``take_rows``: chunked HDF5 rows, a
+tensor spread over shard files).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class RowArray(Protocol):
+    """What a reader hands out per tensor: numpy arrays, memmaps, or chunked HDF5 rows."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def __getitem__(self, key: Any) -> np.ndarray: ...
+
+
+def check_indices(where: str | Callable[[], str], indices: np.ndarray, n_rows: int) -> np.ndarray:
+    """Indices as int64, or an IndexError naming ``where`` (a callable is only called on error)."""
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+        where = where() if callable(where) else where
+        raise IndexError(f"{where}: indices must be a 1-D integer array, got shape {indices.shape} {indices.dtype}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_rows):
+        where = where() if callable(where) else where
+        bad = indices[(indices < 0) | (indices >= n_rows)][0]
+        raise IndexError(f"{where}: index {int(bad)} out of range [0, {n_rows})")
+    return indices.astype(np.int64, copy=False)
+
+
+def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``arr[indices]`` (checked int64 indices) as a new array, or written into C-contiguous ``out``.
+
+    Arrays that gather themselves (chunked HDF5 rows, shard parts) do; numpy arrays go through
+    ``np.take`` (``mode="clip"``: the indices are checked, and ``mode="raise"`` would buffer all of
+    ``out``). A mapped tensor that a writer placed at an offset its dtype is not aligned to is
+    gathered as rows of bytes: numpy copies unaligned elements one by one, 20-70x slower
+    (``scripts/diag_gathers.py``).
+    """
+    take = getattr(arr, "take_rows", None)
+    if take is not None:
+        rows: np.ndarray = take(indices)
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+    data = np.asarray(arr)
+    if out is None:
+        out = np.empty((len(indices), *data.shape[1:]), dtype=data.dtype)
+    if not data.flags.aligned and data.flags.c_contiguous and len(data):
+        row_bytes = data.nbytes // len(data)
+        data, out_bytes = data.view(np.uint8).reshape(len(data), row_bytes), out.view(np.uint8)
+        np.take(data, indices, axis=0, out=out_bytes.reshape(len(indices), row_bytes), mode="clip")
+        return out
+    return np.take(data, indices, axis=0, out=out, mode="clip")
+
+
+def advise_huge_pages(arr: np.ndarray) -> None:
+    """Ask Linux to map ``arr``'s file pages 2 MB at a time (``MADV_HUGEPAGE``).
+
+    Random row gathers over 4 KB pages miss the TLB on nearly every row. With the advice the kernel
+    reads the file ahead in 2 MB folios and maps them whole, whatever ``read_ahead_kb`` says (128 KB
+    on many systems gives no 2 MB folios at all). Best effort: a no-op where unsupported.
+    """
+    if sys.platform != "linux" or not arr.nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    start = arr.__array_interface__["data"][0]
+    first = start - start % mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + arr.nbytes - first), mmap.MADV_HUGEPAGE)
+
+
+def is_mapped(arr: object) -> bool:
+    """True when an array's memory is a file mapping (np.memmap or a view of one)."""
+    while arr is not None:
+        if isinstance(arr, (np.memmap, mmap.mmap)):
+            return True
+        arr = getattr(arr, "base", None)
+    return False

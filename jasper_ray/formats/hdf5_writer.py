@@ -1,0 +1,339 @@
+"""The HDF5 writer: every HDF5 file jasper_ray writes is made here.
+
+A file gets aligned objects (``ALIGNMENT``), the chunk policy
+(``chunks.dataset_options``), its datasets streamed in row blocks from any row
+array (a dataset larger than RAM converts: readers hand out mapped or chunked
+rows), a sha256 per dataset (``checksum``), the config and source fingerprint
+as root attributes, and an atomic publish (temp name, fsync, rename).
+
+A conversion's pieces are *part files*: rows ``start:stop`` of one dataset,
+with the final file's chunk shape and filters and the block digests of their
+rows. They are built in memory and written with plain file I/O
+(``write_part``); assembly moves their compressed chunks into the final file
+without re-encoding (``HDF5Writer.copy_part``). Layout in ``hdf5``'s docstring;
+names in ``schema``. h5py is imported on first use (``require_h5py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..atomic import atomic_output
+from ..schema import (
+    ATTR_BLOCK_DIGESTS,
+    ATTR_CHECKSUM,
+    ATTR_CHECKSUM_BLOCK_ROWS,
+    ATTR_COMPRESSION,
+    ATTR_CONFIG,
+    ATTR_FINGERPRINT,
+    ATTR_FORMAT_VERSION,
+    ATTR_LAYOUT,
+    ATTR_PIECE_START,
+    ATTR_PIECE_STOP,
+    COMPRESSION_NONE,
+    FORMAT_VERSION,
+    KEYWORD_IDS,
+    LAYOUT_CSR,
+    SPLIT_DTYPE,
+    SPLIT_H5_GROUP,
+    TENSOR,
+    TENSORS,
+    split_h5_path,
+)
+from .arrays import RowArray
+from .base import Reader, Writer
+from .checksum import BlockHasher, block_digests, block_rows, combine, row_nbytes
+from .chunks import check_options, dataset_options
+from .hdf5 import map_contiguous, require_h5py
+
+# Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
+# for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
+# start on cache lines. HDF5 pads up to 63 bytes per object.
+ALIGNMENT = 64
+# Rows are streamed in blocks of about this many bytes (whole chunks).
+BLOCK_BYTES = 64 << 20
+# Uncompressed part files are copied in runs of about this many bytes.
+COPY_BYTES = 64 << 20
+# The top-level groups of the file, in upstream's order (its converter writes them so).
+GROUP_ORDER = ("embeddings", "pair_data", "negatives", "steering", SPLIT_H5_GROUP)
+# Column sources: which of a reader's arrays fills a dataset.
+TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
+KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
+
+
+def create_file(target: str | os.PathLike | BinaryIO) -> Any:
+    """A new HDF5 file (a path or a file object) for writing, with ``ALIGNMENT``."""
+    return require_h5py().File(target, "w", alignment_threshold=1, alignment_interval=ALIGNMENT)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One dataset of the file: where it goes, its shape and dtype, and which of a reader's arrays fills it.
+
+    Names, integers and strings only: columns travel to conversion tasks.
+    """
+
+    h5_path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    source: str  # "tensor:<name>", "split:<name>", "keywords:values", "keywords:offsets"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def group(self) -> str:
+        return self.h5_path.split("/")[0]
+
+    def rows(self, reader: Reader) -> RowArray:
+        """The array this column's rows come from (lazily read: a mapping or chunked rows)."""
+        kind, _, name = self.source.partition(":")
+        if kind == TENSOR_SOURCE:
+            return reader.array(name)
+        if kind == SPLIT_SOURCE:
+            return reader.split(name)
+        values, offsets = reader.keyword_csr()
+        return values if name == KEYWORD_VALUES else offsets
+
+
+def columns(reader: Reader) -> list[Column]:
+    """Every dataset of the file for ``reader``'s dataset, in upstream's group order."""
+    found = [Column(s.h5_path, reader.shape(s.name), s.dtype, f"{TENSOR_SOURCE}:{s.name}") for s in TENSORS]
+    values, offsets = reader.keyword_csr()
+    found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, f"{KEYWORD_SOURCE}:values"))
+    found.append(Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), f"{KEYWORD_SOURCE}:offsets"))
+    for split in reader.split_names():
+        found.append(Column(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"{SPLIT_SOURCE}:{split}"))
+    return sorted(found, key=lambda c: GROUP_ORDER.index(c.group))
+
+
+def row_blocks(n_rows: int, row_bytes: int, align: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    """Row ranges of about ``block_bytes``, aligned to ``align`` rows (whole chunks)."""
+    rows = max(align, (block_bytes // max(row_bytes, 1)) // align * align)
+    for start in range(0, n_rows, rows):
+        yield start, min(start + rows, n_rows)
+
+
+def write_rows(
+    dset: Any,
+    rows: RowArray,
+    start: int,
+    stop: int,
+    hasher: BlockHasher | None = None,
+    block_bytes: int = BLOCK_BYTES,
+    on_block: Callable[[int], object] | None = None,
+    dest_start: int | None = None,
+) -> int:
+    """Copy ``rows[start:stop]`` into ``dset`` (at ``dest_start``, default ``start``) in blocks of whole chunks,
+    each cast to the dataset's dtype and fed to ``hasher``; return the number of rows."""
+    row_bytes = row_nbytes(tuple(dset.shape), dset.dtype)
+    align = dset.chunks[0] if dset.chunks else 1
+    offset = (start if dest_start is None else dest_start) - start
+    for a, b in row_blocks(stop - start, row_bytes, align, block_bytes):
+        block = np.ascontiguousarray(rows[start + a : start + b], dtype=dset.dtype)
+        if hasher is not None:
+            hasher.update(block)
+        dset[offset + start + a : offset + start + b] = block
+        if on_block is not None:
+            on_block(block.nbytes)
+    return stop - start
+
+
+class HDF5Writer(Writer):
+    """Writes ``path`` (``dataset.h5``, or a part file with ``in_memory``), published when the block succeeds.
+
+    ``in_memory`` builds the file in RAM and writes it with plain file I/O at the end: HDF5 cannot
+    recover from a write failing mid-file (ENOSPC at close leaves the library in a state that segfaults
+    the process later, h5py#914), so a full or failing disk fails there, cleanly. For files bounded in
+    size (a conversion's pieces). ``on_bytes`` gets the bytes of each block written (a progress bar).
+    """
+
+    storage_format = "hdf5"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        compression: str | None = "gzip",
+        compression_opts: Any = None,
+        shuffle: bool = True,
+        *,
+        block_bytes: int = BLOCK_BYTES,
+        on_bytes: Callable[[int], object] | None = None,
+        in_memory: bool = False,
+    ):
+        check_options(compression, compression_opts, shuffle)
+        self.path = Path(path)
+        self.compression, self.compression_opts, self.shuffle = compression, compression_opts, shuffle
+        self.block_bytes, self.on_bytes, self.in_memory = block_bytes, on_bytes, in_memory
+        self._file: Any = None
+        self._dataset: Any = None  # the last dataset created, open until the next one exists (see create_dataset)
+        self._image: io.BytesIO | None = None
+        self._publish = contextlib.ExitStack()
+
+    def __enter__(self) -> HDF5Writer:
+        if self.in_memory:
+            self._image = io.BytesIO()
+            self._file = create_file(self._image)
+            return self
+        with contextlib.ExitStack() as stack:
+            temp = stack.enter_context(atomic_output(self.path))
+            self._file = stack.enter_context(create_file(temp))
+            self._publish = stack.pop_all()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        file, self._file = self._file, None
+        if self._image is None:
+            try:
+                self._publish.__exit__(exc_type, exc, tb)  # closes the file, then publishes or removes it
+            finally:
+                self._dataset = None
+            return
+        image, self._image = self._image, None
+        file.close()  # the image is complete only now
+        self._dataset = None
+        if exc_type is None:
+            with atomic_output(self.path) as temp:
+                try:
+                    with open(temp, "wb") as out:
+                        out.write(image.getbuffer())
+                except OSError as err:
+                    raise OSError(err.errno, err.strerror or str(err), str(temp)) from err
+
+    @property
+    def file(self) -> Any:
+        """The open ``h5py.File`` (inside the ``with`` block only)."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: the writer is not open (use it in a with block)")
+        return self._file
+
+    # --- the Writer contract ----------------------------------------------------------------
+    def write_config(self, config: Mapping[str, Any], source_fingerprint: Mapping[str, Any] | None = None) -> None:
+        """Root attributes: format version, config, source fingerprint, compression; the keyword group's layout."""
+        f = self.file
+        f.attrs[ATTR_FORMAT_VERSION] = FORMAT_VERSION
+        f.attrs[ATTR_CONFIG] = json.dumps(dict(config))
+        f.attrs[ATTR_FINGERPRINT] = json.dumps(dict(source_fingerprint) if source_fingerprint is not None else None)
+        f.attrs[ATTR_COMPRESSION] = self.compression or COMPRESSION_NONE
+        f.require_group(KEYWORD_IDS.h5_group).attrs[ATTR_LAYOUT] = LAYOUT_CSR
+
+    def write_tensor(self, name: str, rows: RowArray) -> None:
+        self.write_column(TENSOR[name].h5_path, rows, TENSOR[name].dtype)
+
+    def write_keyword_ids(self, values: RowArray, offsets: np.ndarray) -> None:
+        """CSR under the keyword group: ``values``, then ``offsets``."""
+        self.write_column(KEYWORD_IDS.h5_values, values, KEYWORD_IDS.dtype)
+        self.write_column(KEYWORD_IDS.h5_offsets, offsets, np.dtype("int64"))
+
+    def write_split(self, split: str, ids: RowArray) -> None:
+        self.write_column(split_h5_path(split), ids, SPLIT_DTYPE)
+
+    def write_from(self, reader: Reader, source_fingerprint: Mapping[str, Any] | None = None) -> None:
+        """All of ``reader``'s dataset, in the file's group order (``columns``)."""
+        self.write_config(reader.config, source_fingerprint)
+        for column in columns(reader):
+            self.write_column(column.h5_path, column.rows(reader), column.dtype)
+
+    # --- datasets ------------------------------------------------------------------------------
+    def create_dataset(self, h5_path: str, shape: tuple[int, ...], dtype: np.dtype, rows: int | None = None) -> Any:
+        """A dataset for a tensor of ``shape``, with the chunk policy. ``rows`` makes it hold only that many
+        rows (a part), with the whole tensor's chunk shape and filters: then a short last part keeps whole
+        chunks (it is resizable along rows) and assembly can copy the chunks as they are."""
+        opts = dataset_options(shape, dtype, self.compression, self.compression_opts, self.shuffle)
+        if rows is not None and opts:
+            opts["maxshape"] = (None,) + shape[1:]
+        stored = shape if rows is None else (rows,) + shape[1:]
+        dset = self.file.create_dataset(h5_path, shape=stored, dtype=dtype, **opts)
+        # The previous dataset stays open until this one exists: closing a dataset flushes its chunk cache,
+        # and when that happens decides where HDF5 puts the chunks. Kept so, files stay byte for byte
+        # what earlier versions wrote.
+        self._dataset = dset
+        return dset
+
+    def write_column(self, h5_path: str, rows: RowArray, dtype: np.dtype) -> Any:
+        """A whole dataset from ``rows`` (streamed in blocks), with its checksum."""
+        shape = tuple(rows.shape)
+        dset = self.create_dataset(h5_path, shape, dtype)
+        hasher = BlockHasher.for_tensor(shape, dtype)
+        write_rows(dset, rows, 0, shape[0], hasher, self.block_bytes, self.on_bytes)
+        self.set_checksum(dset, hasher.finish())
+        return dset
+
+    @staticmethod
+    def set_checksum(dset: Any, digests: list[bytes]) -> None:
+        """The dataset's checksum, combined from the digests of its blocks (in row order)."""
+        dset.attrs[ATTR_CHECKSUM] = combine(digests)
+        dset.attrs[ATTR_CHECKSUM_BLOCK_ROWS] = block_rows(tuple(dset.shape), dset.dtype.itemsize)
+
+    def copy_part(self, dset: Any, part: Path, dest_start: int) -> int:
+        """Rows of part file ``part`` into ``dset`` from ``dest_start``: compressed chunks as they are stored
+        (never re-encoded), uncompressed rows as bytes. Returns the part's stored bytes."""
+        h5py = require_h5py()
+        with h5py.File(part, "r", locking=False) as f:
+            src = f[dset.name]
+            rows = src.shape[0]
+            if dset.chunks is not None:
+                for start in range(0, rows, dset.chunks[0]):
+                    offset = (start,) + (0,) * (len(dset.shape) - 1)
+                    mask, data = src.id.read_direct_chunk(offset)
+                    dset.id.write_direct_chunk((dest_start + start,) + offset[1:], data, mask)
+            elif rows:
+                mapped = map_contiguous(part, src)
+                source = mapped if mapped is not None else src
+                step = max(1, COPY_BYTES // max(1, row_nbytes(tuple(src.shape), src.dtype)))
+                for a in range(0, rows, step):
+                    dset[dest_start + a : dest_start + min(a + step, rows)] = source[a : a + step]
+            return int(src.id.get_storage_size())
+
+
+# --- part files -------------------------------------------------------------------------------------
+
+
+def write_part(
+    path: Path,
+    column: Column,
+    rows: RowArray,
+    start: int,
+    stop: int,
+    compression: str | None,
+    compression_opts: Any = None,
+    shuffle: bool = True,
+) -> list[bytes]:
+    """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file; return
+    their block digests (``start`` is block-aligned, so they are the tensor's own)."""
+    with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True) as writer:
+        dset = writer.create_dataset(column.h5_path, column.shape, column.dtype, rows=stop - start)
+        hasher = BlockHasher.for_tensor(column.shape, column.dtype)
+        write_rows(dset, rows, start, stop, hasher, dest_start=0)
+        digests = hasher.finish()
+        dset.attrs[ATTR_BLOCK_DIGESTS] = np.frombuffer(b"".join(digests), dtype=np.uint8)
+        dset.attrs[ATTR_PIECE_START], dset.attrs[ATTR_PIECE_STOP] = start, stop
+    return digests
+
+
+def part_digests(path: Path, column: Column, start: int, stop: int) -> list[bytes] | None:
+    """The block digests of a complete part file whose rows hash to the digests it records, else None.
+
+    Raises what reading raises (OSError, KeyError, ValueError) for a file that is not a readable part."""
+    h5py = require_h5py()
+    with h5py.File(path, "r", locking=False) as f:
+        dset = f[column.h5_path]
+        recorded = [bytes(d) for d in dset.attrs[ATTR_BLOCK_DIGESTS].reshape(-1, 32)] if dset.size else []
+        if dset.shape[0] != stop - start:
+            return None
+        item = column.dtype.itemsize
+        got = block_digests(dset, block_rows(column.shape, item), row_nbytes(column.shape, column.dtype))
+    return got if got == recorded else None
