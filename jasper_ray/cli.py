@@ -23,7 +23,7 @@ from .conversion.writer import convert_pt_to_hdf5
 from .errors import ChecksumError
 from .formats import open_dataset
 from .formats.base import Reader, is_mapped
-from .schema import HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, PT_SUFFIX, SHARDS_DIR, TENSORS
+from .schema import COMPRESSION_NONE, HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, PT_SUFFIX, SHARDS_DIR, TENSORS
 from .tools.synth import pairs_for_size, parse_size, synth_dataset
 from .validate import validate_dataset
 
@@ -43,7 +43,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _compression(text: str) -> str | None:
-    return None if text.lower() in ("none", "") else text
+    return None if text.lower() in (COMPRESSION_NONE, "") else text
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -78,6 +78,8 @@ FORMATS: dict[str, Format] = {
         (Layout(PT_PROBE, _pt),), missing="PT files not found in {directory} (looked for {probe})", converted=False
     ),
 }
+# What conversions read, and what auto-detection serves instead of stale converted data.
+SOURCE_FORMAT = "pt"
 
 
 # Upstream's threshold: mmap above 10 GB.
@@ -158,7 +160,7 @@ def detect_format(directory: Path) -> str:
             ", ".join(changed),
             directory,
         )
-        return "pt"
+        return SOURCE_FORMAT
     raise DatasetNotFoundError(
         f"No dataset files found in {directory}. "
         f"Expected either {HDF5_FILE} or *{PT_SUFFIX} files (looked for {PT_PROBE})"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -124,7 +125,7 @@ def with_chunk_cache(dset: Any, cache_bytes: int) -> Any:
     return h5py.Dataset(h5py.h5d.open(dset.file.id, dset.name.encode(), dapl))
 
 
-def serve_dataset(path: Path, dset: Any, use_mmap: bool, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> Any:
+def serve_dataset(path: Path, dset: Any, use_mmap: bool, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> RowArray:
     """How a reader hands out one HDF5 dataset: mapped, chunk-gathered, or read into RAM.
 
     A chunk-gathered dataset gets a cache of up to a quarter of ``chunk_cache_bytes`` (no more than
@@ -169,7 +170,7 @@ class HDF5Reader(Reader):
         self.path = self.directory / file_name
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._file: Any = None
-        self._keywords: tuple[Any, np.ndarray] | None = None
+        self._keywords: tuple[RowArray, np.ndarray] | None = None
         self._pt_fallback: PTReader | None = None
 
     _process_local = ("_file", "_keywords")
@@ -219,7 +220,7 @@ class HDF5Reader(Reader):
         except KeyError:
             raise DatasetNotFoundError(f"{self.path}: {what} not found at {h5_path!r}") from None
 
-    def _load_array(self, name: str) -> Any:
+    def _load_array(self, name: str) -> RowArray:
         spec = TENSOR[name]
         path = self._resolve(spec)
         if path is None:
@@ -227,7 +228,7 @@ class HDF5Reader(Reader):
             raise DatasetNotFoundError(f"{self.path}: tensor {name!r} not found (looked for {tried})")
         return self._serve(self._dataset(path, f"tensor {name!r}"))
 
-    def _serve(self, dset: Any) -> Any:
+    def _serve(self, dset: Any) -> RowArray:
         return serve_dataset(self.path, dset, self.use_mmap, self.chunk_cache_bytes)
 
     def source_fingerprint(self) -> dict | None:
@@ -250,7 +251,7 @@ class HDF5Reader(Reader):
             return self._dataset(split_h5_path(split), f"split {split!r}")[...]
         return self._pt_splits().split(split)
 
-    def keyword_csr(self) -> tuple[Any, np.ndarray]:
+    def keyword_csr(self) -> tuple[RowArray, np.ndarray]:
         self._ensure_open()
         if self._keywords is None:
             group = self._dataset(KEYWORD_IDS.h5_group, "keyword ids")
@@ -261,7 +262,7 @@ class HDF5Reader(Reader):
                 self._keywords = self._upstream_keywords(group)
         return self._keywords
 
-    def keyword_ids(self, pairs: Any) -> list[np.ndarray]:
+    def keyword_ids(self, pairs: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         self._ensure_open()
         group = self._dataset(KEYWORD_IDS.h5_group, "keyword ids")
         if self._keywords is None and not self._is_csr(group):

@@ -64,8 +64,9 @@ ALIGNMENT = 64
 BLOCK_BYTES = 64 << 20
 # Uncompressed part files are copied in runs of about this many bytes.
 COPY_BYTES = 64 << 20
-# The top-level groups of the file, in upstream's order (its converter writes them so).
-GROUP_ORDER = ("embeddings", "pair_data", "negatives", "steering", SPLIT_H5_GROUP)
+# The top-level groups of the file, in upstream's order (its converter writes them so): the schema's
+# tensor groups as they first appear, then the splits.
+GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H5_GROUP)
 # Column sources: which of a reader's arrays fills a dataset.
 TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
 KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
@@ -111,8 +112,9 @@ def columns(reader: Reader) -> list[Column]:
     """Every dataset of the file for ``reader``'s dataset, in upstream's group order."""
     found = [Column(s.h5_path, reader.shape(s.name), s.dtype, f"{TENSOR_SOURCE}:{s.name}") for s in TENSORS]
     values, offsets = reader.keyword_csr()
-    found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, f"{KEYWORD_SOURCE}:values"))
-    found.append(Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), f"{KEYWORD_SOURCE}:offsets"))
+    values_source, offsets_source = f"{KEYWORD_SOURCE}:{KEYWORD_VALUES}", f"{KEYWORD_SOURCE}:{KEYWORD_OFFSETS}"
+    found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, values_source))
+    found.append(Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), offsets_source))
     for split in reader.split_names():
         found.append(Column(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"{SPLIT_SOURCE}:{split}"))
     return sorted(found, key=lambda c: GROUP_ORDER.index(c.group))
