@@ -135,9 +135,9 @@ def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int]
                 on_bytes(block.nbytes)
     values, offsets = reader.keyword_csr()
     where = reader.location_keywords()
-    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(values):
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != values.shape[0]:
         raise ValidationError(where, "inconsistent offsets", "non-decreasing offsets from 0 to len(values)")
-    for a, b in _blocks(len(values), 1):
+    for a, b in _blocks(values.shape[0], 1):
         block = np.asarray(values[a:b])
         bad = (block < 0) | (block >= k)
         if bad.any():
