@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..formats import StorageFormat
 from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
-from ..formats.sharded import ShardedHDF5Reader
+from ..formats.sharded import ManifestShard, ShardedHDF5Reader
 from ..schema import TENSOR
 from .server import ShardServer
 from .settings import ServeSettings
@@ -65,16 +65,16 @@ def shard_ranges(reader: Reader, num_shards: int | None) -> list[tuple[int, int]
     ``num_shards``), else equal ranges aligned to the per-pair tensors' HDF5 chunks."""
     n = reader.n_pairs
     if isinstance(reader, ShardedHDF5Reader) and num_shards is None:
-        return [(s["start"], s["stop"]) for s in _steering_shards(reader)]
+        return [(s.start, s.stop) for s in _steering_shards(reader)]
     num_shards = max(1, min(num_shards or os.cpu_count() or 1, n or 1))
     align = rows_per_chunk((max(n, 1), *reader.shape("steering_centroid")[1:]), 4)
     bounds = sorted({0, n, *(-(-(k * n // num_shards) // align) * align for k in range(1, num_shards))})
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, n)]
 
 
-def _steering_shards(reader: ShardedHDF5Reader) -> list[dict]:
-    tensor = next(t for t in reader.manifest["tensors"] if t["h5_path"] == TENSOR["steering_centroid"].h5_path)
-    return list(tensor["shards"])
+def _steering_shards(reader: ShardedHDF5Reader) -> list[ManifestShard]:
+    steering = TENSOR["steering_centroid"].h5_path
+    return next(t.shards for t in reader.layout.tensors if t.h5_path == steering)
 
 
 def _local_files(paths: list[str]) -> list[bool]:
@@ -86,7 +86,7 @@ def placements(reader: Reader, ranges: list[tuple[int, int]]) -> list[Strategy]:
     if not isinstance(reader, ShardedHDF5Reader):
         return ["SPREAD"] * len(ranges)
     shards = _steering_shards(reader)
-    files = [str(reader.shards_dir / next(s["file"] for s in shards if s["start"] <= a < s["stop"])) for a, _ in ranges]
+    files = [str(reader.shards_dir / next(s.file for s in shards if s.start <= a < s.stop)) for a, _ in ranges]
     probe = ray.remote(num_cpus=0)(_local_files)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     found = [

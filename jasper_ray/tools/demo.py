@@ -30,7 +30,7 @@ from ..local.dataset import JASPERSteeringDataset
 from ..local.loader import create_loader
 from ..ray_data import read_jasper
 from ..ray_session import connect
-from ..schema import HDF5_FILE
+from ..schema import HDF5_FILE, PT_SUFFIX
 from ..serve.client import ShardedJasper
 from .synth import pairs_for_size, parse_size, synth_dataset
 
@@ -116,7 +116,7 @@ def run_demo(
 
     t = time.perf_counter()
     synth_dataset(pt_dir, n_pairs, dim, n_neg, seed=0)
-    pt_bytes = sum(p.stat().st_size for p in pt_dir.glob("*.pt"))
+    pt_bytes = sum(p.stat().st_size for p in pt_dir.glob(f"*{PT_SUFFIX}"))
     summary = DemoSummary(base, n_pairs, 0, pt_bytes)
     summary.steps.append(("synthesise (upstream PT layout)", time.perf_counter() - t, f"D={dim}, n_neg={n_neg}"))
 
