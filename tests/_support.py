@@ -182,6 +182,14 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def ray_child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that starts its own local Ray (no RAY_ADDRESS, auth off, repo importable)."""
+    env = {k: v for k, v in subprocess_env().items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(extra)
+    return env
+
+
 # --- workers for fork / spawn tests (module level, so spawn children import them) ----------------
 
 

@@ -1,18 +1,35 @@
-"""Shared fixtures: one small synthetic PT dataset per session, its converted HDF5 twins, copies to mutate.
+"""Shared fixtures: one small synthetic PT dataset per session, its converted HDF5 twins, copies to mutate,
+and the one Ray session every Ray-using test shares.
 
 Session fixtures are never modified by tests; a test that changes files works
 on ``dataset_copy`` (a fresh ``shutil.copytree`` of the small dataset).
+
+Ray: a test that needs it takes the session-scoped ``ray_session`` fixture (directly, or through a
+module fixture of its own); it yields the imported ``ray`` module, initialised. Starting Ray costs
+~5 s on the 2-core CI machines, so it is started once per test session, on first use, and shut down
+at the end: a local Ray with ``RAY_NUM_CPUS`` CPUs, a small object store, no dashboard, and the
+runtime env every reader needs (``HDF5_USE_FILE_LOCKING=FALSE``). Code under test that calls
+``ray.init`` only when ``not ray.is_initialized()`` (as ``jasper_ray.convert`` does) runs on this
+session and leaves it up. Rules for tests sharing it:
+
+- do not call ``ray.init``/``ray.shutdown`` in a test; a test that needs a Ray of its own (a killed
+  driver, the CLI) runs it in a subprocess, with the ``ray_subprocess_env`` fixture's environment
+  (``ray_subprocess_env()``), so that the child starts a fresh local Ray of its own;
+- a test may kill worker processes of this session (Ray restarts them), never the raylet or GCS;
+- ``RAY_ADDRESS`` is removed from the environment for the whole session, so that neither this
+  session nor a subprocess attaches to a developer's cluster.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from _support import Expected, load_expected, save_pt
+from _support import Expected, load_expected, ray_child_env, save_pt
 
 from jasper_ray import convert_pt_to_hdf5, synth_dataset
 from jasper_ray.schema import KEYWORD_IDS, TENSOR
@@ -85,3 +102,39 @@ def empty_keywords_converted(
         return cache[compression]
 
     return get
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+RAY_NUM_CPUS = 2
+RAY_OBJECT_STORE_BYTES = 256 << 20
+RAY_ENV_VARS = {"HDF5_USE_FILE_LOCKING": "FALSE"}
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """A local Ray (``RAY_NUM_CPUS`` CPUs) for the whole test session; yields the ``ray`` module."""
+    import ray  # a hard dependency: its absence is a failure, never a skip
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        if ray.is_initialized():  # something outside this fixture started one: not ours to reuse
+            ray.shutdown()
+        ray.init(
+            address="local",  # a new instance: never a cluster that `ray start` left running on this machine
+            num_cpus=RAY_NUM_CPUS,
+            object_store_memory=RAY_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            runtime_env={"env_vars": dict(RAY_ENV_VARS)},
+        )
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_subprocess_env() -> Callable[..., dict[str, str]]:
+    """``ray_subprocess_env(**extra)``: the environment for a child Python that must start its own local Ray."""
+    return ray_child_env

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 SMALL = {"n_pairs": 1500, "dim": 32, "n_neg": 4, "seed": 5}
 DIM, NEG = SMALL["dim"], SMALL["n_neg"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # What each layout is called here -> (fixture key, storage_format for both readers).
 LAYOUTS = {"gzip": "hdf5", "contiguous": "hdf5", "pt": "pt", "sharded": "hdf5"}
 JOIN_S = 120

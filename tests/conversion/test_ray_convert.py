@@ -57,7 +57,7 @@ BIG = {"n_pairs": 80000, "dim": 64, "n_neg": 4, "seed": 12}
 SMALL_SHARD = 64 << 10
 BIG_SHARD = 1 << 20
 COMPRESSIONS = ("gzip", "lzf", None)
-NUM_CPUS = 2  # the shared session's (tests/ray/conftest.py)
+NUM_CPUS = 2  # the shared session's (tests/conftest.py)
 DEADLINE_S = 120
 
 

@@ -1,6 +1,6 @@
 """Run by ``test_shard_service.py`` in a subprocess: shard actors on a two-node ``ray.cluster_utils.Cluster``.
 
-    python tests/ray/_two_node_cluster.py DATASET_DIR [--remove-after N]
+    python tests/serve/_two_node_cluster.py DATASET_DIR [--remove-after N]
 
 Starts a head and one worker node (1 CPU each) in this process's own Ray (the
 test process already has a session), starts a ``ShardedJasper`` with four

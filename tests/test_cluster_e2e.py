@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from _support import REPO
+from _support import ray_child_env as subprocess_env
 
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
 E2E = REPO / "scripts" / "e2e_cluster.py"
