@@ -24,7 +24,7 @@ def read_config_file(directory: Path) -> dict[str, Any] | None:
     return config
 
 
-def check_probabilities(probs: Any, where: str = f"{CONFIG_FILE} steering_probabilities") -> dict[str, float]:
+def check_probabilities(probs: object, where: str = f"{CONFIG_FILE} steering_probabilities") -> dict[str, float]:
     """Exactly the four variants, each in [0, 1], summing to 1 (upstream only failed at the first sample)."""
     if not isinstance(probs, dict):
         raise ValidationError(where, type(probs).__name__, f"a mapping of {list(STEERING_VARIANTS)} to probabilities")

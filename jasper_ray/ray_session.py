@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from types import ModuleType
 from typing import Any
 
 from .errors import RayUnreachableError
@@ -16,7 +17,7 @@ from .errors import RayUnreachableError
 CONNECT_TIMEOUT_S = 5.0
 
 
-def require_ray(purpose: str) -> Any:
+def require_ray(purpose: str) -> ModuleType:
     """``ray``, or an ImportError that says what needed it and how to install it."""
     try:
         import ray  # lazy: Ray is optional below the Ray front-ends; this is where they ask for it

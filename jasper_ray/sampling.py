@@ -46,7 +46,7 @@ UPSTREAM_DEFAULTS = {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total
 VARIANT_ID = {name: i for i, name in enumerate(STEERING_VARIANTS)}
 
 
-def check_curriculum(curriculum: Any) -> dict[str, Any]:
+def check_curriculum(curriculum: object) -> dict[str, Any]:
     where = f"{CONFIG_FILE} curriculum"
     if curriculum is None:
         return {}

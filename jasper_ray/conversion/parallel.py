@@ -22,11 +22,13 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .. import faults
 from ..errors import ConversionError
 from ..formats import open_dataset
+from ..formats.chunks import CompressionOpts
 from ..ray_session import connect, require_ray
 from ..schema import LAYOUT_SINGLE, LAYOUTS
 from ..validate import validate_dataset
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 READER_ENV = {"HDF5_USE_FILE_LOCKING": "FALSE"}
 
 
-def _require_ray() -> Any:
+def _require_ray() -> ModuleType:
     try:
         return require_ray("Parallel conversion")
     except ImportError as exc:
@@ -59,7 +61,7 @@ def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = PIECE_BYTE
     return open_dataset(dataset_dir, storage_format="pt").nbytes_on_disk() > shard_bytes
 
 
-def _connect(ray: Any, address: str | None, num_workers: int | None) -> bool:
+def _connect(address: str | None, num_workers: int | None) -> bool:
     """Make sure Ray is up (see ray_session); return True when this call started it."""
     return connect(address, num_cpus=num_workers, runtime_env={"env_vars": READER_ENV})
 
@@ -80,7 +82,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def run_pieces(
-    ray: Any,
+    ray: ModuleType,
     tasks: list[PieceTask],
     *,
     max_retries: int,
@@ -127,7 +129,7 @@ def convert(
     dataset_dir: str | os.PathLike,
     *,
     compression: str | None = "gzip",
-    compression_opts: Any = None,
+    compression_opts: CompressionOpts = None,
     shuffle: bool = True,
     num_workers: int | None = None,
     address: str | None = None,
@@ -159,7 +161,7 @@ def convert(
         validate_dataset(reader, progress=progress)
     plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes)
     work = WorkDir(work_dir_for(output), plan)
-    started_ray = _connect(ray, address, num_workers)
+    started_ray = _connect(address, num_workers)
     try:
         with work:
             try:

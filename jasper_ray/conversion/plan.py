@@ -25,7 +25,7 @@ from typing import Any
 from ..fingerprint import fingerprint
 from ..formats.base import Reader
 from ..formats.checksum import block_rows
-from ..formats.chunks import check_options
+from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5_writer import Column, columns
 from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, SHARDS_DIR, piece_file, work_dir_name
 
@@ -60,7 +60,7 @@ class PieceTask:
     piece: Piece
     column: Column
     compression: str | None
-    compression_opts: Any
+    compression_opts: CompressionOpts
     shuffle: bool
 
 
@@ -68,7 +68,7 @@ class PieceTask:
 class ConversionPlan:
     dataset_dir: str
     compression: str | None
-    compression_opts: Any
+    compression_opts: CompressionOpts
     shuffle: bool
     piece_bytes: int
     config: dict[str, Any]
@@ -128,7 +128,7 @@ class ConversionPlan:
 def plan_conversion(
     reader: Reader,
     compression: str | None = "gzip",
-    compression_opts: Any = None,
+    compression_opts: CompressionOpts = None,
     shuffle: bool = True,
     piece_bytes: int = PIECE_BYTES,
 ) -> ConversionPlan:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..fingerprint import fingerprint
 from ..formats import open_dataset
-from ..formats.chunks import check_options
+from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import BLOCK_BYTES, GROUP_ORDER, HDF5Writer, columns
 from ..schema import HDF5_FILE
@@ -93,7 +93,7 @@ class ConversionReport:
 def convert_pt_to_hdf5(
     dataset_dir: str | os.PathLike,
     compression: str | None = "gzip",
-    compression_opts: Any = None,
+    compression_opts: CompressionOpts = None,
     shuffle: bool = True,
     *,
     output: str | os.PathLike | None = None,

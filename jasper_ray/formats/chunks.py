@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 CHUNK_TARGET_BYTES = 64 << 10
+# What h5py takes as ``compression_opts``: gzip's level, or a codec's tuple; None for the codec's default.
+CompressionOpts = int | tuple[int, ...] | None
 
 
 def rows_per_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_TARGET_BYTES) -> int:
@@ -24,7 +26,7 @@ def dataset_options(
     shape: tuple[int, ...],
     dtype: np.dtype,
     compression: str | None,
-    compression_opts: Any = None,
+    compression_opts: CompressionOpts = None,
     shuffle: bool = True,
 ) -> dict[str, Any]:
     """``create_dataset`` keyword arguments: contiguous when uncompressed (so it maps), row chunks otherwise."""
@@ -41,6 +43,6 @@ def dataset_options(
     return opts
 
 
-def check_options(compression: str | None, compression_opts: Any = None, shuffle: bool = True) -> None:
+def check_options(compression: str | None, compression_opts: CompressionOpts = None, shuffle: bool = True) -> None:
     """Refuse bad compression options before any work or file (``dataset_options`` raises)."""
     dataset_options((1, 1), np.dtype("float32"), compression, compression_opts, shuffle)

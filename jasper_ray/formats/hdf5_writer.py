@@ -53,7 +53,7 @@ from ..schema import (
 from .arrays import RowArray
 from .base import Reader, Writer
 from .checksum import BlockHasher, block_digests, block_rows, combine, row_nbytes
-from .chunks import check_options, dataset_options
+from .chunks import CompressionOpts, check_options, dataset_options
 from .hdf5 import map_contiguous, require_h5py
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
@@ -167,7 +167,7 @@ class HDF5Writer(Writer):
         self,
         path: str | os.PathLike,
         compression: str | None = "gzip",
-        compression_opts: Any = None,
+        compression_opts: CompressionOpts = None,
         shuffle: bool = True,
         *,
         block_bytes: int = BLOCK_BYTES,
@@ -311,7 +311,7 @@ def write_part(
     start: int,
     stop: int,
     compression: str | None,
-    compression_opts: Any = None,
+    compression_opts: CompressionOpts = None,
     shuffle: bool = True,
 ) -> list[bytes]:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file; return

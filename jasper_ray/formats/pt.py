@@ -75,7 +75,7 @@ def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
     return array
 
 
-def keyword_lists_to_csr(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+def keyword_lists_to_csr(obj: object, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Upstream's ``List[List[int]]`` as CSR, checking each entry is a list of ints."""
     import torch  # lazy: only PT data needs torch
 
