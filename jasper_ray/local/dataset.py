@@ -3,9 +3,10 @@
 Same constructor, sample dict, methods and attributes as upstream
 (RAG_supporters), without its bugs: steering variants are a pure function of
 (seed, epoch, pair id) (NOTE in sampling.py); ``set_epoch`` and
-``force_steering`` live in shared memory so persistent DataLoader workers see
-them; ``__getitems__`` assembles a whole batch in one vectorised call; the
-dataset pickles (paths, not handles) so spawn workers work; mmap is real.
+``force_steering`` live in shared memory so DataLoader workers see them (the
+persistent ones, and those a new pass forks or spawns); ``__getitems__``
+assembles a whole batch in one vectorised call; the dataset pickles (paths,
+not handles) so spawn workers work; mmap is real.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class JASPERSteeringDataset(Dataset):
         # tensor's storage into shared memory, which would leave a numpy view of it dangling.
         self._split_ids = np.array(_core.reader.split(split), dtype=np.int64)
         self.split_indices = torch.from_numpy(self._split_ids)
-        # [epoch, forced variant]: shared memory, so persistent workers see set_epoch / force_steering.
+        # [epoch, forced variant]: shared memory, so workers (persistent ones too) see set_epoch / force_steering.
         self._control = torch.tensor([int(epoch), _NOT_FORCED], dtype=torch.int64).share_memory_()
         log.info(
             "Dataset initialized: %d samples, embedding_dim=%d, n_neg=%d, device=%s, storage=%s, mmap=%s, "

@@ -4,6 +4,9 @@
 batched path (``__getitems__`` + ``collate``) with a ``ResumableSampler``,
 whose ``state_dict()`` counts the samples actually delivered to the training
 loop (not the ones prefetched by workers), so resuming yields exactly the rest.
+Its DataLoader arguments default as torch's do (workers are not persistent
+unless asked), except ``pin_memory``, which keeps upstream's ``True`` and
+pins only where an accelerator exists (NOTE [pin_memory without an accelerator]).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ..assembly import SAMPLE_KEYS
 from ..errors import FirstBatchError
@@ -26,6 +30,12 @@ from .dataset import JASPERSteeringDataset
 from .sampler import ResumableSampler, make_sampler
 
 log = logging.getLogger(__name__)
+
+
+def accelerator_available() -> bool:
+    """Whether pinned host memory would serve anything: an accelerator torch can copy batches to."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA before it
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
 class ResumableLoader(DataLoader):
@@ -46,6 +56,19 @@ class ResumableLoader(DataLoader):
             yield batch
         if isinstance(sampler, ResumableSampler):
             sampler.start = 0  # a resumed epoch is done: the next pass is a whole epoch
+
+    # NOTE [pin_memory without an accelerator]
+    # Upstream's create_loader defaults to pin_memory=True, and code reads loader.pin_memory, so the
+    # attribute keeps what was asked. Where no accelerator exists, torch pins nothing anyway but warns
+    # on every epoch ("no accelerator is found"); the iterator is built as pin_memory=False would build it.
+    def _get_iterator(self) -> _BaseDataLoaderIter:
+        if not self.pin_memory or accelerator_available():
+            return super()._get_iterator()
+        self.pin_memory = False
+        try:
+            return super()._get_iterator()
+        finally:
+            self.pin_memory = True
 
     def _resumable_sampler(self, what: str) -> ResumableSampler:
         if not isinstance(self.sampler, ResumableSampler):
@@ -93,12 +116,16 @@ def create_loader(
     *,
     shuffle: bool | None = None,
     seed: int = DEFAULT_SEED,
-    persistent_workers: bool | None = None,
+    persistent_workers: bool = False,
     multiprocessing_context: str | BaseContext | None = None,
     **dataset_kwargs: Any,
 ) -> ResumableLoader:
     """A DataLoader over one split; ``dataset_kwargs`` (``storage_format``, ``use_mmap``, ``device``, ...)
-    go to ``JASPERSteeringDataset``. ``distributed`` shards over the initialised process group."""
+    go to ``JASPERSteeringDataset``. ``distributed`` shards over the initialised process group.
+
+    DataLoader arguments default as torch's: ``persistent_workers=False`` (a pass starts its workers and
+    pickles the dataset again; ``set_epoch`` reaches them either way). ``pin_memory=True`` is upstream's
+    default and pins only where an accelerator exists (no warning on a CPU-only machine)."""
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch=epoch, seed=seed, **dataset_kwargs)
     shuffle = split == "train" if shuffle is None else shuffle
     drop_last = split == "train" if drop_last is None else drop_last
@@ -114,7 +141,7 @@ def create_loader(
         collate_fn=collate,
         drop_last=drop_last,
         pin_memory=pin_memory and dataset.device.type == "cpu",  # batches already on a device cannot be pinned
-        persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
+        persistent_workers=persistent_workers,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )
     loader.dataset_obj = dataset  # upstream's attribute names
@@ -123,7 +150,9 @@ def create_loader(
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Move the dataset (all its workers) and the sampler to ``epoch``."""
+    """Move the dataset (all its workers) and the sampler to ``epoch``. With jasper_ray's samplers,
+    ``loader.sampler.set_epoch(epoch)`` alone does the same; with another sampler (torch's
+    ``DistributedSampler``), call this."""
     dataset = _jasper_dataset(loader)
     if dataset is not None:
         dataset.set_epoch(epoch)
@@ -137,7 +166,10 @@ def first_batch(loader: DataLoader) -> dict[str, torch.Tensor]:
     dataset = _jasper_dataset(loader)
     if dataset is None or loader.dataset is not dataset:
         return next(iter(loader))
-    indices = list(itertools.islice(iter(loader.sampler), loader.batch_size or 1))
+    sampler = loader.sampler
+    if isinstance(sampler, ResumableSampler):  # its positions, without starting a pass over it
+        return dataset.get_batch(sampler.epoch_indices()[sampler.start :][: loader.batch_size or 1])
+    indices = list(itertools.islice(iter(sampler), loader.batch_size or 1))
     return dataset.get_batch(indices)
 
 

@@ -7,6 +7,18 @@ Ranks get equal shards: ``drop_last=False`` pads by repeating the first
 indices of the epoch, ``drop_last=True`` drops the tail; either way the count
 is logged, never silent.
 
+The sampler moves its dataset's epoch: ``set_epoch`` (what training loops and
+Lightning call on a ``DistributedSampler``) and ``load_state_dict`` also call
+``set_epoch`` on the dataset it samples (through ``Subset`` wrappers), so the
+steering variants follow the sampler's epoch without a second call. A sampler
+over a count (``ShardedJasper``'s) has no dataset to move.
+
+It speaks two resume protocols: ``ResumableLoader`` and ``ShardedJasper`` pass
+the samples they delivered (``state_dict(samples_seen)``); torchdata's
+``StatefulDataLoader`` asks the sampler (``state_dict()``: where this pass
+started, with the epoch) and the pass (``iter(sampler).state_dict()``: how far
+it got), and loads them back in that order.
+
 It subclasses torch's ``RandomSampler`` / ``SequentialSampler`` /
 ``DistributedSampler`` only so that code checking ``isinstance`` (upstream's
 tests do) keeps working; the behaviour is this class's.
@@ -14,13 +26,16 @@ tests do) keeps working; the behaviour is this class's.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import math
+import operator
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset
 
 from ..sampling import DEFAULT_SEED, epoch_permutation
 
@@ -78,23 +93,39 @@ class ResumableSampler(Sampler[int]):
         return order[: self.total_size][self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.start :].tolist())
+        """The rest of this rank's epoch from the resume point, as a resumable ``EpochPass``."""
+        return EpochPass(self)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning; the epoch a loaded state resumes keeps its resume point
-        (training loops call ``set_epoch`` at the top of every epoch, the resumed one included)."""
+        """Start ``epoch`` from its beginning and move the sampled dataset, if any, to it.
+
+        The epoch a loaded state resumes keeps its resume point (training loops call ``set_epoch`` at the
+        top of every epoch, the resumed one included)."""
         if epoch != self.epoch:
             self.start = 0
         self.epoch = epoch
+        self._move_dataset()
 
-    def state_dict(self, samples_seen: int) -> dict[str, int]:
+    def _move_dataset(self) -> None:
+        """``set_epoch`` on the dataset sampled, so its variants are the sampler's epoch's."""
+        dataset: object = self.data_source
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        set_epoch = getattr(dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)
+
+    def state_dict(self, samples_seen: int | None = None) -> dict[str, int]:
+        """The resume point: seed, epoch, samples of this rank's epoch seen, world size.
+
+        ``samples_seen`` defaults to where a pass starts now (a pass's own ``state_dict`` says how far it got)."""
         return {
             "seed": self.seed,
             "epoch": self.epoch,
-            "samples_seen": int(samples_seen),
+            "samples_seen": self.start if samples_seen is None else int(samples_seen),
             "num_replicas": self.num_replicas,
             "rank": self.rank,
             "dataset_len": self.n,
@@ -109,6 +140,45 @@ class ResumableSampler(Sampler[int]):
         if not 0 <= state["samples_seen"] <= self.num_samples:
             raise ValueError(f"samples_seen {state['samples_seen']} is not in [0, {self.num_samples}]")
         self.seed, self.epoch, self.start = state["seed"], state["epoch"], state["samples_seen"]
+        self._move_dataset()
+
+
+class EpochPass(itertools.chain[int]):
+    """One pass over a sampler's epoch (what ``iter(sampler)`` returns), resumable with torchdata's
+    protocol: ``state_dict()`` says how many samples of the epoch were drawn, ``load_state_dict`` skips
+    to there. A subclass of ``itertools.chain`` (over the positions) so that drawing an index stays in
+    C: the DataLoader draws every sample's index one by one."""
+
+    sampler: ResumableSampler
+    first: int  # the position in the epoch this pass started at
+    total: int
+    rest: Iterator[int]
+
+    def __new__(cls, sampler: ResumableSampler) -> EpochPass:
+        positions = sampler.epoch_indices()[sampler.start :].tolist()
+        rest = iter(positions)
+        self = super().__new__(cls, rest)
+        self.sampler, self.first, self.total, self.rest = sampler, sampler.start, len(positions), rest
+        return self
+
+    @property
+    def position(self) -> int:
+        """Samples of this rank's epoch drawn so far (the pass's start included)."""
+        return self.first + self.total - operator.length_hint(self.rest)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_seen": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip to ``state["samples_seen"]``; the sampler resumes there too, should the pass be remade."""
+        skip = state["samples_seen"] - self.position
+        if not 0 <= skip <= operator.length_hint(self.rest):
+            raise ValueError(
+                f"cannot resume this pass at sample {state['samples_seen']}: it holds samples "
+                f"[{self.position}, {self.first + self.total}] of the epoch; load the sampler's state first"
+            )
+        collections.deque(itertools.islice(self.rest, skip), maxlen=0)  # consume without keeping
+        self.sampler.start = state["samples_seen"]
 
 
 # These classes exist for isinstance checks only. torch types the attributes they share differently

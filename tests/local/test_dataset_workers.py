@@ -1,6 +1,8 @@
-"""DataLoader workers (fork and spawn): same samples as one process, set_epoch / force_steering reach
-persistent workers, and resume counts only delivered batches. Each test starts worker processes
-(spawn re-imports torch: a few seconds each), so the data is small."""
+"""DataLoader workers (fork and spawn): same samples as one process; the epoch reaches workers started
+anew each pass (torch's default, and create_loader's) whether it was set on the loader or only on the
+sampler; set_epoch / force_steering / reload reach persistent workers; resume counts only delivered
+batches. Each test starts worker processes (spawn re-imports torch: a few seconds each), so the data is
+small."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from jasper_ray import JASPERSteeringDataset, collate, create_loader, set_epoch
+from jasper_ray.local.sampler import make_sampler
 
 pytest.register_assert_rewrite("_fixtures_dataset")
 from _fixtures_dataset import assert_batches_equal, concat_batches  # noqa: E402
 
 pytest_plugins = ["_fixtures_dataset"]
-pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning")
 
 BATCH = 16
 CONTEXTS = ["fork", "spawn"]
@@ -58,6 +60,39 @@ def test_workers_give_the_single_process_samples(synth_dir: Path, context: str) 
     again = concat_batches(epoch_batches(loader))
     assert_batches_equal(again, expected(ds, list(range(len(ds)))))
     assert not torch.equal(again["steering_variant"], got["steering_variant"])
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_the_samplers_set_epoch_alone_reaches_the_workers(synth_dir: Path, context: str) -> None:
+    """A plain DataLoader with our sampler; the loop calls only ``sampler.set_epoch`` (as Lightning does)."""
+    ds = JASPERSteeringDataset(synth_dir, "train", storage_format="pt", use_mmap=True)
+    reference = JASPERSteeringDataset(synth_dir, "train", storage_format="pt", use_mmap=True)
+    sampler = make_sampler(ds, shuffle=True)
+    loader = DataLoader(
+        ds, batch_size=BATCH, sampler=sampler, num_workers=2, collate_fn=collate, multiprocessing_context=context
+    )
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        got = concat_batches(epoch_batches(loader))
+        reference.set_epoch(epoch)
+        want = reference.get_batch(sampler.epoch_indices())
+        assert torch.equal(got["steering_variant"], want["steering_variant"]), f"epoch {epoch}"
+        assert_batches_equal(got, want, f"epoch {epoch}")
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_set_epoch_reaches_workers_started_anew_each_pass(synth_dir: Path, context: str) -> None:
+    """create_loader's workers are not persistent (torch's default): each pass pickles (spawn) or forks the
+    dataset again, and the epoch set before it travels with it."""
+    loader = create_loader(synth_dir, "train", BATCH, num_workers=2, multiprocessing_context=context)
+    assert not loader.persistent_workers
+    reference = JASPERSteeringDataset(synth_dir, "train")
+    n = len(loader) * BATCH
+    for epoch in (0, 4):
+        set_epoch(loader, epoch)
+        got = concat_batches(epoch_batches(loader))
+        reference.set_epoch(epoch)
+        assert_batches_equal(got, reference.get_batch(list(loader.sampler)[:n]), f"epoch {epoch}")
 
 
 @pytest.mark.parametrize("context", CONTEXTS)

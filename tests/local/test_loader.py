@@ -1,10 +1,12 @@
-"""The resumable sampler and loader: mid-epoch resume, per-rank shards, world-size checks."""
+"""The resumable sampler and loader: mid-epoch resume, per-rank shards, world-size checks, torch's
+DataLoader defaults, and the sampler moving its dataset's epoch."""
 
 from __future__ import annotations
 
 import itertools
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,16 +14,24 @@ import numpy as np
 import pytest
 import torch
 from _support import subprocess_env
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from jasper_ray import ResumableSampler, ValidationError, create_loader, set_epoch, validate_first_batch
+from jasper_ray import (
+    JASPERSteeringDataset,
+    ResumableSampler,
+    ValidationError,
+    collate,
+    create_loader,
+    set_epoch,
+    validate_first_batch,
+)
+from jasper_ray.local.loader import accelerator_available
 from jasper_ray.local.sampler import make_sampler
 
 pytest.register_assert_rewrite("_fixtures_dataset")
 from _fixtures_dataset import assert_batches_equal  # noqa: E402
 
 pytest_plugins = ["_fixtures_dataset"]
-pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning")
 
 BATCH = 16
 
@@ -215,6 +225,78 @@ def test_padding_is_logged(caplog: pytest.LogCaptureFixture) -> None:
 def test_sampler_rejects_a_bad_rank() -> None:
     with pytest.raises(ValueError, match="rank 3"):
         ResumableSampler(10, num_replicas=3, rank=3)
+
+
+# --- torch's habits: DataLoader defaults, the sampler's set_epoch, torchdata's resume protocol -------
+
+
+def test_workers_are_persistent_only_when_asked(synth_dir: Path) -> None:
+    assert create_loader(synth_dir, "train", BATCH, num_workers=2).persistent_workers is False  # torch's default
+    assert create_loader(synth_dir, "train", BATCH, num_workers=2, persistent_workers=True).persistent_workers
+
+
+@pytest.mark.skipif(accelerator_available(), reason="pinning is for machines with an accelerator")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_default_pin_memory_neither_pins_nor_warns_without_an_accelerator(synth_dir: Path, num_workers: int) -> None:
+    loader = create_loader(synth_dir, "val", BATCH, num_workers=num_workers, multiprocessing_context="fork")
+    assert loader.pin_memory is True  # upstream's default, as code reading the attribute expects
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+        list(loader)  # every epoch builds an iterator: none of them warns
+    assert not [w for w in caught if "pin_memory" in str(w.message) or "accelerator" in str(w.message)]
+    assert not any(batch["question_emb"].is_pinned() for batch in batches)
+    assert loader.pin_memory is True
+
+
+def test_sampler_set_epoch_alone_moves_the_dataset(synth_dir: Path) -> None:
+    """What Lightning and DistributedSampler loops call: the sampler's set_epoch, never the dataset's."""
+    ds = JASPERSteeringDataset(synth_dir, "train", epoch=0)
+    reference = JASPERSteeringDataset(synth_dir, "train", epoch=5)
+    sampler = make_sampler(ds, shuffle=True)
+    loader = DataLoader(ds, batch_size=BATCH, sampler=sampler, collate_fn=collate)
+    sampler.set_epoch(5)
+    assert ds.current_epoch == 5
+    got = list(loader)
+    order = sampler.epoch_indices()
+    assert_batches_equal(got[0], reference.get_batch(order[:BATCH]))
+    variants = torch.cat([b["steering_variant"] for b in got])
+    assert torch.equal(variants, reference.get_batch(order)["steering_variant"])
+    # Through a Subset, and on loading a state (the dataset resumes the saved epoch).
+    sub = make_sampler(Subset(ds, range(10)), shuffle=False)
+    sub.set_epoch(7)
+    assert ds.current_epoch == 7
+    sampler.load_state_dict(sampler.state_dict(BATCH) | {"epoch": 2})
+    assert ds.current_epoch == 2
+    make_sampler(100, shuffle=True).set_epoch(3)  # a sampler over a count has no dataset to move
+
+
+def test_a_pass_resumes_with_torchdatas_protocol() -> None:
+    """``state_dict()`` without an argument (the sampler: where the pass started; the pass: how far it got),
+    loaded back sampler first, then pass, as torchdata's StatefulDataLoader does."""
+    sampler = make_sampler(50, shuffle=True, epoch=4)
+    whole = list(sampler)
+    epoch_pass = iter(sampler)
+    drawn = list(itertools.islice(epoch_pass, 17))
+    assert drawn == whole[:17]
+    saved_sampler, saved_pass = sampler.state_dict(), epoch_pass.state_dict()
+    assert (saved_sampler["epoch"], saved_sampler["samples_seen"], saved_pass) == (4, 0, {"samples_seen": 17})
+
+    resumed = make_sampler(50, shuffle=True)
+    resumed.load_state_dict(saved_sampler)
+    again = iter(resumed)
+    again.load_state_dict(saved_pass)
+    assert list(again) == whole[17:]
+    assert list(resumed) == whole[17:]  # the sampler resumes there too, should the pass be remade
+    resumed.set_epoch(5)
+    assert list(resumed) == list(make_sampler(50, shuffle=True, epoch=5))  # the next epoch is whole
+    # Resumed twice: the second pass's state counts from the epoch's start too.
+    resumed.load_state_dict({**saved_sampler, "samples_seen": 17})
+    third = iter(resumed)
+    list(itertools.islice(third, 3))
+    assert third.state_dict() == {"samples_seen": 20}
+    with pytest.raises(ValueError, match="cannot resume this pass at sample 10"):
+        third.load_state_dict({"samples_seen": 10})
 
 
 # --- validate_first_batch ---------------------------------------------------------------------------
