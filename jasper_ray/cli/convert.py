@@ -1,0 +1,202 @@
+"""``jasper-ray convert``: PT to HDF5 on Ray or in one process, or with ``--dry-run`` only its plan.
+
+The flags are checked before any work: one that the chosen way of converting would ignore is refused
+(a ``UsageError``, exit 2). The plan of ``--dry-run`` is ``plan_conversion``'s, which needs no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..conversion.parallel import READER_ENV, convert
+from ..conversion.plan import PIECE_BYTES, ConversionPlan, default_output, plan_conversion
+from ..conversion.writer import ConversionReport, convert_pt_to_hdf5
+from ..formats import open_dataset
+from ..formats.chunks import check_options
+from ..ray_session import connect, require_ray
+from ..schema import COMPRESSION_NONE, LAYOUT_SHARDED, LAYOUT_SINGLE
+from .report import Report, UsageError, human_bytes, say
+
+MODE_RAY = "ray"
+MODE_SINGLE_PROCESS = "single-process"
+ASSEMBLY_MARGIN = 1 << 20  # what publish.check_free_space adds to the parts' bytes
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be silently ignored, or options the writer refuses (before any work)."""
+    if args.single_process:
+        ignored = [
+            flag
+            for flag, given in (
+                ("--layout sharded", args.layout == LAYOUT_SHARDED),
+                ("--workers", args.workers is not None),
+                ("--address", args.address is not None),
+                ("--shard-size", args.shard_size is not None),
+            )
+            if given
+        ]
+        if ignored:
+            raise UsageError(
+                f"--single-process converts in this process, without Ray: {', '.join(ignored)} "
+                "would not apply (drop --single-process to convert on Ray)"
+            )
+    if args.workers is not None and args.address is not None:
+        raise UsageError("--workers sizes a local Ray; with --address the cluster's CPUs are used (drop one)")
+    if args.level is not None and args.compression != "gzip":
+        raise UsageError(f"--level sets the gzip level: it does not apply to --compression {args.compression}")
+    try:
+        check_options(_compression(args.compression), args.level, not args.no_shuffle)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _compression(text: str) -> str | None:
+    return None if text == COMPRESSION_NONE else text
+
+
+def _output(args: argparse.Namespace) -> Path:
+    return Path(args.output) if args.output else default_output(Path(args.dir), args.layout)
+
+
+def _piece_bytes(args: argparse.Namespace) -> int:
+    return int(args.shard_size) if args.shard_size is not None else PIECE_BYTES
+
+
+def run_convert(args: argparse.Namespace, report: Report) -> None:
+    check_flags(args)
+    f = report.fields
+    f["dry_run"] = bool(args.dry_run)
+    f["mode"] = MODE_SINGLE_PROCESS if args.single_process else MODE_RAY
+    f["output"] = os.path.abspath(_output(args))
+    f["layout"] = args.layout
+    f["compression"] = args.compression
+    if args.dry_run:
+        dry_run(args, report)
+        return
+    if args.single_process:
+        result = convert_pt_to_hdf5(
+            args.dir,
+            _compression(args.compression),
+            args.level,
+            not args.no_shuffle,
+            output=args.output,
+            progress=not args.quiet,
+        )
+    else:
+        stop_ray = start_ray(args)
+        try:
+            result = convert(
+                args.dir,
+                compression=_compression(args.compression),
+                compression_opts=args.level,
+                shuffle=not args.no_shuffle,
+                num_workers=args.workers,
+                address=args.address,
+                layout=args.layout,
+                shard_bytes=_piece_bytes(args),
+                output=args.output,
+                progress=not args.quiet,
+            )
+        finally:
+            if stop_ray is not None:
+                stop_ray()
+    _report_result(result, report)
+
+
+def _report_result(result: ConversionReport, report: Report) -> None:
+    report.fields.update(
+        output=os.path.abspath(result.output),
+        pieces=result.shards,
+        pieces_reused=result.shards_reused,
+        source_bytes=result.source_bytes,
+        output_bytes=result.output_bytes,
+        seconds=round(result.seconds, 3),
+    )
+    report.lines += result.lines()
+
+
+def start_ray(args: argparse.Namespace) -> Callable[[], None] | None:
+    """Ray up before the conversion, announced on stderr ("starting Ray ..."), so its start-up of
+    several seconds shows as what it is and not as a progress bar stuck at 0%. Returns how to stop it
+    when this call started it (``convert`` leaves a Ray it did not start running), else None."""
+    try:
+        ray = require_ray("Parallel conversion")
+    except ImportError as exc:
+        raise ImportError(f"{exc} Without Ray: jasper-ray convert --single-process.") from exc
+    if ray.is_initialized():
+        return None
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    cpus = args.workers or os.cpu_count()
+    say(f"connecting to Ray at {address} ..." if address else f"starting Ray ({cpus} CPUs) ...", args.quiet)
+    # The same call convert() makes, so it finds this Ray up and uses it.
+    started = connect(args.address, num_cpus=args.workers, runtime_env={"env_vars": dict(READER_ENV)})
+    return ray.shutdown if started else None
+
+
+# --- --dry-run ---------------------------------------------------------------------------------------
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem ``path`` will be written to (its nearest existing folder)."""
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def space_needed(plan: ConversionPlan, mode: str, layout: str) -> tuple[int, int]:
+    """(bytes the output takes at most, bytes the disk must have free at the peak).
+
+    The output holds every column's bytes, uncompressed at most (compression only shrinks them). On
+    Ray with one file, the part files stay until the file is assembled from them: twice that at the peak.
+    """
+    output = plan.total_bytes + ASSEMBLY_MARGIN
+    both = mode == MODE_RAY and layout == LAYOUT_SINGLE
+    return output, 2 * output if both else output
+
+
+def dry_run(args: argparse.Namespace, report: Report) -> None:
+    """The plan, printed and reported: nothing is written, Ray is not started."""
+    with open_dataset(args.dir, storage_format="pt", use_mmap=True) as reader:
+        compression, shuffle = _compression(args.compression), not args.no_shuffle
+        plan = plan_conversion(reader, compression, args.level, shuffle, _piece_bytes(args))
+        source_bytes = reader.nbytes_on_disk()
+    output, needed = space_needed(plan, report.fields["mode"], args.layout)
+    free = free_bytes(_output(args))
+    # One process converts everything as one piece (its report says 1), each tensor whole.
+    one = report.fields["mode"] == MODE_SINGLE_PROCESS
+    tensors: list[dict[str, Any]] = [
+        {"h5_path": c.h5_path, "source": c.source, "pieces": 1 if one else len(plan.pieces_of(c)), "bytes": c.nbytes}
+        for c in plan.columns
+    ]
+    report.fields.update(
+        pieces=1 if one else len(plan.pieces),
+        piece_bytes=None if one else plan.piece_bytes,
+        tensors=tensors,
+        source_bytes=source_bytes,
+        output_bytes_max=output,
+        bytes_needed=needed,
+        free_bytes=free,
+        fits=free >= needed,
+    )
+    f = report.fields
+    how = "in this process" if one else f"on Ray, {len(plan.pieces)} pieces"
+    report.lines += [
+        f"plan      {args.dir} -> {f['output']} ({args.layout}, {args.compression}, {how}); nothing written",
+        f"read      {human_bytes(f['source_bytes'])} of PT files",
+        f"write     at most {human_bytes(output)} (uncompressed; compression only shrinks it)",
+        f"disk      needs {human_bytes(needed)} free at the peak, {human_bytes(free)} free: "
+        + ("fits" if f["fits"] else "does NOT fit"),
+        f"{'dataset':<32} {'pieces':>6} {'bytes':>10}",
+    ]
+    report.lines += [f"{t['h5_path']:<32} {t['pieces']:>6} {human_bytes(t['bytes']):>10}" for t in tensors]
+    if not f["fits"]:
+        report.problems.append(
+            f"not enough space for {f['output']}: the conversion needs up to {human_bytes(needed)}, "
+            f"{human_bytes(free)} are free"
+        )
