@@ -1,14 +1,19 @@
 """Connecting to Ray, the one way every jasper_ray front-end does it.
 
 No address (and no ``RAY_ADDRESS``): a new local Ray on this machine (``address="local"``; a bare
-``ray.init()`` would attach to whatever cluster ``ray start`` left running here). An address: that
-cluster, after a quick TCP check, because ``ray.init`` waits minutes on an address where nothing listens.
+``ray.init()`` would attach to whatever cluster ``ray start`` left running here), with Ray's token
+authentication and without Ray's notice about it (NOTE [token authentication of the local Ray]). An
+address: that cluster, after a quick TCP check, because ``ray.init`` waits minutes on an address where
+nothing listens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +46,34 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         ) from exc
 
 
+# NOTE [token authentication of the local Ray]
+# With RAY_AUTH_MODE unset, a new local Ray (ray.init without an address) turns token authentication on
+# (RAY_AUTH_MODE=token for this process and those it starts, a token in ~/.ray/auth_token) and warns
+# "Token authentication is enabled for this Ray cluster" at every start. That Ray is not loopback-only:
+# its GCS and raylet listen on every interface (Ray resolves 127.0.0.1 to the machine's address), so
+# the token is what keeps other machines out, and jasper_ray keeps it. Only the notice goes: a filter
+# drops that one record while connect starts a local Ray. (Setting RAY_AUTH_MODE=token ourselves would
+# not do: the driver reads its mode when ray is imported, before connect runs.) A RAY_AUTH_MODE the user
+# set is Ray's to apply (the tests and scripts/local_cluster.sh set "disabled"); a cluster's
+# authentication is the cluster's.
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"  # where Ray logs it
+
+
+def _not_the_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
+@contextlib.contextmanager
+def _without_token_notice() -> Iterator[None]:
+    logger = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    logger.addFilter(_not_the_token_notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_the_token_notice)
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, **init_kwargs: Any) -> bool:
     """Make sure Ray is up; return True when this call started it (the caller then shuts it down)."""
     ray = require_ray("Connecting to Ray")
@@ -53,5 +86,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
         check_reachable(address)
         ray.init(address=address, **init_kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **init_kwargs)
+        with _without_token_notice():  # NOTE [token authentication of the local Ray]
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **init_kwargs)
     return True

@@ -1,0 +1,83 @@
+"""``ray_session.connect``: the local Ray it starts keeps Ray's token authentication but not Ray's notice
+about it at every start; a cluster address gets plain ``ray.init``."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import ray
+from _support import subprocess_env
+
+from jasper_ray import ray_session
+from jasper_ray.ray_session import TOKEN_NOTICE, TOKEN_NOTICE_LOGGER, connect
+
+NOTICE = f"{TOKEN_NOTICE}. Set RAY_AUTH_MODE=disabled to opt out."
+OTHER = "Token authentication is disabled for this Ray cluster."
+
+
+class Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """What Ray's authentication logger emits (Ray's loggers do not propagate to pytest's capture)."""
+    handler, logger = Messages(), logging.getLogger(TOKEN_NOTICE_LOGGER)
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def fake_init(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``ray.init`` replaced by one that logs Ray's notice and another warning, as Ray's would."""
+    calls: list[str] = []
+
+    def init(**kwargs: object) -> None:
+        calls.append(str(kwargs.get("address")))
+        for message in (NOTICE, OTHER):
+            logging.getLogger(TOKEN_NOTICE_LOGGER).warning(message)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray_session, "check_reachable", lambda address: None)
+    return calls
+
+
+def test_the_local_ray_starts_without_the_token_notice(fake_init: list[str], logged: list[str]) -> None:
+    assert connect() is True
+    assert fake_init == ["local"]
+    assert logged == [OTHER]  # only that notice goes
+    assert not logging.getLogger(TOKEN_NOTICE_LOGGER).filters  # and only while Ray starts
+
+
+def test_a_cluster_address_gets_plain_ray_init(fake_init: list[str], logged: list[str]) -> None:
+    assert connect("10.0.0.1:6379") is True
+    assert fake_init == ["10.0.0.1:6379"]
+    assert logged == [NOTICE, OTHER]
+
+
+def test_a_real_local_ray_keeps_token_auth_and_says_nothing_of_it() -> None:
+    code = """if True:
+        import os, ray
+        from jasper_ray.ray_session import connect
+        assert connect(num_cpus=1)
+        assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2
+        print("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE"))
+        ray.shutdown()
+        """
+    env = {k: v for k, v in subprocess_env().items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "RAY_AUTH_MODE token" in run.stdout  # Ray's default, kept: the local Ray listens beyond loopback
+    assert "Token authentication is enabled" not in run.stdout + run.stderr
