@@ -147,7 +147,9 @@ class EpochPass(itertools.chain[int]):
     """One pass over a sampler's epoch (what ``iter(sampler)`` returns), resumable with torchdata's
     protocol: ``state_dict()`` says how many samples of the epoch were drawn, ``load_state_dict`` skips
     to there. A subclass of ``itertools.chain`` (over the positions) so that drawing an index stays in
-    C: the DataLoader draws every sample's index one by one."""
+    C: the DataLoader draws every sample's index one by one. A state taken after the epoch's last batch
+    resumes that epoch with nothing left (as torchdata's own samplers do): resume the loop at the saved
+    epoch, and the next ``set_epoch`` starts a whole one."""
 
     sampler: ResumableSampler
     first: int  # the position in the epoch this pass started at
