@@ -23,7 +23,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..formats.base import is_mapped  # noqa: F401 - tests/conversion/test_ray_convert.py imports it from here
 from .convert import run_convert
 from .datasets import run_inspect, run_verify
 from .parser import build_parser, parse

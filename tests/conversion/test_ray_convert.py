@@ -44,9 +44,9 @@ from jasper_ray import (
     validate_dataset,
 )
 from jasper_ray.atomic import TEMP_MARK
-from jasper_ray.cli import is_mapped
 from jasper_ray.conversion.plan import plan_conversion, work_dir_for
 from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
+from jasper_ray.formats.base import is_mapped
 from jasper_ray.formats.sharded import ShardedHDF5Reader
 from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, MANIFEST, SHARDS_DIR, TENSORS
 
