@@ -15,8 +15,9 @@ import inspect
 import json
 import math
 import shutil
+import subprocess
+import sys
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -399,27 +400,50 @@ def test_unknown_column_rejected(dirs: dict[str, Path]) -> None:
 # --- torch batches -----------------------------------------------------------------------------------------
 
 
-def test_iter_torch_batches_without_read_only_warnings(dirs: dict[str, Path]) -> None:
-    # The check below can see the warning: torch does warn on a read-only array.
-    with warnings.catch_warnings(record=True) as control:
-        warnings.simplefilter("always")
-        torch.as_tensor(np.frombuffer(bytes(8), dtype=np.float32))
-    assert any("not writable" in str(w.message) for w in control)
+# Run in a fresh interpreter: torch warns about a read-only array once per process, so in the test
+# session an earlier test may have spent the warning this test looks for.
+READ_ONLY_CHECK = """
+import json, sys, warnings
+import numpy as np, ray, torch
+from jasper_ray import read_jasper
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = read_jasper(dirs["contiguous"], "train", shuffle=True)
-        n = 0
-        for batch in ds.iter_torch_batches(batch_size=128):
-            assert isinstance(batch["negative_embs"], torch.Tensor)
-            assert batch["negative_embs"].shape[1:] == (NEG, DIM)
-            assert batch["negative_embs"].dtype == torch.float32
-            assert batch["steering_variant"].dtype == torch.int64
-            assert batch["question_emb"].shape[1:] == (DIM,)
-            batch["steering"].mul_(2)  # in place: the batch is the user's to change
-            n += len(batch["pair_id"])
-    assert n == len(ds.select_columns(["pair_id"]).take_all())
-    assert not [str(w.message) for w in caught if "not writable" in str(w.message)]
+def read_only_warnings(caught):
+    return [str(w.message) for w in caught if "not writable" in str(w.message)]
+
+torch.set_warn_always(True)  # the control does not spend the once-per-process warning
+with warnings.catch_warnings(record=True) as control:
+    warnings.simplefilter("always")
+    torch.as_tensor(np.frombuffer(bytes(8), dtype=np.float32))
+torch.set_warn_always(False)
+ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ds = read_jasper(sys.argv[1], "train", shuffle=True)
+    n, shapes = 0, set()
+    for batch in ds.iter_torch_batches(batch_size=128):
+        shapes.add((tuple(batch["negative_embs"].shape[1:]), str(batch["negative_embs"].dtype),
+                    str(batch["steering_variant"].dtype), tuple(batch["question_emb"].shape[1:])))
+        batch["steering"].mul_(2)  # in place: the batch is the user's to change
+        n += len(batch["pair_id"])
+print(json.dumps({"control": read_only_warnings(control), "caught": read_only_warnings(caught), "rows": n,
+                  "expected": len(ds.select_columns(["pair_id"]).take_all()), "shapes": sorted(map(list, shapes))}))
+"""
+
+
+def test_iter_torch_batches_without_read_only_warnings(dirs: dict[str, Path], ray_subprocess_env: Any) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", READ_ONLY_CHECK, str(dirs["contiguous"])],
+        env=ray_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["control"], "the check can see the warning: torch does warn on a read-only array"
+    assert seen["rows"] == seen["expected"] > 0
+    assert seen["shapes"] == [[[NEG, DIM], "torch.float32", "torch.int64", [DIM]]]
+    assert not seen["caught"], seen["caught"]
 
 
 # --- retries ------------------------------------------------------------------------------------------------
