@@ -97,7 +97,8 @@ class RecordedChecksum:
     """One checksum a dataset recorded: what ``verify_checksums`` needs to recompute it.
 
     ``where`` names the place in messages; ``open_rows`` opens the stored rows (a context manager, so a
-    file opened for the check is closed after it).
+    file opened for the check is closed after it); ``n_rows`` is how many rows it holds, known without
+    opening them (a progress bar's total).
     """
 
     where: str
@@ -105,6 +106,12 @@ class RecordedChecksum:
     block_rows: int
     row_bytes: int
     recorded: str
+    n_rows: int
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes ``verify_checksums`` hashes here (uncompressed: what its ``on_block`` counts)."""
+        return self.n_rows * self.row_bytes
 
 
 def verify_checksums(

@@ -303,7 +303,9 @@ class HDF5Reader(Reader):
                 return contextlib.nullcontext(dset)
 
             found.append(
-                RecordedChecksum(f"{self.path}:{name}", opened, rows, row_nbytes(obj.shape, obj.dtype), recorded)
+                RecordedChecksum(
+                    f"{self.path}:{name}", opened, rows, row_nbytes(obj.shape, obj.dtype), recorded, int(obj.shape[0])
+                )
             )
 
         self.file.visititems(visit)

@@ -292,6 +292,7 @@ class ShardedHDF5Reader(Reader):
                         tensor.checksum_block_rows,
                         row_bytes,
                         shard.checksum,
+                        shard.stop - shard.start,
                     )
                 )
         return found
