@@ -630,7 +630,7 @@ def test_convert_says_it_starts_ray(
         assert ray.shutdowns == 0
         return ConversionReport(Path(directory) / "dataset.h5", 100, 90, 1.5, "gzip", shards=2)
 
-    monkeypatch.setattr("jasper_ray.cli.convert.connect", connect)
+    monkeypatch.setattr("jasper_ray.conversion.parallel.connect", connect)  # what connect_for_conversion calls
     monkeypatch.setattr("jasper_ray.cli.convert.convert", convert)
     assert main(["convert", str(dataset_copy), *flags]) == 0
     captured = capsys.readouterr()

@@ -13,18 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..conversion.parallel import READER_ENV, convert
+from ..conversion.parallel import connect_for_conversion, convert
 from ..conversion.plan import PIECE_BYTES, ConversionPlan, default_output, plan_conversion
+from ..conversion.publish import ASSEMBLY_MARGIN
 from ..conversion.writer import ConversionReport, convert_pt_to_hdf5
 from ..formats import open_dataset
 from ..formats.chunks import check_options
-from ..ray_session import connect, require_ray
+from ..ray_session import require_ray
 from ..schema import COMPRESSION_NONE, LAYOUT_SHARDED, LAYOUT_SINGLE
 from .report import Report, UsageError, human_bytes, say
 
 MODE_RAY = "ray"
 MODE_SINGLE_PROCESS = "single-process"
-ASSEMBLY_MARGIN = 1 << 20  # what publish.check_free_space adds to the parts' bytes
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -133,8 +133,7 @@ def start_ray(args: argparse.Namespace) -> Callable[[], None] | None:
     address = args.address or os.environ.get("RAY_ADDRESS")
     cpus = args.workers or os.cpu_count()
     say(f"connecting to Ray at {address} ..." if address else f"starting Ray ({cpus} CPUs) ...", args.quiet)
-    # The same call convert() makes, so it finds this Ray up and uses it.
-    started = connect(args.address, num_cpus=args.workers, runtime_env={"env_vars": dict(READER_ENV)})
+    started = connect_for_conversion(args.address, args.workers)  # convert() then finds this Ray up
     return ray.shutdown if started else None
 
 

@@ -61,8 +61,9 @@ def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = PIECE_BYTE
     return open_dataset(dataset_dir, storage_format="pt").nbytes_on_disk() > shard_bytes
 
 
-def _connect(address: str | None, num_workers: int | None) -> bool:
-    """Make sure Ray is up (see ray_session); return True when this call started it."""
+def connect_for_conversion(address: str | None, num_workers: int | None) -> bool:
+    """Make sure Ray is up for conversion tasks (see ray_session); True when this call started it.
+    The CLI calls it before ``convert`` to announce Ray's start-up; ``convert`` then finds it up."""
     return connect(address, num_cpus=num_workers, runtime_env={"env_vars": READER_ENV})
 
 
@@ -161,7 +162,7 @@ def convert(
         validate_dataset(reader, progress=progress)
     plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes)
     work = WorkDir(work_dir_for(output), plan)
-    started_ray = _connect(address, num_workers)
+    started_ray = connect_for_conversion(address, num_workers)
     try:
         with work:
             try:

@@ -26,6 +26,9 @@ from .plan import ConversionPlan, Piece
 
 # --- assembly --------------------------------------------------------------------------------
 
+# Bytes beyond the part files' total that an assembled file may need (its own metadata).
+ASSEMBLY_MARGIN = 1 << 20
+
 
 def check_free_space(output: Path, pieces_bytes: int) -> None:
     """Refuse to start a file that cannot fit: HDF5 does not survive a disk filling up mid-write.
@@ -33,7 +36,7 @@ def check_free_space(output: Path, pieces_bytes: int) -> None:
     The assembled file holds the pieces' chunks and less metadata than they do, so the part files'
     total (plus a margin) bounds it. A disk filled by someone else during assembly still fails in HDF5.
     """
-    need = pieces_bytes + (1 << 20)
+    need = pieces_bytes + ASSEMBLY_MARGIN
     free = shutil.disk_usage(output.parent).free
     if free < need:
         raise OSError(
