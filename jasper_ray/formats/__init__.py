@@ -133,6 +133,12 @@ def stale_sources(directory: Path, converted: Reader) -> list[str]:
     return changed_files(directory, recorded, pt_files)
 
 
+def changed_since_conversion(name: str, directory: Path, options: Mapping[str, Any]) -> tuple[Path, list[str]]:
+    """Where the format's converted data is, and the PT sources beside it that changed since conversion."""
+    with open_layout(name, directory, **options) as converted:
+        return converted.path, stale_sources(directory, converted)
+
+
 def open_layout(storage_format: str, directory: Path, **options: Any) -> Reader:
     """The reader of the format's first layout present in ``directory`` (its first layout when none is)."""
     layouts = FORMATS[storage_format].layouts
@@ -148,15 +154,13 @@ def detect_format(directory: Path) -> str:
             continue
         if not fmt.converted:
             return name
-        converted = open_layout(name, directory)
-        changed = stale_sources(directory, converted)
-        converted.close()
+        where, changed = changed_since_conversion(name, directory, {})
         if not changed:
             return name
         log.warning(
             "%s is stale: %s changed since it was converted; serving the PT files. "
             "Reconvert with `jasper-ray convert %s`.",
-            converted.path,
+            where,
             ", ".join(changed),
             directory,
         )
@@ -215,12 +219,10 @@ def _check_present(name: str, directory: Path, options: Mapping[str, Any]) -> No
         probe = fmt.layouts[0].probe_path(directory, options)
         raise DatasetNotFoundError(fmt.missing.format(directory=directory, probe=probe))
     if fmt.converted:
-        converted = open_layout(name, directory, **options)
-        changed = stale_sources(directory, converted)
-        converted.close()
+        where, changed = changed_since_conversion(name, directory, options)
         if changed:
             raise StaleDatasetError(
-                f"{converted.path} is stale: {', '.join(changed)} changed since it was converted. "
+                f"{where} is stale: {', '.join(changed)} changed since it was converted. "
                 f"Reconvert with `jasper-ray convert {directory}`, or open the PT files with storage_format='pt'."
             )
 
