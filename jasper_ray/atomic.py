@@ -1,22 +1,78 @@
-"""Publishing files so that a crash leaves the old file or none, never half a file."""
+"""Publishing files so that a crash leaves the old file or none, never half a file.
+
+Temporary names carry their writer's tag: host, pid and the process's start time
+(``writer_tag``). On a filesystem shared by nodes or containers a pid alone says
+nothing (the same pid lives on every node), so orphan cleanup removes a temp file
+only when its writer ran on this host and is gone: its pid is dead, or now belongs
+to a process that started at another time (a reused pid). Temps of other hosts are
+left alone (NOTE [writer tags]).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 TEMP_MARK = ".tmp-"
+# host.pid.start: the host name made safe for a file name (no dots: the tag splits on them).
+_TAG = re.compile(r"^(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.(?P<start>\d+)$")
 
 
-def temp_path_for(final: Path) -> Path:
-    """A hidden sibling name that no detection looks for, tagged with our pid."""
-    return final.with_name(f".{final.name}{TEMP_MARK}{os.getpid()}")
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host"
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc), or None when no such process is visible."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22, counted after the command name (which may hold spaces, so split after its ")").
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+@functools.cache
+def _own_start(pid: int) -> int:
+    return process_start(pid) or 0
+
+
+def writer_tag(pid: int | None = None) -> str:
+    """``host.pid.start`` of a process on this host (default: this one): what temp names and locks carry."""
+    pid = os.getpid() if pid is None else pid
+    start = _own_start(pid) if pid == os.getpid() else (process_start(pid) or 0)
+    return f"{_host()}.{pid}.{start}"
+
+
+def temp_path_for(final: Path, pid: int | None = None) -> Path:
+    """A hidden sibling name that no detection looks for, tagged with its writer (``writer_tag``)."""
+    return final.with_name(f".{final.name}{TEMP_MARK}{writer_tag(pid)}")
+
+
+def writer_gone(tag: str) -> bool:
+    """True when the writer ``tag`` names surely died: it ran on this host, and its pid is gone or reused.
+
+    A tag of another host (or one this version cannot parse, like the pid-only tags of earlier versions)
+    is never judged gone: its files are left for their own host to clean up."""
+    m = _TAG.match(tag)
+    if m is None or m["host"] != _host():
+        return False
+    pid, start = int(m["pid"]), int(m["start"])
+    if pid == os.getpid():
+        return False
+    alive = process_start(pid)
+    if alive is None:
+        return not _pid_alive(pid)  # no /proc: fall back to a signal probe
+    return alive != start
 
 
 def fsync_dir(directory: Path) -> None:
@@ -60,12 +116,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_orphan_temps(final: Path) -> list[Path]:
-    """Delete temp files of ``final`` left by writers that died (their pid is gone)."""
+    """Delete temp files of ``final`` left by writers on this host that died (``writer_gone``)."""
     removed = []
     prefix = f".{final.name}{TEMP_MARK}"
     for path in final.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix) :]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if writer_gone(path.name[len(prefix) :]):
             log.info("removing %s left by a writer that died", path)
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -73,3 +128,7 @@ def remove_orphan_temps(final: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+# NOTE [writer tags]: pid-only tags of earlier versions are never removed automatically (their host is
+# unknown); docs/troubleshooting.md says to delete them by hand once no conversion runs anywhere.

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import TEMP_MARK, atomic_output
+from ..atomic import TEMP_MARK, atomic_output, writer_tag
 from ..faults import fail_once
 from ..formats import open_dataset
 from ..formats.base import Reader
@@ -118,8 +118,14 @@ class WorkDir:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.read(self._lock_fd, 256).decode(errors="replace").strip() or "unknown"
             os.close(self._lock_fd)
-            raise RuntimeError(f"another conversion is running on {self.path} (its lock is held)") from None
+            raise RuntimeError(
+                f"another conversion is running on {self.path} (its lock is held by {holder}: host.pid.start)"
+            ) from None
+        # Who holds it, for the message a second conversion gets (NOTE [writer tags] in atomic).
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, writer_tag().encode(), 0)
         plan_file = self.path / PLAN_FILE
         previous = json.loads(plan_file.read_text()).get("key") if plan_file.exists() else None
         for p in self.path.iterdir():

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import TEMP_MARK, fsync_dir
+from ..atomic import TEMP_MARK, fsync_dir, writer_tag
 from ..formats.checksum import block_rows, combine
 from ..formats.hdf5_writer import HDF5Writer
 from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_manifest
@@ -101,7 +101,7 @@ def publish_sharded(plan: ConversionPlan, work_dir: Path, final_dir: Path, resul
     for leftover in (PLAN_FILE, LOCK_FILE):
         (work_dir / leftover).unlink(missing_ok=True)
     write_manifest(work_dir, manifest)
-    old = final_dir.with_name(old_dir_name(final_dir.name, f"{TEMP_MARK}{os.getpid()}"))
+    old = final_dir.with_name(old_dir_name(final_dir.name, f"{TEMP_MARK}{writer_tag()}"))
     if final_dir.exists():
         os.replace(final_dir, old)
     os.replace(work_dir, final_dir)

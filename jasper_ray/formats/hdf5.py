@@ -32,12 +32,15 @@ from ..schema import (
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
     ATTR_FINGERPRINT,
+    ATTR_FORMAT_VERSION,
     ATTR_LAYOUT,
+    FORMAT_VERSION,
     HDF5_FILE,
     KEYWORD_IDS,
     LAYOUT_CSR,
     SPLIT_H5_GROUP,
     TENSOR,
+    TENSORS,
     TensorSpec,
     split_h5_path,
 )
@@ -46,6 +49,8 @@ from .base import Reader
 from .checksum import RecordedChecksum, row_nbytes
 from .pt import PTReader
 
+# The top-level groups a JASPER file has (ours and upstream's): a file with none of them is foreign.
+GROUP_NAMES = tuple(dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS))
 CHUNK_CACHE_BYTES = 32 << 20  # per reader, shared out over the datasets it gathers from
 FILE_CHUNK_CACHE_BYTES = 1 << 20
 
@@ -155,6 +160,30 @@ def open_h5(path: Path) -> Any:
         raise DatasetFormatError(f"{path}: not a readable HDF5 file ({exc})") from exc
 
 
+def check_format_version(where: str | os.PathLike, version: object) -> None:
+    """Refuse data written by a newer jasper_ray (it may mean something this reader would serve wrong)."""
+    if isinstance(version, (int, np.integer)) and 1 <= int(version) <= FORMAT_VERSION:
+        return
+    shown = version.item() if isinstance(version, np.generic) else version
+    raise DatasetFormatError(
+        f"{where}: format version {shown!r}, this jasper_ray reads versions 1 to {FORMAT_VERSION}. "
+        "Upgrade jasper_ray, or reconvert the PT files with this version."
+    )
+
+
+def json_attr(f: Any, name: str, path: Path) -> Any:
+    """A root attribute holding JSON (None when absent), or an error naming the file and attribute."""
+    raw = f.attrs.get(name)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise DatasetFormatError(
+            f"{path}: root attribute {name!r} is not valid JSON ({exc}). Reconvert: jasper-ray convert {path.parent}"
+        ) from exc
+
+
 class HDF5Reader(Reader):
     storage_format = "hdf5"
 
@@ -179,6 +208,16 @@ class HDF5Reader(Reader):
         if not self.path.is_file():
             raise DatasetNotFoundError(f"HDF5 file not found: {self.path}")
         self._file = open_h5(self.path)
+        version = self._file.attrs.get(ATTR_FORMAT_VERSION)
+        if version is not None:  # upstream's files carry none
+            check_format_version(self.path, version)
+        if not any(g in self._file for g in GROUP_NAMES):
+            found = sorted(self._file.keys())[:8]
+            self._file.close()
+            raise DatasetFormatError(
+                f"{self.path}: an HDF5 file, but not a JASPER dataset: none of the groups {list(GROUP_NAMES)} "
+                f"(found {found}). Convert a JASPER PT dataset with `jasper-ray convert`."
+            )
 
     def _release(self) -> None:
         if self._file is not None:
@@ -232,8 +271,10 @@ class HDF5Reader(Reader):
         return serve_dataset(self.path, dset, self.use_mmap, self.chunk_cache_bytes)
 
     def source_fingerprint(self) -> dict | None:
-        raw = self.file.attrs.get(ATTR_FINGERPRINT)
-        return json.loads(raw) if raw is not None else None
+        found = json_attr(self.file, ATTR_FINGERPRINT, self.path)
+        if found is not None and not isinstance(found, dict):
+            raise DatasetFormatError(f"{self.path}: root attribute {ATTR_FINGERPRINT!r} is not a JSON object")
+        return found
 
     def split_names(self) -> tuple[str, ...]:
         if SPLIT_H5_GROUP in self.file:
@@ -312,8 +353,10 @@ class HDF5Reader(Reader):
         return found
 
     def _embedded_config(self) -> dict[str, Any] | None:
-        raw = self.file.attrs.get(ATTR_CONFIG)
-        return json.loads(raw) if raw is not None else None
+        found = json_attr(self.file, ATTR_CONFIG, self.path)
+        if found is not None and not isinstance(found, dict):
+            raise DatasetFormatError(f"{self.path}: root attribute {ATTR_CONFIG!r} is not a JSON object")
+        return found
 
     def files(self) -> list[Path]:
         return [self.path]

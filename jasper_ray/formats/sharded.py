@@ -38,7 +38,7 @@ from ..schema import (
 from .arrays import RowArray, gather_rows
 from .base import Reader
 from .checksum import RecordedChecksum, row_nbytes
-from .hdf5 import CHUNK_CACHE_BYTES, open_h5, serve_dataset
+from .hdf5 import CHUNK_CACHE_BYTES, check_format_version, open_h5, serve_dataset
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,34 @@ def read_manifest(shards_dir: Path) -> dict[str, Any]:
     try:
         if manifest.get("layout") != LAYOUT_SHARDED:
             raise ValueError(f"layout is not {LAYOUT_SHARDED!r}")
-        Manifest.from_json(manifest)
+        layout = Manifest.from_json(manifest)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise DatasetFormatError(f"{path}: not a jasper_ray shard manifest ({exc})") from exc
+        missing = f"the field {exc} is missing" if isinstance(exc, KeyError) else str(exc)
+        raise DatasetFormatError(
+            f"{path}: not a jasper_ray shard manifest ({missing}). "
+            "Reconvert with `jasper-ray convert --layout sharded`."
+        ) from exc
+    check_format_version(path, layout.format_version)
+    for tensor in layout.tensors:
+        _check_rows(path, tensor)
     return manifest
+
+
+def _check_rows(path: Path, tensor: ManifestTensor) -> None:
+    """A tensor's shards cover rows 0..shape[0] in order, each file named inside the shards directory."""
+    at = 0
+    for i, shard in enumerate(tensor.shards):
+        where = f"{path}: tensor {tensor.h5_path!r} shard {i}"
+        if not isinstance(shard.file, str) or Path(shard.file).is_absolute() or ".." in Path(shard.file).parts:
+            raise DatasetFormatError(
+                f"{where}: file {shard.file!r} is not a plain name inside {path.parent}; every shard file must "
+                "lie in the shards directory (absolute paths and '..' are refused)"
+            )
+        if not all(isinstance(x, int) for x in (shard.start, shard.stop, shard.bytes)) or shard.start != at:
+            raise DatasetFormatError(f"{where}: rows {shard.start!r}:{shard.stop!r}, expected integer rows from {at}")
+        at = shard.stop
+    if not isinstance(tensor.shape, list) or not tensor.shape or at != tensor.shape[0]:
+        raise DatasetFormatError(f"{path}: tensor {tensor.h5_path!r}: shards cover {at} rows, shape is {tensor.shape}")
 
 
 def write_manifest(shards_dir: Path, manifest: Manifest) -> None:
@@ -196,6 +220,11 @@ class ShardedHDF5Reader(Reader):
             for shard in tensor.shards:
                 path = self.shards_dir / shard.file
                 where = f"shard {path} ({tensor.h5_path} rows {shard.start}:{shard.stop})"
+                if not path.resolve().is_relative_to(self.shards_dir.resolve()):
+                    raise DatasetFormatError(
+                        f"{where} resolves to {path.resolve()}, outside {self.shards_dir} (a symlink out of the "
+                        "dataset); every shard file must lie in the shards directory"
+                    )
                 if not path.is_file():
                     raise DatasetNotFoundError(
                         f"{where} is missing; the sharded dataset cannot be served. Restore the file or reconvert."

@@ -20,6 +20,7 @@ import pytest
 from _support import assert_bits_equal, sha256_file, subprocess_env
 
 from jasper_ray import convert_pt_to_hdf5, open_dataset
+from jasper_ray.atomic import temp_path_for
 from jasper_ray.formats.hdf5 import HDF5Reader
 
 CHILD = """
@@ -40,7 +41,7 @@ def kill_mid_write(directory: Path) -> Path:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    temp = directory / f".dataset.h5.tmp-{proc.pid}"
+    temp = temp_path_for(directory / "dataset.h5", proc.pid)
     first_size = None
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -111,7 +112,7 @@ def test_a_live_writers_temp_file_is_not_removed(dataset_copy: Path) -> None:
     """Orphan cleanup removes only temp files of dead writers: a concurrent writer keeps its own."""
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        temp = dataset_copy / f".dataset.h5.tmp-{live.pid}"
+        temp = temp_path_for(dataset_copy / "dataset.h5", live.pid)
         temp.write_bytes(b"half a file")
         convert_pt_to_hdf5(dataset_copy, "gzip", progress=False)
         assert temp.exists()

@@ -1,0 +1,189 @@
+"""Bad inputs and faults (issue 17): one test per case, each asserting the refusal names the place and the fix.
+
+Cases of the issue's list "served wrong or crashed" and "vague errors"; validation of
+tensor contents has its own table in test_validation.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from _support import write_sharded
+
+from jasper_ray import open_dataset
+from jasper_ray.atomic import remove_orphan_temps, temp_path_for, writer_tag
+from jasper_ray.errors import DatasetFormatError, StaleDatasetError
+from jasper_ray.fingerprint import changed_files
+from jasper_ray.schema import HDF5_FILE, MANIFEST, TENSOR
+
+# --- shared-filesystem safety: temp names carry host, pid and start time ---------------------------
+
+
+def test_temp_names_carry_host_pid_and_start_time(tmp_path: Path) -> None:
+    host, pid, start = writer_tag().split(".")
+    assert pid == str(os.getpid()) and int(start) > 0 and host
+    assert temp_path_for(tmp_path / "x.h5").name == f".x.h5.tmp-{host}.{pid}.{start}"
+
+
+def test_orphan_cleanup_judges_only_this_hosts_dead_writers(tmp_path: Path) -> None:
+    final = tmp_path / "dataset.h5"
+    host, _, _ = writer_tag().split(".")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        keep = {
+            "live writer": temp_path_for(final, live.pid),
+            "this process": temp_path_for(final),
+            "same pid on another host": final.with_name(f".dataset.h5.tmp-otherhost.{live.pid}.1"),
+            "dead pid on another host": final.with_name(f".dataset.h5.tmp-otherhost.{dead.pid}.1"),
+            "an earlier version's pid-only tag": final.with_name(f".dataset.h5.tmp-{dead.pid}"),
+        }
+        gone = {
+            "dead writer": final.with_name(f".dataset.h5.tmp-{host}.{dead.pid}.1"),
+            "reused pid (live, other start time)": final.with_name(f".dataset.h5.tmp-{host}.{live.pid}.1"),
+        }
+        for path in [*keep.values(), *gone.values()]:
+            path.write_bytes(b"half a file")
+        removed = remove_orphan_temps(final)
+        assert sorted(removed) == sorted(gone.values())
+        for what, path in keep.items():
+            assert path.exists(), what
+    finally:
+        live.kill()
+        live.wait()
+
+
+# --- manifest paths must stay inside the dataset ----------------------------------------------------
+
+
+@pytest.fixture
+def sharded_copy(dataset_copy: Path) -> Path:
+    write_sharded(dataset_copy, None)
+    return dataset_copy
+
+
+def _edit_manifest(directory: Path, fn) -> Path:
+    path = directory / "dataset.shards" / MANIFEST
+    manifest = json.loads(path.read_text())
+    fn(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
+def test_manifest_paths_outside_the_dataset_are_refused(sharded_copy: Path, tmp_path: Path, kind: str) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(sharded_copy / "dataset.shards", other)  # another dataset's shard of the same size
+    shard = json.loads((sharded_copy / "dataset.shards" / MANIFEST).read_text())["tensors"][0]["shards"][0]
+    if kind == "symlink":
+        target = sharded_copy / "dataset.shards" / shard["file"]
+        target.unlink()
+        target.symlink_to(other / shard["file"])
+        match = "outside .*symlink"
+    else:
+        name = str(other / shard["file"]) if kind == "absolute" else f"../../other/{shard['file']}"
+
+        def point_out(m: dict) -> None:
+            m["tensors"][0]["shards"][0]["file"] = name
+
+        _edit_manifest(sharded_copy, point_out)
+        match = "is not a plain name inside"
+    with pytest.raises(DatasetFormatError, match=match):
+        open_dataset(sharded_copy, "hdf5").read("question_embs", 0, 1)
+
+
+@pytest.mark.parametrize(
+    "breakage,match",
+    [
+        (lambda m: m.pop("tensors"), "the field 'tensors' is missing"),
+        (lambda m: m["tensors"][0]["shards"].pop(0), "shard 0: rows .*expected integer rows from 0"),
+        (lambda m: m["tensors"][0].update(shape=[5]), "shards cover .* rows, shape is \\[5\\]"),
+        (lambda m: m.update(format_version=99), "format version 99, this jasper_ray reads versions 1 to 1"),
+    ],
+    ids=["missing-field", "gap", "wrong-rows", "newer-version"],
+)
+def test_manifest_of_the_wrong_shape(sharded_copy: Path, breakage, match: str) -> None:
+    path = _edit_manifest(sharded_copy, breakage)
+    with pytest.raises(DatasetFormatError, match=match) as info:
+        open_dataset(sharded_copy, "hdf5").read("question_embs", 0, 1)
+    assert str(path) in str(info.value)
+
+
+# --- HDF5 root attributes, foreign files, versions --------------------------------------------------
+
+
+@pytest.fixture
+def h5_copy(converted, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(converted(None), tmp_path / "h5"))
+
+
+def test_newer_format_version_is_refused(h5_copy: Path) -> None:
+    with h5py.File(h5_copy / HDF5_FILE, "r+") as f:
+        f.attrs["jasper_format_version"] = 7
+    with pytest.raises(DatasetFormatError, match="format version 7, this jasper_ray reads versions 1 to 1. Upgrade"):
+        open_dataset(h5_copy, "hdf5").read("question_embs", 0, 1)
+
+
+def test_foreign_hdf5_file_is_named(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / HDF5_FILE, "w") as f:
+        f["images"] = np.zeros(3)
+    with pytest.raises(DatasetFormatError, match=r"not a JASPER dataset: none of the groups .* \(found \['images'\]\)"):
+        open_dataset(tmp_path / HDF5_FILE).read("question_embs", 0, 1)
+
+
+@pytest.mark.parametrize("attr", ["config_json", "source_fingerprint"])
+def test_corrupt_root_attributes_are_named(h5_copy: Path, attr: str) -> None:
+    for pt in h5_copy.glob("*.pt"):
+        pt.unlink()
+    (h5_copy / "config.json").unlink()
+    with h5py.File(h5_copy / HDF5_FILE, "r+") as f:
+        f.attrs[attr] = "{not json"
+    with pytest.raises(DatasetFormatError, match=f"root attribute '{attr}' is not valid JSON"):
+        reader = open_dataset(h5_copy, "hdf5")
+        reader.config, reader.source_fingerprint()
+
+
+# --- stale detection: an edit in place between the sampled blocks -----------------------------------
+
+
+def test_in_place_edit_between_samples_is_stale(tmp_path: Path) -> None:
+    from jasper_ray.fingerprint import SAMPLE_BLOCKS, SAMPLE_BYTES, fingerprint
+
+    path = tmp_path / "steering_residual.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(SAMPLE_BLOCKS * SAMPLE_BYTES * 4))
+    recorded = fingerprint([path])
+    with open(path, "r+b") as f:  # a byte between the 1st and 2nd sampled 64 KiB blocks, size unchanged
+        f.seek(SAMPLE_BYTES + 10)
+        byte = f.read(1)
+        f.seek(SAMPLE_BYTES + 10)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(time.time_ns(), recorded[path.name]["mtime_ns"] + 10**9))
+    assert changed_files(tmp_path, recorded, [path]) == ["steering_residual.pt"]
+    # A touch (same bytes, new mtime) is not a change: the whole-file crc32 decides.
+    recorded = fingerprint([path])
+    os.utime(path, ns=(time.time_ns(), recorded[path.name]["mtime_ns"] + 10**9))
+    assert changed_files(tmp_path, recorded, [path]) == []
+
+
+def test_in_place_edit_is_never_served(h5_copy: Path) -> None:
+    path = h5_copy / TENSOR["steering_residual"].pt_file
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2 + 12345)
+        byte = f.read(1)
+        f.seek(st.st_size // 2 + 12345)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(StaleDatasetError, match="steering_residual.pt changed since it was converted"):
+        open_dataset(h5_copy, "hdf5")
+    assert open_dataset(h5_copy).storage_format == "pt"
