@@ -47,3 +47,11 @@ class ShardUnavailableError(RuntimeError):
 
 class RayUnreachableError(ConnectionError):
     """No Ray cluster answers at the address given."""
+
+
+class RemoteAccessError(OSError):
+    """Object storage refused or could not be reached: names the URI and where credentials come from."""
+
+
+class CacheError(OSError):
+    """The node-local cache cannot hold what it must (a limit too small, a full disk): names sizes and paths."""

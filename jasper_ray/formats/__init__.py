@@ -13,16 +13,21 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import DatasetNotFoundError, StaleDatasetError
 from ..fingerprint import changed_files
 from ..schema import HDF5_FILE, HDF5_SUFFIXES, MANIFEST, PT_PROBE, PT_SUFFIX, SHARDS_DIR
+from ..storage import NodeCache, locate
 from .base import Reader, Writer
 from .hdf5 import HDF5Reader, require_h5py
 from .hdf5_writer import HDF5Writer
 from .pt import PTReader, PTWriter
+from .remote import localize
 from .sharded import ShardedHDF5Reader
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +180,33 @@ def open_dataset(
     path: str | os.PathLike,
     storage_format: StorageFormat = "auto",
     use_mmap: bool | None = None,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> Reader:
-    """Open a JASPER dataset directory (or its ``dataset.h5``) for lazy reading.
+    """Open a JASPER dataset directory (or its ``dataset.h5``), local or a ``pyarrow.fs`` URI, for lazy reading.
+
+    A remote dataset (``s3://``, ``gs://``, ``hdfs://``, or a path inside ``filesystem=``) is served from
+    the node-local cache (``cache_dir``, default ``$JASPER_RAY_CACHE`` or ``~/.cache/jasper_ray``;
+    ``cache_limit`` bytes): files fetched in parallel ranges, checked against their recorded checksums,
+    compressed HDF5 decompressed there once into a memory-mappable copy. A local compressed dataset
+    takes the same route when ``cache_dir`` is given.
 
     ``use_mmap=None`` maps when the files on disk (or the size config.json
     declares) exceed 10 GiB or half the RAM available now; an explicit bool wins.
     ``options`` tune the HDF5 reader (``chunk_cache_bytes``) and are ignored for PT. An explicit ``"hdf5"`` whose
     PT sources changed since conversion raises ``StaleDatasetError``.
     """
-    path = Path(path)
+    location = locate(path, filesystem)
+    path = Path(location.path)
+    if location.is_remote or cache_dir is not None or cache_limit is not None:
+        cache = NodeCache.at(cache_dir, cache_limit)
+        path, served = localize(location, cache, options, storage_format=storage_format, progress=progress)
+        if served is not None:  # from the cache: checked copies, contiguous, made to be mapped
+            storage_format, use_mmap = served, True if use_mmap is None else use_mmap
     if path.is_file() and path.suffix in HDF5_SUFFIXES:
         options.setdefault("file_name", path.name)
         path, storage_format = path.parent, "hdf5"

@@ -16,10 +16,11 @@ import contextlib
 import functools
 import json
 import os
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -171,6 +172,47 @@ class ConcatRows:
         return out
 
 
+class ShardSource(Protocol):
+    """Where shard files come from when they are not in the dataset directory (the node-local cache)."""
+
+    cache_limit: int | None
+
+    def path(self, h5_path: str, file: str, nbytes: int, checksum: str) -> Path:
+        """The local, checked copy of shard ``file`` (fetched on first use)."""
+        ...
+
+
+class LazyShard:
+    """One shard's rows, opened on first use: a reader whose shards come through a cache fetches only
+    the shards it reads (a read task, an actor: the tables and its own pair rows)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, open_rows: Callable[[], RowArray]):
+        self.shape, self.dtype, self.nbytes = shape, np.dtype(dtype), nbytes
+        self._open_rows = open_rows
+        self._rows: RowArray | None = None
+        self.on_open: Callable[[LazyShard], None] | None = None
+
+    def rows(self) -> RowArray:
+        if self._rows is None:
+            self._rows = self._open_rows()
+            if self.on_open is not None:
+                self.on_open(self)
+        return self._rows
+
+    def release(self) -> None:
+        """Drop the mapping (a batch already gathered is a copy): an evicted file's space comes back."""
+        self._rows = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.rows()[key])
+
+    def take_rows(self, indices: np.ndarray) -> np.ndarray:
+        return gather_rows(self.rows(), indices)
+
+
 @contextlib.contextmanager
 def _dataset_in(path: Path, h5_path: str) -> Iterator[RowArray]:
     """One dataset of a shard file, open for the block."""
@@ -188,16 +230,19 @@ class ShardedHDF5Reader(Reader):
         use_mmap: bool = True,
         shards_dir: str = SHARDS_DIR,
         chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
+        shard_files: ShardSource | None = None,
     ):
         super().__init__(directory, use_mmap=use_mmap)
+        self.shard_files = shard_files  # None: the shard files are in shards_dir
         self.shards_dir = self.path = self.directory / shards_dir
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._manifest: dict[str, Any] | None = None
         self._layout: Manifest | None = None
         self._files: dict[str, Any] = {}
+        self._mapped: OrderedDict[int, LazyShard] | None = None
 
     # Read per process (and reread after close): a pickled reader carries paths, never the manifest.
-    _process_local = ("_files", "_manifest", "_layout")
+    _process_local = ("_files", "_manifest", "_layout", "_mapped")
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -236,10 +281,11 @@ class ShardedHDF5Reader(Reader):
                     )
 
     def _open(self) -> None:
-        self._files = {}
+        self._files, self._mapped = {}, OrderedDict()
         manifest = read_manifest(self.shards_dir)
         layout = Manifest.from_json(manifest)
-        self._check_shards(layout)
+        if self.shard_files is None:  # shards through a cache are checked when they are fetched
+            self._check_shards(layout)
         self._manifest, self._layout = manifest, layout
 
     def _release(self) -> None:
@@ -257,9 +303,17 @@ class ShardedHDF5Reader(Reader):
         tensor = self._tensor(h5_path)
         if tensor is None:
             raise DatasetNotFoundError(f"{self.shards_dir}: no tensor at {h5_path!r} in the manifest")
-        parts = []
+        parts: list[tuple[int, int, Any]] = []
         per_shard_cache = self.chunk_cache_bytes // len(tensor.shards)  # one budget for the tensor
-        for shard in tensor.shards:
+        if self.shard_files is not None:
+            row_bytes = row_nbytes(tuple(tensor.shape), np.dtype(tensor.dtype))
+            for shard in tensor.shards:
+                opener = functools.partial(self._open_shard, tensor.h5_path, shard, per_shard_cache)
+                shape = (shard.stop - shard.start, *tensor.shape[1:])
+                lazy = LazyShard(shape, np.dtype(tensor.dtype), row_bytes * shape[0], opener)
+                lazy.on_open = self._opened
+                parts.append((shard.start, shard.stop, lazy))
+        for shard in tensor.shards if self.shard_files is None else ():
             path = self.shards_dir / shard.file
             handle = self._files.get(shard.file)
             if handle is None:
@@ -270,6 +324,26 @@ class ShardedHDF5Reader(Reader):
         if len(parts) == 1:
             return parts[0][2]
         return ConcatRows(parts, tuple(tensor.shape), np.dtype(tensor.dtype))
+
+    def _open_shard(self, h5_path: str, shard: ManifestShard, cache_bytes: int) -> RowArray:
+        assert self.shard_files is not None
+        path = self.shard_files.path(h5_path, shard.file, shard.bytes, shard.checksum)
+        handle = open_h5(path)
+        rows = serve_dataset(path, handle[h5_path], self.use_mmap, cache_bytes)
+        if isinstance(rows, np.ndarray):
+            handle.close()  # mapped (a cached copy is contiguous) or read: no handle to keep
+        else:
+            self._files[f"{h5_path}@{shard.file}"] = handle
+        return rows
+
+    def _opened(self, shard: LazyShard) -> None:
+        """Keep this process's mapped shards within the cache limit: the least recently opened go first."""
+        mapped = self._mapped if self._mapped is not None else OrderedDict()
+        self._mapped = mapped
+        mapped[id(shard)] = shard
+        limit = self.shard_files.cache_limit if self.shard_files is not None else None
+        while limit is not None and len(mapped) > 1 and sum(s.nbytes for s in mapped.values()) > limit // 2:
+            mapped.popitem(last=False)[1].release()
 
     def location(self, name: str) -> str:
         return f"{self.shards_dir}:{TENSOR[name].h5_path}"
