@@ -44,3 +44,51 @@ def check_probabilities(probs: object, where: str = f"{CONFIG_FILE} steering_pro
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ValidationError(where, f"probabilities summing to {total:.6g}", "a sum of 1")
     return out
+
+
+CURRICULUM_MODES = ("fixed", "linear", "cosine")
+CURRICULUM_KEYS = {
+    "mode",
+    "zero_prob_start",
+    "zero_prob_end",
+    "epochs_total",
+    "warmup_epochs",
+    "start_distance",
+    "end_distance",
+}
+
+
+def check_curriculum(curriculum: object) -> dict[str, Any]:
+    """config.json's ``curriculum``: the one check that validation (verify, convert) and sampling (load) share."""
+    where = f"{CONFIG_FILE} curriculum"
+    if curriculum is None:
+        return {}
+    if not isinstance(curriculum, dict):
+        raise ValidationError(where, type(curriculum).__name__, "a mapping")
+    unknown = sorted(set(curriculum) - CURRICULUM_KEYS)
+    if unknown:
+        raise ValidationError(where, f"unknown key(s) {unknown}", f"only {sorted(CURRICULUM_KEYS)}")
+    mode = curriculum.get("mode")
+    if mode is not None and mode not in CURRICULUM_MODES:
+        raise ValidationError(f"{where}['mode']", repr(mode), f"one of {list(CURRICULUM_MODES)}")
+    for key in ("zero_prob_start", "zero_prob_end"):
+        value = curriculum.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValidationError(f"{where}[{key!r}]", repr(value), "a probability in [0, 1]")
+    for key in ("epochs_total", "warmup_epochs"):
+        value = curriculum.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValidationError(f"{where}[{key!r}]", repr(value), "a number of epochs >= 0")
+    return curriculum
+
+
+# config.json's opt-out for datasets that really store NaN or inf in their float tensors.
+ALLOW_NONFINITE = "allow_nonfinite"
+
+
+def allows_nonfinite(config: dict[str, Any]) -> bool:
+    """Whether config.json lets NaN and inf through (``"allow_nonfinite": true``; default false)."""
+    value = config.get(ALLOW_NONFINITE, False)
+    if not isinstance(value, bool):
+        raise ValidationError(f"{CONFIG_FILE} {ALLOW_NONFINITE!r}", repr(value), "true or false")
+    return value

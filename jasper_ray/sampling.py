@@ -27,46 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import check_probabilities
+from .config import check_curriculum, check_probabilities
 from .errors import ValidationError
 from .schema import CONFIG_FILE, STEERING_VARIANTS
 
 DEFAULT_SEED = 42
-CURRICULUM_MODES = ("fixed", "linear", "cosine")
-CURRICULUM_KEYS = {
-    "mode",
-    "zero_prob_start",
-    "zero_prob_end",
-    "epochs_total",
-    "warmup_epochs",
-    "start_distance",
-    "end_distance",
-}
 UPSTREAM_DEFAULTS = {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100}
 VARIANT_ID = {name: i for i, name in enumerate(STEERING_VARIANTS)}
-
-
-def check_curriculum(curriculum: object) -> dict[str, Any]:
-    where = f"{CONFIG_FILE} curriculum"
-    if curriculum is None:
-        return {}
-    if not isinstance(curriculum, dict):
-        raise ValidationError(where, type(curriculum).__name__, "a mapping")
-    unknown = sorted(set(curriculum) - CURRICULUM_KEYS)
-    if unknown:
-        raise ValidationError(where, f"unknown key(s) {unknown}", f"only {sorted(CURRICULUM_KEYS)}")
-    mode = curriculum.get("mode")
-    if mode is not None and mode not in CURRICULUM_MODES:
-        raise ValidationError(f"{where}['mode']", repr(mode), f"one of {list(CURRICULUM_MODES)}")
-    for key in ("zero_prob_start", "zero_prob_end"):
-        value = curriculum.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValidationError(f"{where}[{key!r}]", repr(value), "a probability in [0, 1]")
-    for key in ("epochs_total", "warmup_epochs"):
-        value = curriculum.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValidationError(f"{where}[{key!r}]", repr(value), "a number of epochs >= 0")
-    return curriculum
 
 
 class SteeringSchedule:

@@ -1,24 +1,43 @@
-"""Validation of a whole dataset against the schema, through any reader.
+"""Validation of a whole dataset against the schema, through any reader, and of the arguments that pick
+rows from it: the one validation every front-end calls (local dataset, ``read_jasper``, ``ShardedJasper``,
+``verify``, ``convert``).
 
 Scans run in row blocks over mapped data, never whole-tensor loads. Each error
 names the file or tensor, the position, the value found and what was expected.
 Stops at the first error (a ``ValidationError``).
+
+NOTE [when values are checked]
+Ids, tiers, offsets, relevance and distances (a few bytes per pair) are scanned
+whole whenever a dataset is validated. The float tables (embeddings, steering:
+nearly all of a 50 GB dataset) are scanned whole by ``verify`` and ``convert``
+(``scan_floats=True``); a reader opened for serving instead checks each checksum
+block of them the first time a read touches it (``formats.verified``), so
+opening stays cheap and nothing non-finite is served. ``"allow_nonfinite": true``
+in config.json is the opt-out for data that really stores NaN or inf.
 """
 
 from __future__ import annotations
 
+import logging
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import check_probabilities
+from .config import ALLOW_NONFINITE, allows_nonfinite, check_curriculum, check_probabilities
 from .errors import ValidationError
 from .formats.base import Reader
 from .schema import CONFIG_FILE, ENTITY_OF_SYMBOL, TENSORS, TIER_RANGE
 
+log = logging.getLogger(__name__)
+
 SCAN_ELEMENTS = 4 << 20
+# Per-pair floats: scanned whole at every validation (NOTE [when values are checked]); (name, lowest value).
+PAIR_FLOATS = {"pair_relevance": None, "centroid_distances": 0.0}
+# The float tables, scanned whole by verify and convert, per block on first touch when serving.
+FLOAT_TABLES = tuple(s.name for s in TENSORS if s.dtype.kind == "f" and s.name not in PAIR_FLOATS)
 
 
 def _positive_int(config: dict[str, Any], key: str) -> int:
@@ -34,6 +53,8 @@ def check_config(config: dict[str, Any]) -> None:
     if "steering_probabilities" not in config:
         raise ValidationError(f"{CONFIG_FILE} 'steering_probabilities'", "nothing", "a mapping of the four variants")
     check_probabilities(config["steering_probabilities"])
+    check_curriculum(config.get("curriculum"))
+    allows_nonfinite(config)
 
 
 def symbol_sizes(reader: Reader) -> dict[str, int]:
@@ -101,6 +122,73 @@ def check_range(
         )
 
 
+def check_finite(
+    where: str, block: np.ndarray, first_row: int = 0, lowest: float | None = None, allow_nonfinite: bool = False
+) -> None:
+    """Every value finite (unless allowed) and not below ``lowest``; the error names the first bad position."""
+    if block.size == 0 or block.dtype.kind != "f":
+        return
+    ok = np.ones(block.shape, bool) if allow_nonfinite else np.isfinite(block)
+    if lowest is not None:
+        ok &= ~(block < lowest)  # NaN compares False: allowed NaNs pass the sign rule
+    if ok.all():
+        return
+    pos = np.argwhere(~ok)[0]
+    value = block[tuple(pos)]
+    pos[0] += first_row
+    position = int(pos[0]) if block.ndim == 1 else tuple(int(x) for x in pos)
+    expected = "a finite value" if lowest is None else f"a finite value >= {lowest}"
+    raise ValidationError(
+        where,
+        f"value {value}",
+        f'{expected} (set "{ALLOW_NONFINITE}": true in {CONFIG_FILE} if the dataset really stores NaN or inf)',
+        position,
+    )
+
+
+def check_floats(reader: Reader, names: Iterable[str], on_bytes: Callable[[int], object] | None = None) -> None:
+    """Scan float tensors whole for NaN and inf (and negative distances), in row blocks."""
+    allow = allows_nonfinite(reader.config)
+    for name in names:
+        lowest = PAIR_FLOATS.get(name)
+        if allow and lowest is None:
+            continue
+        shape = reader.shape(name)
+        for a, b in _blocks(shape[0], int(np.prod(shape[1:], dtype=np.int64))):
+            block = reader.read(name, a, b)
+            check_finite(reader.location(name), block, a, lowest, allow)
+            if on_bytes is not None:
+                on_bytes(block.nbytes)
+
+
+def check_splits(reader: Reader) -> None:
+    """Warn (never refuse: upstream's files may have them) about pair ids repeated in a split or shared by two."""
+    seen: dict[str, np.ndarray] = {}
+    for split in reader.split_names():
+        ids = np.asarray(reader.split(split))
+        unique = np.unique(ids)
+        if len(unique) != len(ids):
+            values, counts = np.unique(ids, return_counts=True)
+            log.warning(
+                "%s: %d pair id(s) appear more than once (first: pair %d, %d times); they are served as often",
+                reader.location_split(split),
+                int((counts > 1).sum()),
+                int(values[counts > 1][0]),
+                int(counts[counts > 1][0]),
+            )
+        for other, other_ids in seen.items():
+            shared = np.intersect1d(unique, other_ids, assume_unique=True)
+            if len(shared):
+                log.warning(
+                    "splits %r and %r share %d pair id(s) (first: pair %d): evaluation sees training pairs",
+                    other,
+                    split,
+                    len(shared),
+                    int(shared[0]),
+                )
+        seen[split] = unique
+
+
 def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int], object] | None = None) -> None:
     q, s, c, k, p = sizes["Q"], sizes["S"], sizes["C"], sizes["K"], sizes["P"]
     lo_tier, hi_tier = TIER_RANGE
@@ -164,17 +252,58 @@ def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int]
         )
 
 
-def validate_dataset(reader: Reader, progress: bool = False) -> None:
-    """Raise ``ValidationError`` at the first place the dataset breaks the schema."""
+def validate_dataset(reader: Reader, progress: bool = False, *, scan_floats: bool = True) -> None:
+    """Raise ``ValidationError`` at the first place the dataset breaks the schema.
+
+    ``scan_floats=False`` leaves the float tables to the reader's checks on first touch
+    (NOTE [when values are checked]); ids, tiers, relevance and distances are always scanned whole."""
     check_config(reader.config)
     sizes = symbol_sizes(reader)
     check_shapes(reader, sizes)
-    total = sum(
-        reader.dtype(n).itemsize * int(np.prod(reader.shape(n), dtype=np.int64))
-        for n in ("pair_index", "pair_cluster_id", "hard_negatives", "negative_tiers")
-    )
+    floats = list(PAIR_FLOATS) + (list(FLOAT_TABLES) if scan_floats else [])
+    names = ["pair_index", "pair_cluster_id", "hard_negatives", "negative_tiers", *floats]
+    total = sum(reader.dtype(n).itemsize * int(np.prod(reader.shape(n), dtype=np.int64)) for n in names)
     with tqdm(total=total, unit="B", unit_scale=True, desc="validate", disable=not progress) as bar:
         check_ranges(reader, sizes, bar.update)
+        check_floats(reader, floats, bar.update)
+    check_splits(reader)
 
 
-__all__ = ["validate_dataset", "check_config"]
+# --- arguments that pick rows: what every front-end checks before serving -----------------------------
+
+
+def check_epoch(epoch: object, where: str = "epoch") -> int:
+    """An epoch: an integer >= 0 (``1.7`` was silently floored; ``True`` is not an epoch)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or int(epoch) < 0:
+        raise ValueError(f"{where} must be an integer >= 0, got {epoch!r}")
+    return int(epoch)
+
+
+def check_batch_size(batch_size: object, where: str = "batch_size") -> int:
+    """A batch size: an integer >= 1 (``-1`` iterated nothing without a word)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or int(batch_size) < 1:
+        raise ValueError(f"{where} must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def check_positions(positions: object, n: int, where: str = "indices") -> np.ndarray:
+    """Positions into something of ``n`` rows as int64: integers only (``[0.5]`` served row 0), in [0, n)."""
+    idx = np.asarray(positions)
+    if idx.size and idx.dtype.kind not in "iu":
+        raise TypeError(f"{where} must be integers, got {idx.dtype} values such as {idx.reshape(-1)[0].item()!r}")
+    idx = idx.astype(np.int64, copy=False).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        bad = int(idx[(idx < 0) | (idx >= n)][0])
+        raise IndexError(f"{where}: Index {bad} out of range [0, {n})")
+    return idx
+
+
+__all__ = [
+    "FLOAT_TABLES",
+    "check_batch_size",
+    "check_config",
+    "check_epoch",
+    "check_finite",
+    "check_positions",
+    "validate_dataset",
+]

@@ -187,3 +187,102 @@ def test_in_place_edit_is_never_served(h5_copy: Path) -> None:
     with pytest.raises(StaleDatasetError, match="steering_residual.pt changed since it was converted"):
         open_dataset(h5_copy, "hdf5")
     assert open_dataset(h5_copy).storage_format == "pt"
+
+
+# --- non-finite values: refused, naming tensor and position; a documented opt-out -------------------
+
+NONFINITE = [
+    ("question_embs", (3, 5), np.nan, "a finite value"),
+    ("steering_residual", (17, 2), np.inf, "a finite value"),
+    ("pair_relevance", 11, np.nan, "a finite value"),
+    ("centroid_distances", 9, -0.5, "a finite value >= 0.0"),
+]
+
+
+@pytest.mark.parametrize("name,position,value,expected", NONFINITE, ids=[c[0] for c in NONFINITE])
+def test_nonfinite_values_are_refused(dataset_copy: Path, name, position, value, expected) -> None:
+    from _support import load_pt, save_pt
+
+    from jasper_ray import ValidationError, validate_dataset
+    from jasper_ray.local.dataset import JASPERSteeringDataset
+
+    array = load_pt(dataset_copy / TENSOR[name].pt_file).numpy().copy()
+    array[position] = value
+    save_pt(dataset_copy, TENSOR[name].pt_file, array)
+    want = f"{TENSOR[name].pt_file} at position {position}: found value {value}, expected {expected}"
+    with pytest.raises(ValidationError, match=re_escape(want)):
+        validate_dataset(open_dataset(dataset_copy, "pt"))  # verify and convert scan everything
+    with pytest.raises(ValidationError, match=re_escape(want)):
+        ds = JASPERSteeringDataset(dataset_copy, "train")  # serving: at open, or the first read of the block
+        ds.get_batch(np.arange(len(ds)))
+        ds.reader.take(name, np.arange(ds.reader.shape(name)[0]))
+    # The opt-out: "allow_nonfinite": true in config.json (a negative distance stays refused).
+    from _support import edit_config
+
+    edit_config(dataset_copy, allow_nonfinite=True)
+    if value < 0:
+        with pytest.raises(ValidationError, match=re_escape(want)):
+            validate_dataset(open_dataset(dataset_copy, "pt"))
+    else:
+        validate_dataset(open_dataset(dataset_copy, "pt"))
+        got = JASPERSteeringDataset(dataset_copy, "train").reader.take(
+            name, [position if np.ndim(position) == 0 else position[0]]
+        )
+        assert not np.isfinite(got).all()
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_invalid_curriculum_is_refused_by_validation(dataset_copy: Path) -> None:
+    """One check for verify, convert and load (verify and convert accepted it, load refused it)."""
+    from _support import edit_config
+
+    from jasper_ray import ValidationError, convert_pt_to_hdf5, validate_dataset
+
+    edit_config(dataset_copy, curriculum={"mode": "exponential"})
+    match = re_escape(
+        "config.json curriculum['mode']: found 'exponential', expected one of ['fixed', 'linear', 'cosine']"
+    )
+    with pytest.raises(ValidationError, match=match):
+        validate_dataset(open_dataset(dataset_copy, "pt"))
+    with pytest.raises(ValidationError, match=match):
+        convert_pt_to_hdf5(dataset_copy, progress=False)
+    assert not (dataset_copy / HDF5_FILE).exists()
+
+
+def test_duplicate_and_overlapping_split_ids_warn(dataset_copy: Path, caplog) -> None:
+    from _support import load_pt, save_pt
+
+    from jasper_ray import validate_dataset
+
+    train = load_pt(dataset_copy / "train_idx.pt").numpy()
+    val = load_pt(dataset_copy / "val_idx.pt").numpy()
+    save_pt(dataset_copy, "train_idx.pt", np.concatenate([train, train[:3], val[:2]]))
+    with caplog.at_level("WARNING", logger="jasper_ray.validate"):
+        validate_dataset(open_dataset(dataset_copy, "pt"))
+    text = caplog.text
+    assert "train_idx.pt: 3 pair id(s) appear more than once" in text
+    assert "splits 'train' and 'val' share 2 pair id(s)" in text or "splits 'test' and 'train'" in text
+
+
+def test_epoch_and_positions_must_be_integers(small_dir: Path) -> None:
+    from jasper_ray.local.dataset import JASPERSteeringDataset
+    from jasper_ray.validate import check_batch_size
+
+    ds = JASPERSteeringDataset(small_dir, "train")
+    with pytest.raises(ValueError, match=r"epoch must be an integer >= 0, got 1.7"):
+        ds.set_epoch(1.7)
+    with pytest.raises(ValueError, match=r"epoch must be an integer >= 0, got -1"):
+        JASPERSteeringDataset(small_dir, "train", epoch=-1)
+    with pytest.raises(TypeError, match=r"positions in split 'train' must be integers, got float64 values such as 0.5"):
+        ds.get_batch([0.5])
+    with pytest.raises(IndexError, match=r"Index 5000 out of range \[0, \d+\)"):
+        ds.get_batch([1, 5000])
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
+            check_batch_size(bad)
+    assert check_batch_size(np.int64(4)) == 4

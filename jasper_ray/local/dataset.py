@@ -30,7 +30,7 @@ from ..formats import StorageFormat, open_dataset
 from ..formats.base import Reader
 from ..sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
 from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSOR
-from ..validate import validate_dataset
+from ..validate import check_epoch, check_positions, validate_dataset
 from .batches import SampleBatch, TensorSource, as_tensor, to_torch
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class JASPERSteeringDataset(Dataset):
         self._split_ids = np.array(_core.reader.split(split), dtype=np.int64)
         self.split_indices = torch.from_numpy(self._split_ids)
         # [epoch, forced variant]: shared memory, so workers (persistent ones too) see set_epoch / force_steering.
-        self._control = torch.tensor([int(epoch), _NOT_FORCED], dtype=torch.int64).share_memory_()
+        self._control = torch.tensor([check_epoch(epoch), _NOT_FORCED], dtype=torch.int64).share_memory_()
         log.info(
             "Dataset initialized: %d samples, embedding_dim=%d, n_neg=%d, device=%s, storage=%s, mmap=%s, "
             "memory=%.1f MB resident (%.1f MB on disk)",
@@ -177,7 +177,7 @@ class JASPERSteeringDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Variants (and curriculum probabilities) of ``epoch`` from the next batch on, in every worker."""
-        self._control[0] = int(epoch)
+        self._control[0] = check_epoch(epoch)
 
     def force_steering(self, variant: str | None) -> None:
         """Serve only ``variant`` ("zero", "centroid", "keyword", "residual"), or sample again with None."""
@@ -204,12 +204,7 @@ class JASPERSteeringDataset(Dataset):
         return steering_variants(pair_ids, epoch, self.seed, self._live_core().schedule.probs(epoch))
 
     def _pair_ids(self, indices: Positions) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            bad = int(idx[(idx < 0) | (idx >= n)][0])
-            raise IndexError(f"Index {bad} out of range [0, {n})")
-        return self._split_ids[idx]
+        return self._split_ids[check_positions(indices, len(self), f"positions in split {self.split!r}")]
 
     def get_batch(self, indices: Positions) -> dict[str, torch.Tensor]:
         """The collated batch for split positions ``indices``, in one vectorised call."""
