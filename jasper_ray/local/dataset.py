@@ -11,11 +11,12 @@ not handles) so spawn workers work; mmap is real.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,8 +31,12 @@ from ..formats import StorageFormat, open_dataset
 from ..formats.base import Reader
 from ..sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
 from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSOR
+from ..storage import Location, locate
 from ..validate import check_epoch, check_positions, validate_dataset
 from .batches import SampleBatch, TensorSource, as_tensor, to_torch
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,11 @@ Positions = Sequence[int] | np.ndarray | torch.Tensor  # positions in the split 
 class _Core:
     """What the splits of one dataset share: the reader, the placed tensors and the schedule."""
 
-    def __init__(self, reader: Reader, device: torch.device, storage_format: StorageFormat, validate: bool):
+    def __init__(self, reader: Reader, device: torch.device, reopen: Callable[[bool], Reader], validate: bool):
         if validate:
             validate_dataset(reader)
         self.reader = reader
-        self.requested_format = storage_format
+        self.reopen = reopen  # (use_mmap) -> the same dataset opened again (a picklable partial)
         self.device = device
         self.schedule = SteeringSchedule(reader.config)
         self.source = self._make_source()
@@ -75,12 +80,25 @@ class _Core:
 
     def _reopen(self, validate: bool) -> None:
         self.reader.close()
-        reader = open_dataset(self.reader.directory, self.requested_format, self.reader.use_mmap)
+        reader = self.reopen(self.reader.use_mmap)
         if validate:
             validate_dataset(reader)
         self.reader = reader
         del self.source  # the old tensors go before the new ones are placed (device memory)
         self.source = self._make_source()
+
+
+def _check_local(directory: Path) -> None:
+    """Upstream's errors for a local directory that is missing, or has neither config nor converted data."""
+    if not directory.is_dir():
+        raise DatasetNotFoundError(f"Dataset directory not found: {directory}")
+    embedded = (directory / HDF5_FILE).is_file() or (directory / SHARDS_DIR / MANIFEST).is_file()
+    if read_config_file(directory) is None and not embedded:  # converted files carry the config
+        raise DatasetNotFoundError(f"Config file not found: {directory / CONFIG_FILE}")
+
+
+def _reopen(location: Location, storage_format: StorageFormat, use_mmap: bool | None, **cache: Any) -> Reader:
+    return open_dataset(location, storage_format, use_mmap, **cache)
 
 
 def _check_split(reader: Reader, split: str) -> None:
@@ -118,23 +136,26 @@ class JASPERSteeringDataset(Dataset):
         *,
         seed: int = DEFAULT_SEED,
         validate: bool = True,
+        filesystem: pafs.FileSystem | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | None = None,
         _core: _Core | None = None,
     ):
-        self.dataset_dir = Path(dataset_dir)
+        location = locate(dataset_dir, filesystem)
+        # A remote dataset keeps its URI; a local one is a Path, as upstream's attribute was.
+        self.dataset_dir: Path | str = location.uri if location.is_remote else Path(dataset_dir)
         self.split = split
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if _core is None:
-            if not self.dataset_dir.is_dir():
-                raise DatasetNotFoundError(f"Dataset directory not found: {self.dataset_dir}")
-            embedded = (self.dataset_dir / HDF5_FILE).is_file() or (self.dataset_dir / SHARDS_DIR / MANIFEST).is_file()
-            if read_config_file(self.dataset_dir) is None and not embedded:  # converted files carry the config
-                raise DatasetNotFoundError(f"Config file not found: {self.dataset_dir / CONFIG_FILE}")
+            if not location.is_remote:
+                _check_local(Path(dataset_dir))
             if use_mmap is None and self.device.type != "cpu":
                 use_mmap = False  # tensors are placed on the device whole anyway
-            reader = open_dataset(self.dataset_dir, storage_format, use_mmap)
+            reopen = functools.partial(_reopen, location, storage_format, cache_dir=cache_dir, cache_limit=cache_limit)
+            reader = reopen(use_mmap)
             _check_split(reader, split)  # before validating everything, as upstream
-            _core = _Core(reader, self.device, storage_format, validate)
+            _core = _Core(reader, self.device, reopen, validate)
         _check_split(_core.reader, split)
         self._core: _Core | None = _core
         self.config: dict[str, Any] = _core.reader.config

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,6 +50,7 @@ from ..formats import open_dataset
 from ..local.batches import to_torch
 from ..local.sampler import ResumableSampler, make_sampler
 from ..ray_session import connect
+from ..storage import locate
 from .failover import Failover
 from .placement import Fleet, start_fleet, stop_fleet
 from .server import ShardServer
@@ -59,10 +59,11 @@ from .slots import SlotPool
 from .transport import transport_for
 
 if TYPE_CHECKING:  # typing.Unpack is 3.11+; the package supports 3.10
+    import pyarrow.fs as pafs
     from typing_extensions import Unpack
 
 # The constructor's keywords besides the ServeSettings fields (named when an unknown keyword is refused).
-OWN_KEYWORDS = ("settings", "epoch", "rank", "world_size", "address")
+OWN_KEYWORDS = ("settings", "epoch", "rank", "world_size", "address", "filesystem")
 
 
 class ShardedJasper(IterableDataset):
@@ -83,14 +84,17 @@ class ShardedJasper(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         address: str | None = None,
+        filesystem: pafs.FileSystem | None = None,
         **overrides: Unpack[ServeOverrides],
     ) -> None:
         settings = (settings or ServeSettings()).with_overrides(overrides, caller="ShardedJasper()", also=OWN_KEYWORDS)
         connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
-        reader = open_dataset(path, settings.storage_format, use_mmap=True)
+        location = locate(path, filesystem)
+        cache = {"cache_dir": settings.cache_dir, "cache_limit": settings.cache_limit}
+        reader = open_dataset(location, settings.storage_format, use_mmap=True, **cache)
         try:
             split_ids = np.asarray(reader.split(split), dtype=np.int64)
-            fleet = start_fleet(str(Path(path)), reader, settings)
+            fleet = start_fleet(location if location.is_remote else location.path, reader, settings)
         finally:
             reader.close()
         self._attach(fleet, settings, split, split_ids, epoch, rank, world_size, owns_actors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -21,6 +22,7 @@ from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
 from ..formats.sharded import ManifestShard, ShardedHDF5Reader
 from ..schema import TENSOR
+from ..storage import Location
 from .server import ShardServer
 from .settings import ServeSettings
 from .slots import BatchLayout
@@ -38,13 +40,14 @@ Routed = tuple[np.ndarray, list[tuple[int, int, int]]]
 class Fleet:
     """The shard actors of one dataset, and what every view of them shares (read-only after start)."""
 
-    path: str  # the dataset directory
+    path: str | Location  # the dataset directory (a Location: remote, or inside a given filesystem)
     storage_format: StorageFormat  # the format the actors opened ("pt" or "hdf5", resolved)
     seed: int  # the steering variants' seed the actors build with
     ranges: list[tuple[int, int]]  # per shard: its pair rows [start, stop)
     names: list[str]  # per shard: how errors and logs name it
     actors: list[ActorHandle[ShardServer]]  # per shard: its ``ShardServer`` actor
     layout: BatchLayout  # where each key of a batch lives in a shared-memory slot
+    cache: dict[str, Any]  # open_dataset's cache_dir / cache_limit, for every process that opens the dataset
     starts: np.ndarray = field(init=False, repr=False)  # per shard: its first pair row (for routing)
 
     def __post_init__(self) -> None:
@@ -104,10 +107,12 @@ def placements(reader: Reader, ranges: list[tuple[int, int]]) -> list[Strategy]:
     return strategies
 
 
-def start_fleet(path: str, reader: Reader, settings: ServeSettings) -> Fleet:
+def start_fleet(path: str | Location, reader: Reader, settings: ServeSettings) -> Fleet:
     """One ``ShardServer`` per shard of ``reader``'s dataset, placed, up and mapped before it returns."""
     ranges = shard_ranges(reader, settings.num_shards)
-    names = [f"shard {i} (pair rows {a}:{b} of {path})" for i, (a, b) in enumerate(ranges)]
+    uri = path.uri if isinstance(path, Location) else path
+    names = [f"shard {i} (pair rows {a}:{b} of {uri})" for i, (a, b) in enumerate(ranges)]
+    cache = {"cache_dir": settings.cache_dir, "cache_limit": settings.cache_limit}
     storage_format = _format_of(reader)
     server = ray.remote(ShardServer)
     actors = [
@@ -118,14 +123,14 @@ def start_fleet(path: str, reader: Reader, settings: ServeSettings) -> Fleet:
                 max_concurrency=MAX_CLIENTS,
                 num_cpus=settings.num_cpus,
                 scheduling_strategy=strategy,
-            ).remote(path, storage_format, a, b, int(settings.seed), name)
+            ).remote(path, storage_format, a, b, int(settings.seed), name, cache)
         )
         for (a, b), name, strategy in zip(ranges, names, placements(reader, ranges))
     ]
     ray.get([actor.pid.remote() for actor in actors])  # up and mapped before the first batch
     config = reader.config
     layout = BatchLayout.for_batch(settings.batch_size, int(config["embedding_dim"]), int(config["n_neg"]))
-    return Fleet(path, storage_format, int(settings.seed), ranges, names, actors, layout)
+    return Fleet(path, storage_format, int(settings.seed), ranges, names, actors, layout, cache)
 
 
 def _format_of(reader: Reader) -> StorageFormat:

@@ -8,7 +8,9 @@ a second. It receives a path and a row range, never data or handles.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 import numpy as np
 import ray
@@ -18,6 +20,7 @@ from ..formats import StorageFormat, open_dataset
 from ..formats.base import RowArray, is_mapped
 from ..sampling import SteeringSchedule, steering_variants
 from ..schema import TENSORS
+from ..storage import Location
 from .slots import BatchLayout, PacingTable, SlotWriter
 
 
@@ -54,9 +57,20 @@ def _mapped_bytes(arrays: list[RowArray]) -> int:
 class ShardServer:
     """Owns pair rows ``[start, stop)`` of one dataset; serves batches of them. Run as a Ray actor."""
 
-    def __init__(self, path: str, storage_format: StorageFormat, start: int, stop: int, seed: int, name: str):
+    def __init__(
+        self,
+        path: str | Location,
+        storage_format: StorageFormat,
+        start: int,
+        stop: int,
+        seed: int,
+        name: str,
+        cache: Mapping[str, Any] | None = None,
+    ):
         os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-        self.reader = open_dataset(path, storage_format, use_mmap=True)
+        # ``cache``: open_dataset's cache_dir / cache_limit. A remote dataset fills this node's cache with
+        # the tables and this actor's own pair rows only (shards are fetched on first use).
+        self.reader = open_dataset(path, storage_format, use_mmap=True, **(cache or {}))
         for spec in TENSORS:  # map everything now: a restarted actor is ready when it answers
             self.reader.array(spec.name)
         self.source = ReaderSource(self.reader)

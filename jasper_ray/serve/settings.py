@@ -32,6 +32,8 @@ class ServeSettings:
     serve_while_restarting: bool = True  # build a restarting actor's rows in the client instead of waiting
     pace_in_shared_memory: bool = True  # all actors on this node: one paced call per actor per epoch
     num_cpus: float = 1.0  # CPUs each actor reserves in Ray
+    cache_dir: str | None = None  # node-local cache of a remote (or compressed) dataset; None: $JASPER_RAY_CACHE
+    cache_limit: int | None = None  # bytes the cache may hold (pair-row shards evicted least recently used)
 
     def with_overrides(
         self, overrides: ServeOverrides, *, caller: str = "with_overrides()", also: tuple[str, ...] = ()
@@ -66,3 +68,5 @@ class ServeOverrides(TypedDict, total=False):
     serve_while_restarting: bool
     pace_in_shared_memory: bool
     num_cpus: float
+    cache_dir: str | None
+    cache_limit: int | None
