@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import DatasetNotFoundError, StaleDatasetError
 from ..fingerprint import changed_files
 from ..schema import HDF5_FILE, HDF5_SUFFIXES, MANIFEST, PT_PROBE, PT_SUFFIX, SHARDS_DIR
-from ..storage import NodeCache, locate
+from ..storage import Location, NodeCache, locate
 from .base import Reader, Writer
 from .hdf5 import HDF5Reader, require_h5py
 from .hdf5_writer import HDF5Writer
@@ -177,7 +177,7 @@ def detect_format(directory: Path) -> str:
 
 
 def open_dataset(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Location,
     storage_format: StorageFormat = "auto",
     use_mmap: bool | None = None,
     *,

@@ -90,3 +90,66 @@ def is_mapped(arr: object) -> bool:
             return True
         arr = getattr(arr, "base", None)
     return False
+
+
+class ConcatRows:
+    """One tensor's rows spread over consecutive shard arrays."""
+
+    def __init__(self, parts: list[tuple[int, int, Any]], shape: tuple[int, ...], dtype: np.dtype):
+        self.parts, self.shape, self.dtype = parts, shape, np.dtype(dtype)
+        self.starts = np.array([p[0] for p in parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, np.ndarray):
+            return self.take_rows(key)
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"ConcatRows supports row slices and index arrays, not {key!r}")
+        start, stop, _ = key.indices(self.shape[0])
+        runs = [
+            np.asarray(arr[max(start, a) - a : min(stop, b) - a]) for a, b, arr in self.parts if a < stop and b > start
+        ]
+        return np.concatenate(runs) if runs else np.empty((0,) + self.shape[1:], self.dtype)
+
+    def take_rows(self, indices: np.ndarray) -> np.ndarray:
+        out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
+        part_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for k in np.unique(part_of):
+            a, _, arr = self.parts[k]
+            sel = np.flatnonzero(part_of == k)
+            local = indices[sel] - a
+            out[sel] = gather_rows(arr, local)
+        return out
+
+
+class LazyShard:
+    """One shard's rows, opened on first use: a reader whose shards come through a cache fetches only
+    the shards it reads (a read task, an actor: the tables and its own pair rows)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, open_rows: Callable[[], RowArray]):
+        self.shape, self.dtype, self.nbytes = shape, np.dtype(dtype), nbytes
+        self._open_rows = open_rows
+        self._rows: RowArray | None = None
+        self.on_open: Callable[[LazyShard], None] | None = None
+
+    def rows(self) -> RowArray:
+        if self._rows is None:
+            self._rows = self._open_rows()
+            if self.on_open is not None:
+                self.on_open(self)
+        return self._rows
+
+    def release(self) -> None:
+        """Drop the mapping (a batch already gathered is a copy): an evicted file's space comes back."""
+        self._rows = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.rows()[key])
+
+    def take_rows(self, indices: np.ndarray) -> np.ndarray:
+        return gather_rows(self.rows(), indices)

@@ -90,8 +90,8 @@ class ShardedJasper(IterableDataset):
         settings = (settings or ServeSettings()).with_overrides(overrides, caller="ShardedJasper()", also=OWN_KEYWORDS)
         connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
         location = locate(path, filesystem)
-        cache = {"cache_dir": settings.cache_dir, "cache_limit": settings.cache_limit}
-        reader = open_dataset(location, settings.storage_format, use_mmap=True, **cache)
+        cache_dir, cache_limit = settings.cache_dir, settings.cache_limit
+        reader = open_dataset(location, settings.storage_format, True, cache_dir=cache_dir, cache_limit=cache_limit)
         try:
             split_ids = np.asarray(reader.split(split), dtype=np.int64)
             fleet = start_fleet(location if location.is_remote else location.path, reader, settings)
