@@ -162,15 +162,21 @@ def localize(
     """The local directory that serves the dataset at ``location``, and the format served from the cache
     (None: the dataset's own local files, which need no copy). ``options`` gains what the reader needs
     (a ``ShardFiles`` for the sharded layout)."""
+    asked = location.uri
     if location.path.endswith(HDF5_SUFFIXES):
         options.setdefault("file_name", location.name())
         location = location.parent()
     dataset_dir = cache.dataset_dir(location.uri)
     if not location.is_remote:
         return _localize_compressed(location, cache, dataset_dir, options, progress)
-    names = _listing(location)
+    try:
+        names = _listing(location)
+    except DatasetNotFoundError as exc:  # (refused credentials pass through as RemoteAccessError)
+        raise DatasetNotFoundError(f"Dataset not found: {asked} ({exc})") from exc
     if not names:
-        raise DatasetNotFoundError(f"Dataset directory not found: {location.uri} (no objects under it)")
+        raise DatasetNotFoundError(f"Dataset not found: {asked} (no objects under {location.uri})")
+    if asked != location.uri and options["file_name"] not in names:
+        raise DatasetNotFoundError(f"HDF5 file not found: {asked}")
     dataset_dir.mkdir(parents=True, exist_ok=True)
     h5_name = str(options.get("file_name", HDF5_FILE))
     if storage_format in ("auto", "hdf5") and h5_name in names:

@@ -148,6 +148,7 @@ class NodeCache:
             tmp_meta.write_text(json.dumps(entry))
             os.replace(tmp_meta, meta)
             fsync_dir(final.parent)
+            log.info("cache: made %s (%d bytes)", final, entry["bytes"])
             return final
 
     def entries(self) -> list[Entry]:

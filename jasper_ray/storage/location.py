@@ -22,7 +22,16 @@ if TYPE_CHECKING:
 
 # What pyarrow's S3 client reads from the environment; named in credential errors.
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "credentials", "403")
+_DENIED = (
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SignatureDoesNotMatch",
+    "credentials",
+    "403",
+)
 _MISSING = ("NO_SUCH_BUCKET", "NoSuchBucket", "NoSuchKey", "does not exist", "Path does not exist")
 
 
@@ -97,14 +106,14 @@ def locate(path: str | os.PathLike | Location, filesystem: pafs.FileSystem | Non
 def remote_error(exc: BaseException, uri: str) -> Exception:
     """A jasper_ray error for a failed remote call: not found, or credentials, naming the URI."""
     text = str(exc)
-    if isinstance(exc, FileNotFoundError) or any(m in text for m in _MISSING):
-        return DatasetNotFoundError(f"{uri} not found: {text}")
     if any(m in text for m in _DENIED):
         return RemoteAccessError(
             f"{uri}: access denied ({text}). Credentials come from the environment as pyarrow reads them: "
             f"{', '.join(S3_ENV)} (set: {', '.join(v for v in S3_ENV if v in os.environ) or 'none'}), "
             "or pass filesystem=pyarrow.fs.S3FileSystem(...)."
         )
+    if isinstance(exc, FileNotFoundError) or any(m in text for m in _MISSING):
+        return DatasetNotFoundError(f"{uri} not found: {text}")
     return RemoteAccessError(f"{uri}: {text}")
 
 

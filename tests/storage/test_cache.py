@@ -1,0 +1,174 @@
+"""The node-local cache under load and faults: one download per node, resume, eviction, a lost endpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _s3 import S3Endpoint
+from _support import subprocess_env
+
+from jasper_ray import JASPERSteeringDataset, ShardedJasper, open_dataset
+from jasper_ray.errors import RemoteAccessError
+from jasper_ray.storage import NodeCache, download, locate, remote_identity
+
+OPEN_AND_REPORT = """
+import logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+from jasper_ray import open_dataset
+with open_dataset(sys.argv[1], cache_dir=sys.argv[2]) as reader:
+    print("INODE", os.stat(reader.path).st_ino, float(reader.read("steering_residual").sum()))
+"""
+
+
+def test_eight_processes_asking_at_once_make_one_download(
+    remote: dict[str, str], s3: S3Endpoint, tmp_path: Path
+) -> None:
+    env = {**subprocess_env(), **s3.env}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AND_REPORT, remote["gzip"], str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    made = sum(err.count("cache: made") for _, err in outs)
+    assert made == 1, f"one download for eight processes, got {made}"
+    reports = {line for out, _ in outs for line in out.splitlines() if line.startswith("INODE")}
+    assert len(reports) == 1, f"every process served the same copy: {reports}"
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(remote: dict[str, str], tmp_path: Path) -> None:
+    location = locate(f"{remote['gzip']}/dataset.h5")
+    identity = remote_identity(location).as_dict()
+    part, size, ranges = tmp_path / "dataset.h5.part", int(identity["size"]), 64 << 10
+    seen: list[int] = []
+
+    def stop_after_three(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # stands for a killed process: what was written stays
+
+    with pytest.raises(KeyboardInterrupt):
+        download(location, part, size, identity, range_bytes=ranges, parallel=1, on_bytes=stop_after_three)
+    resumed: list[int] = []
+    download(location, part, size, identity, range_bytes=ranges, parallel=1, on_bytes=resumed.append)
+    assert resumed[0] >= 2 * ranges, "the first report is what an earlier call already fetched"
+    assert sum(resumed[1:]) <= size - 2 * ranges, "only the missing ranges are fetched again"
+    assert part.read_bytes() == location_bytes(location)
+
+
+def location_bytes(location) -> bytes:  # type: ignore[no-untyped-def]
+    with location.filesystem.open_input_file(location.path) as f:
+        return f.read()
+
+
+def test_an_endpoint_that_goes_away_is_retried_then_named(converted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    endpoint = S3Endpoint()
+    try:
+        bucket = endpoint.bucket()
+        with endpoint.admin.open_output_stream(f"{bucket}/ds/dataset.h5") as f:
+            f.write((converted("gzip") / "dataset.h5").read_bytes())
+        location = locate(f"s3://{bucket}/ds/dataset.h5")
+        identity = remote_identity(location).as_dict()
+    finally:
+        endpoint.stop()
+    part = tmp_path / "x.part"
+    with pytest.raises(RemoteAccessError, match=rf"s3://{bucket}/ds/dataset.h5 bytes 0-\d+ after \d attempts"):
+        download(location, part, int(identity["size"]), identity, range_bytes=1 << 20)
+
+
+def test_eviction_under_a_cache_limit_still_serves_every_sample_once(
+    remote_shards: str, several_shards: Path, tmp_path: Path
+) -> None:
+    with open_dataset(several_shards) as local:
+        manifest = local.layout
+    pair_paths = {"steering/centroid", "steering/keyword_weighted", "steering/residual"}
+    biggest = max(s.bytes for t in manifest.tensors for s in t.shards)
+    pinned = sum(s.bytes for t in manifest.tensors if t.h5_path not in pair_paths for s in t.shards)
+    limit = pinned + 3 * biggest  # the tables and about three pair-row shards: fewer than the six there are
+    ds = JASPERSteeringDataset(remote_shards, "train", epoch=1, cache_dir=tmp_path, cache_limit=limit)
+    want = JASPERSteeringDataset(several_shards, "train", epoch=1)
+    order = np.arange(len(ds))
+    for start in range(0, len(ds), 500):
+        batch = order[start : start + 500].tolist()
+        got, expected = ds.get_batch(batch), want.get_batch(batch)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (key, start)
+        used = sum(e.nbytes for e in NodeCache(tmp_path).entries())
+        assert used <= limit, f"the cache holds {used} bytes, over its limit {limit}"
+    entries = NodeCache(tmp_path).entries()
+    kept = {e.rel for e in entries}
+    assert any(
+        f"dataset.shards/{s.file}" not in kept for t in manifest.tensors for s in t.shards if t.h5_path in pair_paths
+    )
+
+
+def test_sharded_jasper_actors_serve_an_s3_dataset(
+    remote_shards: str, several_shards: Path, tmp_path: Path, ray_session: object
+) -> None:
+    want = JASPERSteeringDataset(several_shards, "train", epoch=0)
+    with ShardedJasper(
+        remote_shards, "train", batch_size=512, num_shards=2, shuffle=False, cache_dir=str(tmp_path), num_cpus=0.5
+    ) as served:
+        batches = list(served.iter_numpy())
+    got = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    expected = want.get_batch(list(range(len(want))))
+    assert len(got["question_emb"]) == len(want)
+    for key, value in expected.items():
+        assert np.array_equal(got[key], value.numpy()), key
+
+
+def test_refused_credentials_name_the_variables(tmp_path: Path) -> None:
+    """A server that checks keys (moto with auth on) refuses ours: the error says where credentials come from."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=f"http://127.0.0.1:{port}",
+            scheme="http",
+            access_key="nobody",
+            secret_key="nothing",
+            connect_timeout=1,
+            request_timeout=5,
+        )
+        _wait_for(port)
+        with pytest.raises(RemoteAccessError, match=r"s3://bkt/ds: access denied .*AWS_ACCESS_KEY_ID"):
+            open_dataset("bkt/ds", filesystem=fs, cache_dir=tmp_path)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_for(port: int) -> None:
+    import socket
+    import time
+
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"moto server on {port} did not start")
