@@ -34,6 +34,12 @@ SAMPLE_KEYS: dict[str, tuple[tuple[str, ...], np.dtype]] = {
 }
 
 
+def sample_fields(dim: int, n_neg: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """Each sample key with its per-sample shape in numbers and its dtype (how a batch slot is laid out)."""
+    sizes = {"D": dim, "NEG": n_neg}
+    return [(key, tuple(sizes[s] for s in shape), dtype) for key, (shape, dtype) in SAMPLE_KEYS.items()]
+
+
 # The column that names each sample's pair where batches leave the local dataset (Ray Data, shard actors).
 PAIR_ID = "pair_id"
 

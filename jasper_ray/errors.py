@@ -55,3 +55,7 @@ class RemoteAccessError(OSError):
 
 class CacheError(OSError):
     """The node-local cache cannot hold what it must (a limit too small, a full disk): names sizes and paths."""
+
+
+class LoaderWorkerError(RuntimeError):
+    """A worker of the local loader died or stalled; names it, its pid and how it ended."""

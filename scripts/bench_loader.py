@@ -15,6 +15,12 @@ and, once, the references measured in the same run:
   (tensors in RAM, one ``rng.choice`` and three ``.item()`` per sample);
 - ceiling: ``assemble_batch`` over the same tensors in RAM, no DataLoader.
 Throughput counts samples after the first (warm-up) batch; the page cache is warm.
+
+A second table puts workers beside a training step: a consumer sleeps 0, 2 or 5 ms per batch (an
+accelerator's step) over HDF5 contiguous (mmap), and for each step it reports the in-process loader
+(0 workers: load and step in series), torch's workers (1 and 2; a plain DataLoader, each batch copied
+into a fresh shared-memory segment), ``create_loader``'s slot workers (1 and 2; batches built in a
+ring of shared-memory slots) and the overlap ceiling min(in-process rate, batch / step).
 """
 
 from __future__ import annotations
@@ -128,6 +134,68 @@ def loader(dataset: Dataset, workers: int, batched: bool) -> DataLoader:
     )
 
 
+def stepped(batches, max_batches: int, step_s: float) -> float:
+    """``throughput`` with a consumer that sleeps ``step_s`` per batch (an accelerator's step)."""
+
+    def consume():
+        for batch in batches:
+            yield batch
+            if step_s:
+                time.sleep(step_s)
+
+    return throughput(consume(), max_batches)
+
+
+STEPS_MS = (0, 2, 5)
+
+
+def overlap_table(directory: Path, max_batches: int) -> None:
+    """In-process, torch's workers and slot workers against a consumer's step (module docstring)."""
+    kwargs = dict(storage_format="hdf5", use_mmap=True)
+    rates: dict[tuple[str, int], dict[int, float]] = {}
+    ways = [("in-process serial", 0), ("torch workers", 1), ("torch workers", 2), ("slot workers", 1)]
+    ways.append(("slot workers", 2))
+    for step in STEPS_MS:
+        for way, workers in ways:
+            log.info("overlap: %s, %d workers, %d ms step", way, workers, step)
+            if way == "torch workers":
+                ds = jasper_ray.JASPERSteeringDataset(directory, "train", validate=False, **kwargs)
+                batches = loader(ds, workers, batched=True)
+            else:
+                batches = jasper_ray.create_loader(
+                    directory, "train", BATCH, num_workers=workers, multiprocessing_context="fork" if workers else None,
+                    validate=False, **kwargs,
+                )  # fmt: skip
+            rate = stepped(batches, max_batches, step / 1e3)
+            if isinstance(batches, jasper_ray.ResumableLoader):
+                batches.close()
+            rates.setdefault((way, workers), {})[step] = rate
+            record("loader_overlap", path=way, workers=workers, step_ms=step, samples_per_s=rate)
+    serial = rates[("in-process serial", 0)][0]
+    top = {step: min(serial, BATCH / (step / 1e3)) if step else serial for step in STEPS_MS}
+    for step in STEPS_MS:
+        record("loader_overlap", path="overlap ceiling", workers=0, step_ms=step, samples_per_s=top[step])
+    rows = [("overlap ceiling", "-", *(x for step in STEPS_MS for x in (fmt_rate(top[step]), "1.00x")))]
+    for (way, workers), by_step in rates.items():
+        cells = [x for step in STEPS_MS for x in (fmt_rate(by_step[step]), fmt_ratio(by_step[step] / top[step]))]
+        rows.append((way, workers, *cells))
+    best = {step: max(rates[("slot workers", w)][step] for w in (1, 2)) for step in STEPS_MS}
+    print_table(
+        f"Workers beside a training step: samples/s, batch {BATCH}, HDF5 contiguous (mmap)",
+        ["loader", "workers", *(x for step in STEPS_MS for x in (f"{step} ms step", "vs ceiling"))],
+        rows,
+        notes=[
+            "the consumer sleeps the step per batch and touches nothing; ceiling: min(in-process rate, batch / step)",
+            f"{max_batches} timed batches per cell after one warm-up batch (which absorbs the workers' start); fork",
+            f"target: slot workers >= 0.9x the ceiling at a 5 ms step: {fmt_ratio(best[5] / top[5])} "
+            f"-> {'met' if best[5] >= 0.9 * top[5] else 'NOT met'}",
+            f"target: slot workers >= 0.7x the in-process rate with no step: {fmt_ratio(best[0] / serial)} "
+            f"-> {'met' if best[0] >= 0.7 * serial else 'NOT met'}",
+            "torch workers: a plain DataLoader(dataset, num_workers=N, collate_fn=jasper_ray.collate)",
+        ],
+    )
+
+
 def ceiling(directory: Path, max_batches: int) -> float:
     """assemble_batch on tensors already in RAM, fed random batches directly: no DataLoader, no file."""
     reader = open_dataset(directory, "pt", use_mmap=False)
@@ -235,6 +303,7 @@ def main() -> None:
                 f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
             ],
         )
+        overlap_table(contiguous_dir, args.batches)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -227,10 +227,13 @@ class JASPERSteeringDataset(Dataset):
     def _pair_ids(self, indices: Positions) -> np.ndarray:
         return self._split_ids[check_positions(indices, len(self), f"positions in split {self.split!r}")]
 
-    def get_batch(self, indices: Positions) -> dict[str, torch.Tensor]:
-        """The collated batch for split positions ``indices``, in one vectorised call."""
+    def get_batch(self, indices: Positions, out: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+        """The collated batch for split positions ``indices``, in one vectorised call; written into ``out``
+        (arrays of ``len(indices)`` rows per key, a loader worker's slot) when given."""
         pair_ids = self._pair_ids(indices)
-        return to_torch(assemble_batch(self._live_core().source, pair_ids, self.variants(pair_ids)))
+        source = self._live_core().source
+        into = to_torch(out) if out is not None and isinstance(source, TensorSource) else out
+        return to_torch(assemble_batch(source, pair_ids, self.variants(pair_ids), out=into))
 
     def __getitems__(self, indices: list[int]) -> SampleBatch:
         return SampleBatch(self.get_batch(indices))

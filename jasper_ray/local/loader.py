@@ -7,6 +7,8 @@ loop (not the ones prefetched by workers), so resuming yields exactly the rest.
 Its DataLoader arguments default as torch's do (workers are not persistent
 unless asked), except ``pin_memory``, which keeps upstream's ``True`` and
 pins only where an accelerator exists (NOTE [pin_memory without an accelerator]).
+Its workers are ``local.workers``' (batches built in shared-memory slots, no per-batch copy; NOTE
+[a held batch is never overwritten]) wherever it serves a JASPER dataset on the CPU.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 from ..assembly import SAMPLE_KEYS
 from ..errors import FirstBatchError
 from ..sampling import DEFAULT_SEED
+from ..shm import SlotPool
 from .batches import collate, torch_dtype
 from .dataset import JASPERSteeringDataset
 from .sampler import ResumableSampler, make_sampler
+from .workers import SlotWorkers, slot_pool
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +45,76 @@ def accelerator_available() -> bool:
 class ResumableLoader(DataLoader):
     """A DataLoader that can save and restore its place in an epoch."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, copy: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.copy = copy  # workers hand out private copies instead of tensors over their slots
         self.samples_delivered = 0
         self._delivered_epoch: int | None = None  # the epoch samples_delivered counts in
+        self._pool: SlotPool | None = None  # the workers' batch slots: made on the first pass, kept
+        self._workers: SlotWorkers | None = None  # the running ones (kept between passes when persistent)
 
     # A generator that counts what reached the training loop, not torch's iterator class.
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
         self.samples_delivered = sampler.start if isinstance(sampler, ResumableSampler) else 0
         self._delivered_epoch = getattr(sampler, "epoch", None)
-        for batch in super().__iter__():
+        for batch in self._slot_batches() if self._uses_slots() else super().__iter__():
             self.samples_delivered += _batch_len(batch)
             yield batch
         if isinstance(sampler, ResumableSampler):
             sampler.start = 0  # a resumed epoch is done: the next pass is a whole epoch
+
+    def _uses_slots(self) -> bool:
+        """Workers of ``local.workers`` (slots, no per-batch copy) serve a JASPER dataset on the CPU,
+        batched and collated by ``collate``; anything else goes through torch's workers."""
+        dataset = self.dataset
+        return (
+            self.num_workers > 0
+            and self.batch_sampler is not None
+            and self.collate_fn is collate
+            and isinstance(dataset, JASPERSteeringDataset)
+            and dataset.device.type == "cpu"
+        )
+
+    def _slot_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        dataset, batch_sampler = self.dataset, self.batch_sampler
+        if not isinstance(dataset, JASPERSteeringDataset) or self.batch_size is None or batch_sampler is None:
+            raise TypeError("slot workers serve a JASPERSteeringDataset in batches (see _uses_slots)")
+        if self._pool is None:
+            pin = bool(self.pin_memory) and torch.cuda.is_available()
+            self._pool = slot_pool(dataset, self.batch_size, pin)
+        workers = self._workers
+        if workers is None:
+            workers = self._workers = SlotWorkers(
+                dataset,
+                self.num_workers,
+                self.batch_size,
+                pool=self._pool,
+                context=self.multiprocessing_context,
+                worker_init_fn=self.worker_init_fn,
+                timeout=self.timeout,
+            )
+        try:
+            yield from workers.batches(batch_sampler, (self.prefetch_factor or 2) * self.num_workers, self.copy)
+        finally:
+            if not self.persistent_workers or workers.broken:
+                workers.close()
+                self._workers = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The pids of the slot workers running now (none between passes unless persistent)."""
+        return self._workers.pids if self._workers is not None else []
+
+    def close(self) -> None:
+        """Stop the workers and unlink the batch slots now (collecting the loader does it too). Batches
+        still held keep their memory until dropped."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     # NOTE [pin_memory without an accelerator]
     # Upstream's create_loader defaults to pin_memory=True, and code reads loader.pin_memory, so the
@@ -118,6 +177,7 @@ def create_loader(
     seed: int = DEFAULT_SEED,
     persistent_workers: bool = False,
     multiprocessing_context: str | BaseContext | None = None,
+    copy: bool = False,
     **dataset_kwargs: Any,
 ) -> ResumableLoader:
     """A DataLoader over one split; ``dataset_kwargs`` (``storage_format``, ``use_mmap``, ``device``, ...)
@@ -125,7 +185,12 @@ def create_loader(
 
     DataLoader arguments default as torch's: ``persistent_workers=False`` (a pass starts its workers and
     pickles the dataset again; ``set_epoch`` reaches them either way). ``pin_memory=True`` is upstream's
-    default and pins only where an accelerator exists (no warning on a CPU-only machine)."""
+    default and pins only where an accelerator exists (no warning on a CPU-only machine).
+
+    With ``num_workers > 0`` the workers build batches straight into a ring of shared-memory slots
+    (``jasper_ray.local.workers``; pinned where CUDA is present): no copy per batch between processes. A
+    batch you hold is never overwritten: its slot is reused only once all its tensors are dropped;
+    ``copy=True`` hands out private copies instead. Same batches as ``num_workers=0``, bit for bit."""
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch=epoch, seed=seed, **dataset_kwargs)
     shuffle = split == "train" if shuffle is None else shuffle
     drop_last = split == "train" if drop_last is None else drop_last
@@ -143,6 +208,7 @@ def create_loader(
         pin_memory=pin_memory and dataset.device.type == "cpu",  # batches already on a device cannot be pinned
         persistent_workers=persistent_workers,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+        copy=copy,
     )
     loader.dataset_obj = dataset  # upstream's attribute names
     loader.sampler_obj = sampler

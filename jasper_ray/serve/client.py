@@ -50,12 +50,12 @@ from ..formats import open_dataset
 from ..local.batches import to_torch
 from ..local.sampler import ResumableSampler, make_sampler
 from ..ray_session import connect
+from ..shm import SlotPool
 from ..storage import locate
 from .failover import Failover
 from .placement import Fleet, start_fleet, stop_fleet
 from .server import ShardServer
 from .settings import ServeOverrides, ServeSettings
-from .slots import SlotPool
 from .transport import transport_for
 
 if TYPE_CHECKING:  # typing.Unpack is 3.11+; the package supports 3.10

@@ -22,10 +22,11 @@ from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
 from ..formats.sharded import ManifestShard, ShardedHDF5Reader
 from ..schema import TENSOR
+from ..shm import BatchLayout
 from ..storage import Location
 from .server import ShardServer
 from .settings import ServeSettings
-from .slots import BatchLayout
+from .slots import batch_layout
 
 MAX_CLIENTS = 16  # concurrent calls an actor runs in threads: a paced epoch holds one per client (rank view)
 CLOSE_TIMEOUT_S = 10.0  # how long stopping waits for actors (and a paced epoch's calls) to end
@@ -129,7 +130,7 @@ def start_fleet(path: str | Location, reader: Reader, settings: ServeSettings) -
     ]
     ray.get([actor.pid.remote() for actor in actors])  # up and mapped before the first batch
     config = reader.config
-    layout = BatchLayout.for_batch(settings.batch_size, int(config["embedding_dim"]), int(config["n_neg"]))
+    layout = batch_layout(settings.batch_size, int(config["embedding_dim"]), int(config["n_neg"]))
     return Fleet(path, storage_format, int(settings.seed), ranges, names, actors, layout, cache)
 
 

@@ -20,8 +20,9 @@ from ..formats import StorageFormat, open_dataset
 from ..formats.base import RowArray, is_mapped
 from ..sampling import SteeringSchedule, steering_variants
 from ..schema import TENSORS
+from ..shm import BatchLayout, SlotWriter
 from ..storage import Location
-from .slots import BatchLayout, PacingTable, SlotWriter
+from .slots import PacingTable
 
 
 def _status() -> dict[str, int]:

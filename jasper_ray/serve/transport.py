@@ -32,10 +32,11 @@ import ray
 from ray import ObjectRef
 
 from ..errors import ShardUnavailableError
+from ..shm import Slot, SlotPool
 from .failover import ACTOR_LOST, DEATH_POLL_S, Failover, Patience
 from .placement import CLOSE_TIMEOUT_S, Fleet, Routed
 from .settings import ServeSettings
-from .slots import PacingTable, Slot, SlotPool
+from .slots import PacingTable
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ Delivery = tuple[np.ndarray, Batch]
 Part = tuple[int, slice, ObjectRef | None, int | None]
 # A batch in flight on the call path: its pair ids, its slot, its parts.
 Pending = tuple[np.ndarray, Slot, list[Part]]
-
-
-def handed_out(slot: Slot, rows: int) -> Batch:
-    """Fresh views of a slot's first ``rows`` rows: while the caller holds them, the pool will not reuse it."""
-    slot.busy = False
-    return {key: view[:rows] for key, view in slot.views.items()}
 
 
 class Transport(ABC):
@@ -107,7 +102,7 @@ class PacedTransport(Transport):
                 slot = offered.pop(seq)
                 for shard, first, stop in runs:
                     self._await_part(shard, seq, ids[first:stop], slot, first)
-                yield ids, handed_out(slot, len(ids))
+                yield ids, slot.handed_out(len(ids))
         finally:
             table.cancel()
             refs = [call[0] for call in self.calls if call is not None]
@@ -222,7 +217,7 @@ class CallTransport(Transport):
         except ShardUnavailableError:
             slot.busy = False
             raise
-        return handed_out(slot, len(ids))
+        return slot.handed_out(len(ids))
 
     def _part(
         self, shard: int, ids: np.ndarray, slot: Slot, where: slice, ref: ObjectRef | None, index: int | None

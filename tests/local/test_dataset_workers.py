@@ -115,12 +115,12 @@ def test_persistent_workers_see_set_epoch_force_steering_and_reload(synth_copy: 
 
     epoch0 = concat_batches(epoch_batches(loader))
     assert_batches_equal(epoch0, reference.get_batch(list(loader.sampler)[:n]), "epoch 0")
-    workers = loader._iterator._workers
+    workers = loader.worker_pids  # create_loader's slot workers (local.workers)
     assert len(workers) == 2
 
     set_epoch(loader, 2)
     epoch2 = concat_batches(epoch_batches(loader))
-    assert loader._iterator._workers == workers  # the same persistent processes
+    assert loader.worker_pids == workers  # the same persistent processes
     reference.set_epoch(2)
     assert_batches_equal(epoch2, reference.get_batch(list(loader.sampler)[:n]), "epoch 2")
     # Epoch 2's variants are not epoch 0's, pair for pair (compare in a common, unshuffled order).
@@ -147,7 +147,7 @@ def test_persistent_workers_see_set_epoch_force_steering_and_reload(synth_copy: 
     pairs = ds.split_indices[list(loader.sampler)[:n]]
     assert torch.equal(reloaded["negative_embs"], sources[new[pairs]])
     assert_batches_equal(reloaded, ds.get_batch(list(loader.sampler)[:n]), "after reload")
-    assert loader._iterator._workers == workers
+    assert loader.worker_pids == workers
 
 
 @pytest.mark.parametrize("storage", ["h5_gzip", "h5_contiguous"])
