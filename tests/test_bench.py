@@ -32,7 +32,7 @@ TABLES = {
         "Reading every pair's keyword ids",
         "Memory of a pass",
     ],
-    "loader": ["DataLoader samples/s"],
+    "loader": ["DataLoader samples/s", "Workers beside a training step"],
     "convert": ["PT -> HDF5 conversion", "Scaling model (gzip)"],
     "ray_data": ["Ray Data rows/s"],
     "actors": ["One epoch of", "A killed actor", "Memory after the runs"],
@@ -40,7 +40,7 @@ TABLES = {
 # Raw records each script leaves: name -> how many.
 RECORDS = {
     "formats": {"formats_open": 12, "formats_pass": 4},
-    "loader": {"loader": 19},
+    "loader": {"loader": 19, "loader_overlap": 18},
     "convert": {"convert": 12, "convert_model": 1},
     "ray_data": {"ray_data": 5},
     "actors": {"actors": 4},

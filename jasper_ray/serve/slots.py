@@ -14,6 +14,7 @@ Torch-free; used by ``serve.server`` (writer side) and ``serve.client`` (owner s
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from multiprocessing import shared_memory
 
@@ -43,12 +44,14 @@ class PacingTable:
     """
 
     SLOTS = 1 << 20  # slot numbers per seq in an offer word
+    PREFIX = "jasper_pace_"  # the segment's name starts so
     HEADER = SharedMutex.MUTEX_BYTES // 8  # int64 words the mutex takes at the start
 
     def __init__(self, ring: int, lanes: int, name: str | None = None):
         nwords = self.HEADER + (2 + lanes) * ring
         if name is None:
-            shm = shared_memory.SharedMemory(create=True, size=8 * nwords)  # tracked: unlinked if we crash
+            name = f"{self.PREFIX}{secrets.token_hex(6)}"
+            shm = shared_memory.SharedMemory(name, create=True, size=8 * nwords)  # tracked: unlinked if we crash
             shm.close()
             self.name, self._owner = shm.name, True
         else:  # attach (an actor): by path, so exiting never unlinks the client's segment
