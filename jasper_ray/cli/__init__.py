@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..storage import is_uri
 from .convert import run_convert
 from .datasets import run_inspect, run_verify
 from .parser import build_parser, parse
@@ -94,7 +95,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _run_reported(args: argparse.Namespace, command: Callable[[argparse.Namespace, Report], None]) -> int:
-    report = Report(args.command, os.path.abspath(args.dir))
+    report = Report(args.command, args.dir if is_uri(args.dir) else os.path.abspath(args.dir))
     stdout = sys.stdout
     # NOTE [CLI streams]: under --json, whatever prints while the command runs goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

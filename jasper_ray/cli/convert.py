@@ -21,6 +21,7 @@ from ..formats import open_dataset
 from ..formats.chunks import check_options
 from ..ray_session import require_ray
 from ..schema import COMPRESSION_NONE, LAYOUT_SHARDED, LAYOUT_SINGLE
+from ..storage import NodeCache, is_uri, locate
 from .report import Report, UsageError, human_bytes, say
 
 MODE_RAY = "ray"
@@ -59,8 +60,13 @@ def _compression(text: str) -> str | None:
     return None if text == COMPRESSION_NONE else text
 
 
-def _output(args: argparse.Namespace) -> Path:
-    return Path(args.output) if args.output else default_output(Path(args.dir), args.layout)
+def _output(args: argparse.Namespace) -> str:
+    """The output as the report names it: an absolute path, or a URI."""
+    if args.output and is_uri(args.output):
+        return str(args.output)
+    if not args.output and is_uri(args.dir):
+        return locate(args.dir).child(default_output(Path("."), args.layout).name).uri
+    return os.path.abspath(Path(args.output) if args.output else default_output(Path(args.dir), args.layout))
 
 
 def _piece_bytes(args: argparse.Namespace) -> int:
@@ -72,7 +78,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
     f = report.fields
     f["dry_run"] = bool(args.dry_run)
     f["mode"] = MODE_SINGLE_PROCESS if args.single_process else MODE_RAY
-    f["output"] = os.path.abspath(_output(args))
+    f["output"] = _output(args)
     f["layout"] = args.layout
     f["compression"] = args.compression
     if args.dry_run:
@@ -86,6 +92,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
             not args.no_shuffle,
             output=args.output,
             progress=not args.quiet,
+            cache_dir=args.cache_dir,
         )
     else:
         stop_ray = start_ray(args)
@@ -101,6 +108,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
                 shard_bytes=_piece_bytes(args),
                 output=args.output,
                 progress=not args.quiet,
+                cache_dir=args.cache_dir,
             )
         finally:
             if stop_ray is not None:
@@ -110,7 +118,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
 
 def _report_result(result: ConversionReport, report: Report) -> None:
     report.fields.update(
-        output=os.path.abspath(result.output),
+        output=str(result.output) if is_uri(str(result.output)) else os.path.abspath(result.output),
         pieces=result.shards,
         pieces_reused=result.shards_reused,
         source_bytes=result.source_bytes,
@@ -161,12 +169,13 @@ def space_needed(plan: ConversionPlan, mode: str, layout: str) -> tuple[int, int
 
 def dry_run(args: argparse.Namespace, report: Report) -> None:
     """The plan, printed and reported: nothing is written, Ray is not started."""
-    with open_dataset(args.dir, storage_format="pt", use_mmap=True) as reader:
+    with open_dataset(args.dir, storage_format="pt", use_mmap=True, cache_dir=args.cache_dir) as reader:
         compression, shuffle = _compression(args.compression), not args.no_shuffle
         plan = plan_conversion(reader, compression, args.level, shuffle, _piece_bytes(args))
         source_bytes = reader.nbytes_on_disk()
     output, needed = space_needed(plan, report.fields["mode"], args.layout)
-    free = free_bytes(_output(args))
+    # A URI's output is written to a staging directory in the cache first, then uploaded.
+    free = free_bytes(NodeCache.at(args.cache_dir).root if is_uri(_output(args)) else Path(_output(args)))
     # One process converts everything as one piece (its report says 1), each tensor whole.
     one = report.fields["mode"] == MODE_SINGLE_PROCESS
     tensors: list[dict[str, Any]] = [

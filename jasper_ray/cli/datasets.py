@@ -22,7 +22,9 @@ from .report import Report, human_bytes
 
 def open_reader(args: argparse.Namespace, report: Report) -> Reader:
     """The reader ``--format`` asks for; the report gets the format, layout and size it found."""
-    reader = open_dataset(args.dir, storage_format=args.format, use_mmap=True)
+    reader = open_dataset(
+        args.dir, storage_format=args.format, use_mmap=True, cache_dir=args.cache_dir, progress=not args.quiet
+    )
     report.fields["format"] = reader.storage_format
     report.fields["layout"] = layout_of(reader)
     return reader

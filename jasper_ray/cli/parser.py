@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..schema import COMPRESSION_NONE, HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, SHARDS_DIR
+from ..storage import CACHE_ENV
 from ..tools.synth import parse_size
 from .report import EXIT_USAGE
 
@@ -113,8 +114,20 @@ def _json(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _dataset(p: argparse.ArgumentParser, what: str = "the dataset directory") -> None:
+def _dataset(
+    p: argparse.ArgumentParser, what: str = "the dataset directory, or a URI (s3://, gs://, hdfs://, file://)"
+) -> None:
     p.add_argument("dir", metavar="DIR", help=what)
+    _cache_dir(p)
+
+
+def _cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        metavar="PATH",
+        default=None,
+        help=f"node-local cache for remote or compressed datasets (default: ${CACHE_ENV} or ~/.cache/jasper_ray)",
+    )
 
 
 def build_parser() -> Parser:
@@ -144,7 +157,7 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="random seed: one seed, the same bytes (default: 0)")
 
     p = command("convert", "convert a PT dataset to HDF5 beside it, in parallel on Ray")
-    _dataset(p, "the dataset directory (upstream's PT files)")
+    _dataset(p, "the dataset directory (upstream's PT files), or a URI (s3://, gs://, hdfs://, file://)")
     p.add_argument(
         "--output",
         metavar="PATH",

@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import faults
 from ..errors import ConversionError
@@ -35,7 +35,11 @@ from ..validate import validate_dataset
 from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import assemble_single, publish_sharded
+from .remote import convert_staged, is_remote_job
 from .writer import ConversionReport, _progress
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,8 @@ def convert(
     progress: bool = True,
     validate: bool = True,
     keep_ray: bool = False,
+    filesystem: pafs.FileSystem | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Convert a PT dataset to HDF5 with Ray tasks: ``dataset.h5`` (``layout="single"``) or
     ``dataset.shards/`` + manifest (``layout="sharded"``).
@@ -148,10 +154,19 @@ def convert(
     The work is cut into pieces of about ``shard_bytes`` of source data, one Ray
     task each. Resumable: pieces finished by an earlier, interrupted run with
     the same sources and options are verified and reused. The output appears
-    complete or not at all.
+    complete or not at all. Source and output may be ``pyarrow.fs`` URIs (or paths inside
+    ``filesystem``): they are staged in this node's cache (``cache_dir``), see ``conversion.remote``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'single' or 'sharded', got {layout!r}")
+    if is_remote_job(dataset_dir, output, filesystem):
+        options: dict[str, Any] = dict(
+            compression=compression, compression_opts=compression_opts, shuffle=shuffle, num_workers=num_workers,
+            address=address, layout=layout, shard_bytes=shard_bytes, max_retries=max_retries, progress=progress,
+            validate=validate, keep_ray=keep_ray,
+        )  # fmt: skip
+        staged = dict(output=output, filesystem=filesystem, cache_dir=cache_dir)
+        return convert_staged(convert, dataset_dir, **staged, **options)
     ray = _require_ray()
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else default_output(dataset_dir, layout)

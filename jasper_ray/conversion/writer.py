@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -26,6 +26,10 @@ from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import BLOCK_BYTES, GROUP_ORDER, HDF5Writer, columns
 from ..schema import HDF5_FILE
 from ..validate import validate_dataset
+from .remote import convert_staged, is_remote_job
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class ConversionReport:
     the word "piece" (``results`` maps piece ids to their ``PieceResult``).
     """
 
-    output: Path
+    output: Path | str  # a URI when the output went to object storage
     source_bytes: int
     output_bytes: int
     seconds: float
@@ -100,12 +104,21 @@ def convert_pt_to_hdf5(
     validate: bool = True,
     progress: bool = True,
     block_bytes: int = BLOCK_BYTES,
+    filesystem: pafs.FileSystem | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Convert a PT dataset directory into ``dataset.h5`` beside it, in one process.
 
     The PT files are kept. A crash leaves the previous ``dataset.h5`` (or
-    none), never a partial file.
+    none), never a partial file. Source and output may be ``pyarrow.fs`` URIs (or paths inside
+    ``filesystem``): they are staged in the node-local cache (``cache_dir``), see ``conversion.remote``.
     """
+    if is_remote_job(dataset_dir, output, filesystem):
+        options = dict(compression_opts=compression_opts, shuffle=shuffle, validate=validate, progress=progress)
+        return convert_staged(
+            convert_pt_to_hdf5, dataset_dir, output=output, filesystem=filesystem, cache_dir=cache_dir,
+            compression=compression, block_bytes=block_bytes, **options,
+        )  # fmt: skip
     require_h5py()  # before any work, when h5py is missing
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else dataset_dir / HDF5_FILE
