@@ -29,10 +29,10 @@ class S3Endpoint:
         self.env = {**CREDENTIALS, "AWS_ENDPOINT_URL": self.url}
         self._saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
-        self.admin = pafs.S3FileSystem(endpoint_override=self.url, scheme="http", allow_bucket_creation=True, **_keys())
+        self.admin = pafs.S3FileSystem(endpoint_override=self.url, scheme="http", allow_bucket_creation=True, **keys())
 
     def filesystem(self) -> pafs.S3FileSystem:
-        return pafs.S3FileSystem(endpoint_override=self.url, scheme="http", **_keys())
+        return pafs.S3FileSystem(endpoint_override=self.url, scheme="http", **keys())
 
     def bucket(self) -> str:
         name = f"jasper-{uuid.uuid4().hex[:12]}"
@@ -53,5 +53,5 @@ class S3Endpoint:
                 os.environ[k] = v
 
 
-def _keys() -> dict[str, str]:
+def keys() -> dict[str, str]:
     return {"access_key": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}

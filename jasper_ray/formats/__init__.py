@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import DatasetNotFoundError, StaleDatasetError
 from ..fingerprint import changed_files
-from ..schema import HDF5_FILE, HDF5_SUFFIXES, MANIFEST, PT_PROBE, PT_SUFFIX, SHARDS_DIR
+from ..schema import (
+    ATTR_COMPRESSION,
+    COMPRESSION_NONE,
+    HDF5_FILE,
+    HDF5_SUFFIXES,
+    MANIFEST,
+    PT_PROBE,
+    PT_SUFFIX,
+    SHARDS_DIR,
+)
 from ..storage import Location, NodeCache, locate
 from .base import Reader, Writer
 from .hdf5 import HDF5Reader, require_h5py
@@ -229,7 +238,25 @@ def open_dataset(
             declared = 0
         use_mmap = decide_mmap(max(reader.nbytes_on_disk(), declared))
     reader.use_mmap = bool(use_mmap)
+    if reader.use_mmap and _compression(reader) not in (None, COMPRESSION_NONE):
+        log.warning(
+            "%s is stored compressed (%s): every read decodes whole chunks, hundreds of times slower than a "
+            "memory-mapped file. Give cache_dir= (CLI --cache-dir) to decompress it once into a mappable copy "
+            "there, or convert with compression=None to serve.",
+            reader.path,
+            _compression(reader),
+        )
     return reader
+
+
+def _compression(reader: Reader) -> str | None:
+    """The codec a converted dataset records (None: PT files, or a file that records none)."""
+    if isinstance(reader, ShardedHDF5Reader):
+        return reader.layout.compression
+    if isinstance(reader, HDF5Reader):
+        value = reader.file.attrs.get(ATTR_COMPRESSION)
+        return None if value is None else str(value)
+    return None
 
 
 def _check_present(name: str, directory: Path, options: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ import ctypes
 import mmap
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -108,6 +109,7 @@ class ConcatRows:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError(f"ConcatRows supports row slices and index arrays, not {key!r}")
         start, stop, _ = key.indices(self.shape[0])
+        _open_together([arr for a, b, arr in self.parts if a < stop and b > start])
         runs = [
             np.asarray(arr[max(start, a) - a : min(stop, b) - a]) for a, b, arr in self.parts if a < stop and b > start
         ]
@@ -116,12 +118,25 @@ class ConcatRows:
     def take_rows(self, indices: np.ndarray) -> np.ndarray:
         out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
         part_of = np.searchsorted(self.starts, indices, side="right") - 1
+        _open_together([self.parts[k][2] for k in np.unique(part_of)])
         for k in np.unique(part_of):
             a, _, arr = self.parts[k]
             sel = np.flatnonzero(part_of == k)
             local = indices[sel] - a
             out[sel] = gather_rows(arr, local)
         return out
+
+
+# Shards fetched at once when one read needs several not yet opened: downloads overlap (pyarrow
+# releases the GIL), as S3's guidance asks, instead of one file after another.
+PARALLEL_OPENS = 8
+
+
+def _open_together(parts: list[Any]) -> None:
+    waiting = [p for p in parts if isinstance(p, LazyShard) and not p.is_open]
+    if len(waiting) > 1:
+        with ThreadPoolExecutor(min(PARALLEL_OPENS, len(waiting))) as pool:
+            list(pool.map(LazyShard.rows, waiting))
 
 
 class LazyShard:
@@ -140,6 +155,10 @@ class LazyShard:
             if self.on_open is not None:
                 self.on_open(self)
         return self._rows
+
+    @property
+    def is_open(self) -> bool:
+        return self._rows is not None
 
     def release(self) -> None:
         """Drop the mapping (a batch already gathered is a copy): an evicted file's space comes back."""

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -138,6 +139,9 @@ def write_manifest(shards_dir: Path, manifest: Manifest) -> None:
     """Publish ``manifest.json`` in ``shards_dir`` atomically."""
     with atomic_output(shards_dir / MANIFEST) as temp:
         temp.write_text(manifest.to_json())
+
+
+_OPENED_LOCK = threading.Lock()
 
 
 class ShardSource(Protocol):
@@ -264,8 +268,14 @@ class ShardedHDF5Reader(Reader):
 
     def _open_shard(self, h5_path: str, shard: ManifestShard, cache_bytes: int) -> RowArray:
         assert self.shard_files is not None
-        path = self.shard_files.path(h5_path, shard.file, shard.bytes, shard.checksum)
-        handle = open_h5(path)
+        for attempt in range(3):  # another process may evict the copy between its fetch and our open
+            path = self.shard_files.path(h5_path, shard.file, shard.bytes, shard.checksum)
+            try:
+                handle = open_h5(path)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         rows = serve_dataset(path, handle[h5_path], self.use_mmap, cache_bytes)
         if isinstance(rows, np.ndarray):
             handle.close()  # mapped (a cached copy is contiguous) or read: no handle to keep
@@ -275,12 +285,13 @@ class ShardedHDF5Reader(Reader):
 
     def _opened(self, shard: LazyShard) -> None:
         """Keep this process's mapped shards within the cache limit: the least recently opened go first."""
-        mapped = self._mapped if self._mapped is not None else OrderedDict()
-        self._mapped = mapped
-        mapped[id(shard)] = shard
-        limit = self.shard_files.cache_limit if self.shard_files is not None else None
-        while limit is not None and len(mapped) > 1 and sum(s.nbytes for s in mapped.values()) > limit // 2:
-            mapped.popitem(last=False)[1].release()
+        with _OPENED_LOCK:  # shards of one read open in threads (arrays._open_together)
+            mapped = self._mapped if self._mapped is not None else OrderedDict()
+            self._mapped = mapped
+            mapped[id(shard)] = shard
+            limit = self.shard_files.cache_limit if self.shard_files is not None else None
+            while limit is not None and len(mapped) > 1 and sum(s.nbytes for s in mapped.values()) > limit // 2:
+                mapped.popitem(last=False)[1].release()
 
     def location(self, name: str) -> str:
         return f"{self.shards_dir}:{TENSOR[name].h5_path}"

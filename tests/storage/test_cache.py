@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _s3 import S3Endpoint
+from _s3 import S3Endpoint, keys
 from _support import subprocess_env
 
 from jasper_ray import JASPERSteeringDataset, ShardedJasper, open_dataset
@@ -79,7 +79,13 @@ def test_an_endpoint_that_goes_away_is_retried_then_named(converted, tmp_path: P
         bucket = endpoint.bucket()
         with endpoint.admin.open_output_stream(f"{bucket}/ds/dataset.h5") as f:
             f.write((converted("gzip") / "dataset.h5").read_bytes())
-        location = locate(f"s3://{bucket}/ds/dataset.h5")
+        import pyarrow.fs as pafs
+
+        impatient = pafs.S3FileSystem(
+            endpoint_override=endpoint.url, scheme="http", connect_timeout=0.5, request_timeout=1,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), **keys(),
+        )  # fmt: skip
+        location = locate(f"{bucket}/ds/dataset.h5", filesystem=impatient)
         identity = remote_identity(location).as_dict()
     finally:
         endpoint.stop()
