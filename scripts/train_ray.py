@@ -9,13 +9,17 @@ The model maps (question embedding, steering vector) to a query embedding,
 target source against the pair's hard negatives and the other targets of the
 batch. Torch DDP on CPU (gloo) through ``ray.train.torch.TorchTrainer``.
 
-Epochs: a pair's steering variant depends on the epoch (curriculum,
-NOTE in jasper_ray/sampling.py), so each epoch reads its own
-``read_jasper(..., epoch=e, shuffle=True)`` dataset, passed to the trainer
-as ``train_0``, ``train_1``, ...; a worker iterates its shard of
-``train_{e}`` in epoch ``e``. Ray Train splits each one with
+Epochs: one ``read_jasper(..., shuffle=True)`` Dataset serves the whole
+run, passed to the trainer as ``datasets={"train": ds}``; each worker takes
+``get_dataset_shard("train")`` once and iterates it once per epoch. Every
+pass over the Dataset reads the next epoch (NOTE [passes over one
+read_jasper Dataset] in jasper_ray/ray_data/datasource.py): a new shuffle,
+and the steering variants of that epoch's curriculum, whose move the
+per-epoch shares of each variant show. Ray Train splits the Dataset with
 ``streaming_split(n, equal=True)``: every worker gets the same number of
-rows, and up to n-1 rows of an epoch may be dropped to make that so.
+rows, and up to n-1 rows of an epoch may be dropped to make that so. The
+synthetic dataset gets a linear curriculum (P(zero) 0.7 -> 0.1 over the
+run's epochs) so that the move is visible.
 
 CPUs: each worker asks for ``--cpus-per-worker`` CPUs (default: half of the
 cluster's CPUs shared among the workers, at most 1), so that Ray Data's read
@@ -26,6 +30,7 @@ CPU each would starve the reads and hang.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -41,7 +46,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 log = logging.getLogger("train_ray")
 
-COLUMNS = ["question_emb", "steering", "target_source_emb", "negative_embs"]
+COLUMNS = ["question_emb", "steering", "target_source_emb", "negative_embs", "steering_variant"]
+VARIANTS = ("zero", "centroid", "keyword", "residual")  # steering_variant 0..3
 HIDDEN = 256
 TEMPERATURE = 0.05
 LEARNING_RATE = 1e-3
@@ -79,7 +85,7 @@ def info_nce(query: Any, target: Any, negatives: Any, temperature: float = TEMPE
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: DDP over the model, one pass over its shard of ``train_{epoch}`` per epoch."""
+    """One Ray Train worker: DDP over the model, one pass over its shard of ``train`` per epoch."""
     import ray.train
     import ray.train.torch
     import torch
@@ -89,12 +95,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     model = ray.train.torch.prepare_model(build_model(config["dim"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    shard = ray.train.get_dataset_shard("train")  # one Dataset: each pass is the next epoch
     losses: list[float] = []
     steps_done: list[int] = []
+    shares: list[list[float]] = []
     for epoch in range(config["epochs"]):
-        shard = ray.train.get_dataset_shard(f"train_{epoch}")
         total, steps = torch.zeros(2, dtype=torch.float64), 0
+        counts = torch.zeros(len(VARIANTS), dtype=torch.float64)
         for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=True):
+            counts += torch.bincount(batch["steering_variant"], minlength=len(VARIANTS))
             query = model(batch["question_emb"], batch["steering"])
             loss = info_nce(query, batch["target_source_emb"], batch["negative_embs"])
             optimizer.zero_grad()
@@ -106,9 +115,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)  # the epoch's mean loss over all workers' steps
+            dist.all_reduce(counts)  # and the variants of all workers' samples
         losses.append(float(total[0] / max(total[1], 1.0)))
         steps_done.append(steps)
-        metrics = {"epoch": epoch, "loss": losses[-1], "losses": list(losses), "steps": list(steps_done)}
+        shares.append((counts / counts.sum().clamp(min=1.0)).tolist())
+        metrics = {"epoch": epoch, "loss": losses[-1], "losses": losses, "steps": steps_done, "shares": shares}
         # Ray Train 2.60 (Train V2) keeps metrics only with a checkpoint: rank 0 saves the model each epoch.
         with tempfile.TemporaryDirectory(prefix="jr-ckpt-") as tmp:
             checkpoint = None
@@ -126,23 +137,6 @@ def default_cpus_per_worker(num_workers: int) -> float:
     return max(0.1, min(1.0, math.floor(10 * cpus / (2 * num_workers)) / 10))
 
 
-def train(
-    data_dir: str | os.PathLike,
-    epochs: int = 3,
-    num_workers: int = 2,
-    batch_size: int = 128,
-    steps_per_epoch: int | None = None,
-    **options: Any,
-) -> list[float]:
-    """Train on the ``train`` split of ``data_dir``; the mean loss of each epoch (over all workers' steps).
-
-    Runs on the current Ray session (a local one is started if none).
-    ``steps_per_epoch`` caps the steps each worker takes per epoch (None:
-    the whole epoch). ``options``: those of ``fit``.
-    """
-    return fit(data_dir, epochs, num_workers, batch_size, steps_per_epoch, **options)["losses"]
-
-
 def fit(
     data_dir: str | os.PathLike,
     epochs: int = 3,
@@ -156,7 +150,11 @@ def fit(
     lr: float = LEARNING_RATE,
     storage_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """``train``, returning the final metrics: ``losses`` (per epoch) and ``steps`` (rank 0's steps per epoch).
+    """Train on the ``train`` split of ``data_dir`` on the current Ray session (a local one is started if
+    none); ``steps_per_epoch`` caps the steps each worker takes per epoch (None: the whole epoch).
+
+    Returns the final metrics per epoch: ``losses``, ``steps`` (rank 0's) and ``shares`` (of
+    each steering variant among the samples all workers trained on, in ``VARIANTS`` order).
 
     ``storage_path`` keeps the run (and the model checkpoint of each epoch) there; default: a temporary directory.
     """
@@ -173,12 +171,8 @@ def fit(
     dim = int(reader.config["embedding_dim"])
     reader.close()
     cpus = cpus_per_worker if cpus_per_worker is not None else default_cpus_per_worker(num_workers)
-    datasets = {
-        f"train_{e}": read_jasper(
-            data_dir, "train", epoch=e, seed=seed, shuffle=True, columns=COLUMNS, storage_format=storage_format
-        )
-        for e in range(epochs)
-    }
+    # One Dataset for the whole run: Ray Train runs it once per epoch, and each run is the next epoch.
+    dataset = read_jasper(data_dir, "train", seed=seed, shuffle=True, columns=COLUMNS, storage_format=storage_format)
     with tempfile.TemporaryDirectory(prefix="jr-train-") as tmp:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -192,21 +186,31 @@ def fit(
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(name="jasper-steering", storage_path=str(storage_path or tmp)),
-            datasets=datasets,
+            datasets={"train": dataset},
         )
         result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.metrics is None:
         raise RuntimeError("the training run reported no metrics")
-    return {"losses": [float(x) for x in result.metrics["losses"]], "steps": list(result.metrics["steps"])}
+    metrics = result.metrics
+    return {
+        "losses": [float(x) for x in metrics["losses"]],
+        "steps": list(metrics["steps"]),
+        "shares": [[float(x) for x in epoch] for epoch in metrics["shares"]],
+    }
 
 
-def synthesise(out: Path, n_pairs: int, dim: int, n_neg: int) -> Path:
-    """A synthetic PT dataset plus its uncompressed (memory-mapped) dataset.h5."""
+def synthesise(out: Path, n_pairs: int, dim: int, n_neg: int, epochs: int) -> Path:
+    """A synthetic PT dataset whose curriculum moves P(zero) from 0.7 to 0.1 over ``epochs``, plus its
+    uncompressed (memory-mapped) dataset.h5."""
     from jasper_ray import convert_pt_to_hdf5, synth_dataset
 
     synth_dataset(out, n_pairs=n_pairs, dim=dim, n_neg=n_neg, seed=0)
+    config = json.loads((out / "config.json").read_text())
+    last = max(1, epochs - 1)
+    config["curriculum"] = {"mode": "linear", "zero_prob_start": 0.7, "zero_prob_end": 0.1, "epochs_total": last}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     convert_pt_to_hdf5(out, None, progress=False)
     return out
 
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         data = args.data
         if data is None:
             started = time.perf_counter()
-            data = synthesise(Path(tmp) / "ds", args.pairs, args.dim, args.n_neg)
+            data = synthesise(Path(tmp) / "ds", args.pairs, args.dim, args.n_neg, args.epochs)
             print(
                 f"synthesised {args.pairs} pairs (D={args.dim}, n_neg={args.n_neg}) in {data} "
                 f"({time.perf_counter() - started:.1f} s)",
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         try:
             started = time.perf_counter()
-            losses = train(
+            result = fit(
                 data,
                 epochs=args.epochs,
                 num_workers=args.workers,
@@ -261,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - started
         finally:
             ray.shutdown()
-    for epoch, loss in enumerate(losses):
-        print(f"epoch {epoch}: loss {loss:.4f}")
+    losses = result["losses"]
+    for epoch, (loss, shares) in enumerate(zip(losses, result["shares"])):
+        mix = ", ".join(f"{name} {share:.0%}" for name, share in zip(VARIANTS, shares))
+        print(f"epoch {epoch}: loss {loss:.4f}; steering variants: {mix}")
     went_down = len(losses) > 1 and losses[-1] < losses[0]
     print(
         f"trained {len(losses)} epochs on {args.workers} workers in {elapsed:.1f} s; "

@@ -52,6 +52,7 @@ from ..local.sampler import ResumableSampler, make_sampler
 from ..ray_session import connect
 from ..shm import SlotPool
 from ..storage import locate
+from ..validate import check_batch_size, check_epoch, validate_dataset
 from .failover import Failover
 from .placement import Fleet, start_fleet, stop_fleet
 from .server import ShardServer
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # typing.Unpack is 3.11+; the package supports 3.10
     from typing_extensions import Unpack
 
 # The constructor's keywords besides the ServeSettings fields (named when an unknown keyword is refused).
-OWN_KEYWORDS = ("settings", "epoch", "rank", "world_size", "address", "filesystem")
+OWN_KEYWORDS = ("settings", "epoch", "rank", "world_size", "address", "filesystem", "validate")
 
 
 class ShardedJasper(IterableDataset):
@@ -72,6 +73,7 @@ class ShardedJasper(IterableDataset):
     ``ShardedJasper(path, split, batch_size=256, num_shards=2, ...)``: every ``ServeSettings`` field is
     a keyword (applied over ``settings``, the defaults when None); ``epoch``, ``rank`` and
     ``world_size`` place this view; ``address`` names a Ray cluster (else ``RAY_ADDRESS``, else a local Ray).
+    The dataset is validated once, here (``validate_dataset``, as the local dataset does), unless ``validate=False``.
     """
 
     def __init__(
@@ -85,14 +87,19 @@ class ShardedJasper(IterableDataset):
         world_size: int = 1,
         address: str | None = None,
         filesystem: pafs.FileSystem | None = None,
+        validate: bool = True,
         **overrides: Unpack[ServeOverrides],
     ) -> None:
         settings = (settings or ServeSettings()).with_overrides(overrides, caller="ShardedJasper()", also=OWN_KEYWORDS)
+        check_batch_size(settings.batch_size, "ShardedJasper batch_size")
+        epoch = check_epoch(epoch, "ShardedJasper epoch")
         connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
         location = locate(path, filesystem)
         cache_dir, cache_limit = settings.cache_dir, settings.cache_limit
         reader = open_dataset(location, settings.storage_format, True, cache_dir=cache_dir, cache_limit=cache_limit)
         try:
+            if validate:
+                validate_dataset(reader)  # once, in the client: the actors then map known-good files
             split_ids = np.asarray(reader.split(split), dtype=np.int64)
             fleet = start_fleet(location if location.is_remote else location.path, reader, settings)
         finally:
@@ -154,7 +161,7 @@ class ShardedJasper(IterableDataset):
         return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(check_epoch(epoch, "ShardedJasper.set_epoch epoch"))
 
     def for_rank(self, rank: int, world_size: int) -> ShardedJasper:
         """A view for one rank of ``world_size``: equal shards of the epoch (padding or ``drop_last``,
