@@ -42,7 +42,7 @@ RECORDS = {
     "formats": {"formats_open": 12, "formats_pass": 4},
     "loader": {"loader": 19, "loader_overlap": 18},
     "convert": {"convert": 12, "convert_model": 1},
-    "ray_data": {"ray_data": 5},
+    "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
 }
 

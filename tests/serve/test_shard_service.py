@@ -494,7 +494,7 @@ def test_settings_keep_the_old_defaults() -> None:
 
 def test_an_unknown_keyword_is_refused_naming_the_valid_ones(small: Path) -> None:
     refused = r"ShardedJasper\(\) got unexpected keyword argument\(s\) 'batchsize'; "
-    valid = r"valid: settings, epoch, rank, world_size, address, filesystem, batch_size, .*, cache_limit"
+    valid = r"valid: settings, epoch, rank, world_size, address, filesystem, validate, batch_size, .*, cache_limit"
     with pytest.raises(TypeError, match=refused + valid):
         ShardedJasper(small, "train", batchsize=64)
     with pytest.raises(TypeError, match="'batchsize'"):
