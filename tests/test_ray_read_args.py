@@ -7,6 +7,7 @@ On the shared ``ray_session`` (2 CPUs) and the session's small dataset (PT, and 
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from jasper_ray.ray_data import JasperDatasource, read_jasper
 from jasper_ray.schema import TENSOR
 
 pytestmark = pytest.mark.usefixtures("ray_session")
+COLUMNS = ["pair_id", "steering_variant"]
 
 
 @pytest.fixture(scope="module")
@@ -111,24 +113,43 @@ def test_a_list_of_datasets_of_other_shapes_is_refused(data: Path, tmp_path: Pat
 
 
 def test_storage_options_reach_open_dataset_in_every_task(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """filesystem= and cache_dir= go with the user's path to open_dataset, in the driver and in each read task
-    (run in-process here, so the recorder sees them); the reader is never sent."""
-    calls: list[tuple[str, dict[str, Any]]] = []
+    """filesystem=, cache_dir= and cache_limit= go with the user's path to open_dataset, in the driver and in each
+    read task (run in-process here, so the recorder sees them); no reader, no cached copy is sent."""
+    import pyarrow.fs as pafs
+
+    calls: list[tuple[str, Any, dict[str, Any]]] = []
     real = datasource_module.open_dataset
 
-    def recorder(path: Any, storage_format: Any = "auto", use_mmap: Any = None, **options: Any) -> Any:
-        storage = {k: options.pop(k) for k in ("filesystem", "cache_dir") if k in options}
-        calls.append((str(path), storage))
-        return real(path, storage_format, use_mmap=use_mmap, **options)
+    def recorder(location: Any, storage_format: Any, use_mmap: Any, **options: Any) -> Any:
+        calls.append((location.uri, type(location.filesystem), options))
+        return real(str(data), storage_format, use_mmap)  # the real files, without the cache
 
     monkeypatch.setattr(datasource_module, "open_dataset", recorder)
-    storage = {"filesystem": "a pyarrow filesystem", "cache_dir": "/node/cache"}
-    source = JasperDatasource(str(data), "train", storage=storage, columns=["pair_id"], min_task_bytes=0)
-    tasks = source.get_read_tasks(3)
+    cache = {"cache_dir": "/node/cache", "cache_limit": 1 << 30}
+    fs = pafs.LocalFileSystem()
+    source = JasperDatasource(str(data), "train", filesystem=fs, **cache, columns=["pair_id"], min_task_bytes=0)
+    tasks = pickle.loads(pickle.dumps(source.get_read_tasks(3)))  # as Ray ships them
     assert len(tasks) > 1
     rows = sum(block.num_rows for task in tasks for block in task())
     assert rows == len(source.ids)
-    assert calls == [(str(data), storage)] * (1 + len(tasks))
+    # pyarrow's LocalFileSystem resolves to a plain local path (storage.locate), as Ray's readers do.
+    assert calls == [(str(data), type(None), cache)] * (1 + len(tasks))
+
+
+def test_a_dataset_inside_a_filesystem_through_the_cache(converted: Any, tmp_path: Path) -> None:
+    """read_jasper(path, filesystem=LocalFileSystem(), cache_dir=...) of a gzip dataset: the read tasks open it
+    through the node-local cache (a decompressed copy there); two passes give the local dataset's epochs 0, 1."""
+    import pyarrow.fs as pafs
+
+    gzip, cache = converted("gzip"), tmp_path / "cache"
+    ds = read_jasper(str(gzip), "train", filesystem=pafs.LocalFileSystem(), cache_dir=cache, columns=COLUMNS)
+    for epoch in (0, 1):
+        got = take_columns(ds)
+        order = np.argsort(got["pair_id"])
+        ids, variants = local_variants(gzip, epoch)
+        np.testing.assert_array_equal(got["pair_id"][order], ids)
+        np.testing.assert_array_equal(got["steering_variant"][order], variants)
+    assert any(p.is_file() for p in cache.rglob("*.h5"))  # served from the cache's copy
 
 
 # --- validation on the Ray paths ----------------------------------------------------------------------------

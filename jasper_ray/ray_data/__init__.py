@@ -8,11 +8,10 @@ the way ``ray.data.read_parquet`` does.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.data import Dataset
@@ -23,7 +22,9 @@ from ..sampling import DEFAULT_SEED
 from .datasource import DatasetRef, JasperDatasource, ReadTaskSpec, read_blocks
 from .plan import COLUMNS, MIN_ROWS_PER_TASK, row_bytes, shuffle_units, task_ranges
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
 READ_RETRIES = 3
 # The oldest Ray whose executions call get_read_tasks with data_context (the pass counter's hook).
 PASSES_SINCE_RAY = (2, 60)
@@ -64,8 +65,9 @@ def read_jasper(
     shuffle: bool = False,
     use_mmap: bool = True,
     validate: bool = True,
-    filesystem: Any = None,
+    filesystem: pafs.FileSystem | None = None,
     cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
     concurrency: int | None = None,
     override_num_blocks: int | None = None,
     num_cpus: float | None = None,
@@ -91,9 +93,11 @@ def read_jasper(
     n-1 rows per epoch to keep shards equal.
 
     The dataset is validated once, here (``validate_dataset``; the local
-    dataset's checks), unless ``validate=False``. ``filesystem`` (a
-    ``pyarrow.fs.FileSystem``) and ``cache_dir`` go to ``open_dataset`` in
-    every read task, which reopens from ``paths`` on its own node.
+    dataset's checks), unless ``validate=False``. Paths may be ``pyarrow.fs``
+    URIs (``s3://...``) or paths inside ``filesystem``; ``cache_dir`` and
+    ``cache_limit`` are the node-local cache's (``open_dataset``). Every read
+    task reopens the dataset from the path or URI given here, through its own
+    node's cache, never from the driver's copy.
 
     Ray's reader arguments, as ``ray.data.read_parquet`` takes them:
     ``concurrency``, ``num_cpus``, ``num_gpus``, ``memory``, ``runtime_env``
@@ -109,7 +113,6 @@ def read_jasper(
             f"reads epoch {epoch}. Use Ray >= {'.'.join(map(str, PASSES_SINCE_RAY))}, or one read_jasper per epoch.",
             stacklevel=2,
         )
-    storage = {k: v for k, v in (("filesystem", filesystem), ("cache_dir", cache_dir)) if v is not None}
     path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     sources = [
         JasperDatasource(
@@ -123,7 +126,9 @@ def read_jasper(
             shuffle=shuffle,
             use_mmap=use_mmap,
             validate=validate,
-            storage=storage,
+            filesystem=filesystem,
+            cache_dir=cache_dir,
+            cache_limit=cache_limit,
             min_task_bytes=0,  # the number of tasks is decided here: honoured down to MIN_ROWS_PER_TASK rows a task
         )
         for path in path_list

@@ -36,9 +36,9 @@ import inspect
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray.data import DataContext, Datasource, ReadTask
@@ -51,8 +51,12 @@ from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
 from ..sampling import DEFAULT_SEED, SteeringSchedule, steering_variants
 from ..schema import TENSOR
+from ..storage import Location, locate
 from ..validate import check_epoch, validate_dataset
 from .plan import COLUMNS, MIN_ROWS_PER_TASK, block_bytes, column_shapes, row_bytes, task_pieces
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 # Ray 2.40's ReadTask has no schema (nor per_task_row_limit): pass them only where Ray takes them.
 _TASK_SCHEMA = "schema" in inspect.signature(ReadTask.__init__).parameters
@@ -60,15 +64,23 @@ _TASK_SCHEMA = "schema" in inspect.signature(ReadTask.__init__).parameters
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """How any process opens the dataset: the user's path or URI and the storage options, no handle."""
+    """How any process opens the dataset: the user's path or URI (with its filesystem) and the node-local
+    cache's options, never a handle or the driver's cached copy."""
 
-    path: str
+    location: Location
     storage_format: StorageFormat = "auto"
     use_mmap: bool = True
-    storage: Mapping[str, Any] = field(default_factory=dict)  # open_dataset's filesystem= / cache_dir=, if given
+    cache_dir: str | None = None
+    cache_limit: int | None = None
+
+    @property
+    def path(self) -> str:
+        return self.location.uri
 
     def open(self) -> Reader:
-        return open_dataset(self.path, self.storage_format, use_mmap=self.use_mmap, **self.storage)
+        return open_dataset(
+            self.location, self.storage_format, self.use_mmap, cache_dir=self.cache_dir, cache_limit=self.cache_limit
+        )
 
 
 @dataclass(frozen=True)
@@ -119,14 +131,17 @@ class JasperDatasource(Datasource):
         shuffle: bool = False,
         use_mmap: bool = True,
         validate: bool = True,
-        storage: Mapping[str, Any] | None = None,
+        filesystem: pafs.FileSystem | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_limit: int | None = None,
         min_task_bytes: int | None = None,
     ):
         self.columns = tuple(COLUMNS if columns is None else columns)
         unknown = [c for c in self.columns if c not in COLUMNS]
         if unknown:
             raise ValueError(f"unknown column(s) {unknown}; read_jasper columns are {list(COLUMNS)}")
-        self.dataset = DatasetRef(os.fspath(path), storage_format, bool(use_mmap), dict(storage or {}))
+        cache = None if cache_dir is None else os.fspath(cache_dir)
+        self.dataset = DatasetRef(locate(path, filesystem), storage_format, bool(use_mmap), cache, cache_limit)
         reader = self.dataset.open()
         try:
             if validate:
