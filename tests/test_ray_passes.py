@@ -64,6 +64,38 @@ def rows_of_numpy_batches(batches: Iterator[dict[str, Any]]) -> dict[str, np.nda
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def test_rays_hook_one_data_context_call_per_execution() -> None:
+    """What the pass counter rests on (Ray 2.60): every execution calls get_read_tasks once with a data_context;
+    planning calls, count() and schema() (read tasks with a schema) pass none; a materialized dataset none."""
+    import ray.data
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockAccessor, BlockMetadata
+
+    calls: list[bool] = []
+    block = BlockAccessor.batch_to_block({"x": np.arange(10)})
+
+    class Spy(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return 80
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: Any = None, data_context: Any = None) -> list:
+            calls.append(data_context is not None)
+            meta = BlockMetadata(num_rows=10, size_bytes=80, input_files=None, exec_stats=None)
+            return [ReadTask(lambda: [block], meta, schema=block.schema)]
+
+    ds = ray.data.read_datasource(Spy())
+    assert ds.count() == 10 and ds.schema().names == ["x"]
+    assert sum(calls) == 0
+    for executions in (1, 2):
+        assert len(ds.take_all()) == 10
+        assert sum(calls) == executions
+    frozen = ds.materialize()
+    frozen.take_all()
+    frozen.take_all()
+    assert sum(calls) == 3
+    assert not all(calls)  # Ray's planning calls exist, and carry no data_context
+
+
 def test_three_passes_are_three_epochs(data: Path, local_epochs: dict[int, dict[str, np.ndarray]]) -> None:
     """iter_batches, take_all and iter_torch_batches over one Dataset: epochs e, e+1, e+2, each shuffled anew.
 

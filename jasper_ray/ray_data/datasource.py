@@ -25,8 +25,9 @@ or for a materialized dataset. So the datasource counts the calls with
 ``data_context``: pass ``k`` reads epoch ``epoch + k``. A copy inherits the
 count it was made with (a ``streaming_split`` after two driver passes starts
 at ``epoch + 2``). ``materialize()`` runs one pass and keeps its blocks: the
-materialized dataset serves that epoch every time. Ray < 2.60 passes no
-``data_context``: every pass there reads ``epoch`` (``read_jasper`` warns).
+materialized dataset serves that epoch every time. Ray 2.40 called
+``get_read_tasks(parallelism)`` alone, so there every pass reads ``epoch``;
+versions between were not measured: ``read_jasper`` warns below 2.60.
 """
 
 from __future__ import annotations
