@@ -1,7 +1,7 @@
 """``jasper-ray bench``: run the benchmark scripts, write a markdown report with their tables and PNG plots.
 
-The five scripts under ``<repo>/scripts`` (``bench_formats.py``, ``bench_loader.py``,
-``bench_convert.py``, ``bench_ray_data.py``, ``bench_actors.py``) each run as a
+The six scripts under ``<repo>/scripts`` (``bench_formats.py``, ``bench_loader.py``,
+``bench_convert.py``, ``bench_ray_data.py``, ``bench_actors.py``, ``bench_remote.py``) each run as a
 subprocess with ``JASPER_BENCH_JSON`` naming a file: besides their markdown
 tables on stdout (captured) they leave every table and their raw numbers there
 (``scripts/_bench_common.record``). Their stderr (progress) passes through.
@@ -42,15 +42,29 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = ("formats", "loader", "convert", "ray_data", "actors")
+SCRIPTS = ("formats", "loader", "convert", "ray_data", "actors", "remote")
 JSON_ENV = "JASPER_BENCH_JSON"
 SCALES = ("full", "quick", "tiny")
 
 # Each script's default dataset size at each scale ("full": no flag; "quick": --quick).
 SIZES = {
-    "full": {"formats": "2GB", "loader": "1GB", "convert": "2GB", "ray_data": "1GB", "actors": "1GB"},
-    "quick": {"formats": "100MB", "loader": "100MB", "convert": "200MB", "ray_data": "100MB", "actors": "100MB"},
-    "tiny": {"formats": "24MB", "loader": "24MB", "convert": "32MB", "ray_data": "16MB", "actors": "16MB"},
+    "full": {"formats": "2GB", "loader": "1GB", "convert": "2GB", "ray_data": "1GB", "actors": "1GB", "remote": "1GB"},
+    "quick": {
+        "formats": "100MB",
+        "loader": "100MB",
+        "convert": "200MB",
+        "ray_data": "100MB",
+        "actors": "100MB",
+        "remote": "100MB",
+    },
+    "tiny": {
+        "formats": "24MB",
+        "loader": "24MB",
+        "convert": "32MB",
+        "ray_data": "16MB",
+        "actors": "16MB",
+        "remote": "16MB",
+    },
 }
 # "tiny" (for the test suite: every script end to end, numbers meaningless) = --quick, the sizes above and fewer
 # repetitions.
@@ -60,6 +74,7 @@ TINY_ARGS = {
     "convert": [],
     "ray_data": ["--rounds", "1"],
     "actors": ["--rounds", "1"],
+    "remote": ["--warm", "1"],
 }
 PLOTS = {
     "conversion": "conversion_scaling.png",

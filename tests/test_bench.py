@@ -1,6 +1,6 @@
 """``jasper-ray bench``: every script end to end into one report with its tables and three plots; the pieces.
 
-The end-to-end test runs the five benchmark scripts at the ``--tiny`` scale
+The end-to-end test runs every benchmark script at the ``--tiny`` scale
 (about 3 minutes on 2 cores, most of it bench_convert's six Ray start-ups and
 bench_formats' fresh interpreters); the others use fake scripts and records.
 """
@@ -36,6 +36,7 @@ TABLES = {
     "convert": ["PT -> HDF5 conversion", "Scaling model (gzip)"],
     "ray_data": ["Ray Data rows/s"],
     "actors": ["One epoch of", "A killed actor", "Memory after the runs"],
+    "remote": ["Remote gzip dataset through the node-local cache"],
 }
 # Raw records each script leaves: name -> how many.
 RECORDS = {
@@ -44,6 +45,7 @@ RECORDS = {
     "convert": {"convert": 12, "convert_model": 1},
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
+    "remote": {"remote": 1},
 }
 
 

@@ -251,8 +251,8 @@ def open_dataset(
 
 def _compression(reader: Reader) -> str | None:
     """The codec a converted dataset records (None: PT files, or a file that records none)."""
-    if isinstance(reader, ShardedHDF5Reader):
-        return reader.layout.compression
+    if isinstance(reader, ShardedHDF5Reader):  # shards through a cache are served from contiguous copies
+        return reader.layout.compression if reader.shard_files is None else None
     if isinstance(reader, HDF5Reader):
         value = reader.file.attrs.get(ATTR_COMPRESSION)
         return None if value is None else str(value)
