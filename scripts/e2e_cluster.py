@@ -3,6 +3,7 @@
 
     python scripts/e2e_cluster.py --start-cluster          # starts (and stops) scripts/local_cluster.sh
     RAY_ADDRESS=host:6390 python scripts/e2e_cluster.py    # an existing cluster; DIR must be shared
+    python scripts/e2e_cluster.py --start-cluster --from-s3   # nodes share no dataset path: S3 + caches
 
 1. synthesise a dataset (upstream PT layout) in --out;
 2. convert it through the cluster (``jasper_ray.convert`` with many small shards) while a thread
@@ -12,6 +13,12 @@
 and check all three against the local ``JASPERSteeringDataset``, value for value. Prints a table and,
 last, one JSON line with the results; exits non-zero if a check fails. With --baseline it first
 converts once without a lost node, to measure what losing one costs.
+
+With --from-s3 the dataset lives in object storage (a local S3 endpoint, moto's server, started here) and
+the nodes share no dataset path (``local_cluster.sh up-own-caches``: each node its own cache directory):
+the sharded layout is converted and uploaded to ``s3://``; the shard actors and then ``read_jasper`` serve
+it from there, each node fetching into its own cache, while worker node --kill-node is stopped mid-epoch
+(of the actors' epoch). Checked as above, plus: every node's cache holds copies, and none the whole dataset.
 """
 
 from __future__ import annotations
@@ -171,6 +178,79 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def cache_files(state: Path) -> dict[str, int]:
+    """Per node of a cluster started with up-own-caches: how many shard files its cache holds."""
+    return {d.name: sum(1 for _ in d.rglob("dataset.shards/*.h5")) for d in sorted(state.glob("cache-*"))}
+
+
+def run_from_s3(args: argparse.Namespace) -> dict:
+    import ray
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from _s3 import S3Endpoint
+
+    endpoint = S3Endpoint()  # on 127.0.0.1: every node of this machine's cluster reaches it
+    try:
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                 runtime_env={"env_vars": endpoint.env})  # fmt: skip
+        nodes_before = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        out = Path(args.out or tempfile.mkdtemp(prefix="jasper-e2e-"))
+        data = out / "data"
+        results: dict = {"nodes": len(nodes_before), "failures": []}
+        jasper_ray.synth_dataset(data, args.pairs, args.dim, args.neg, seed=0)
+        uri = f"s3://{endpoint.bucket()}/ds"
+        t = time.perf_counter()
+        report = jasper_ray.convert(
+            data, layout="sharded", shard_bytes=args.shard_bytes, output=f"{uri}/dataset.shards",
+            progress=False, cache_dir=out / "driver-cache",
+        )  # fmt: skip
+        results["convert_seconds"] = time.perf_counter() - t
+        results["shards"] = report.shards
+        split_ids, local = local_epoch(data, "train", args.seed, args.epoch)
+
+        with jasper_ray.ShardedJasper(
+            uri, "train", batch_size=128, num_shards=args.actors, seed=args.seed, epoch=args.epoch, num_cpus=0.25
+        ) as service:
+            results["actor_nodes"] = len({s["node_id"] for s in service.stats()})
+            batches = []
+            kill_at = max(1, len(split_ids) // 128 // 3)
+            for i, b in enumerate(service.iter_numpy()):
+                batches.append({k: v.copy() for k, v in b.items()})
+                if i == kill_at and args.kill_node:
+                    cluster("kill-node", str(args.kill_node))
+                    results["node_lost_mid_epoch"] = True
+                    log.info("stopped worker node %d after %d batches", args.kill_node, i + 1)
+        served = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        if sorted(served["pair_id"].tolist()) != sorted(split_ids.tolist()):
+            results["failures"].append("actors: the epoch does not hold every pair exactly once")
+        else:
+            results["failures"] += check_equal("actors", served, by_pair(local, split_ids, served["pair_id"]))
+        for _ in range(120):  # the head notices the lost node before read tasks are placed
+            if sum(1 for n in ray.nodes() if n["Alive"]) < len(nodes_before) or not args.kill_node:
+                break
+            time.sleep(0.5)
+        results["nodes_after"] = sum(1 for n in ray.nodes() if n["Alive"])
+
+        streamed = list(
+            jasper_ray.read_jasper(uri, "train", seed=args.seed, epoch=args.epoch).iter_batches(
+                batch_size=None, batch_format="numpy"
+            )
+        )
+        streamed = {k: np.concatenate([b[k] for b in streamed]) for k in streamed[0]}
+        if sorted(streamed["pair_id"].tolist()) != sorted(split_ids.tolist()):
+            results["failures"].append("read_jasper: the epoch does not hold every pair exactly once")
+        else:
+            results["failures"] += check_equal("read_jasper", streamed, by_pair(local, split_ids, streamed["pair_id"]))
+        results["samples_per_epoch"] = len(split_ids)
+        state = os.environ.get("JASPER_CLUSTER_DIR")
+        if state:
+            results["node_caches"] = cache_files(Path(state))
+        return results
+    finally:
+        ray.shutdown()
+        endpoint.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
@@ -186,14 +266,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--epoch", type=int, default=1)
     parser.add_argument("--out", help="working directory (default: a new temporary one)")
+    parser.add_argument(
+        "--from-s3", action="store_true", help="serve from a local S3 endpoint; with --start-cluster, nodes own caches"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.start_cluster:
-        line = cluster("up", str(args.workers)).strip().splitlines()[-1]
+        line = cluster("up-own-caches" if args.from_s3 else "up", str(args.workers)).strip().splitlines()[-1]
         args.address = line.split("=", 1)[1]
     try:
-        results = run(args)
+        results = run_from_s3(args) if args.from_s3 else run(args)
     finally:
         if args.start_cluster:
             import ray
@@ -203,12 +286,14 @@ def main() -> int:
     rows = [
         ("nodes at start", results["nodes"]),
         ("nodes after the loss", results["nodes_after"]),
-        ("node lost during conversion", results["node_lost_during_conversion"]),
+        ("node lost during conversion", results.get("node_lost_during_conversion", False)),
+        ("node lost mid-epoch (actors)", results.get("node_lost_mid_epoch", False)),
         ("conversion (s)", f"{results['convert_seconds']:.1f}"),
         ("shards", results["shards"]),
         ("nodes holding actors", results["actor_nodes"]),
         ("samples per epoch", results["samples_per_epoch"]),
         ("checks failed", len(results["failures"])),
+        *([("shard files per node cache", results["node_caches"])] if "node_caches" in results else []),
     ]
     if "convert_seconds_no_loss" in results:
         rows.insert(4, ("conversion without a loss (s)", f"{results['convert_seconds_no_loss']:.1f}"))

@@ -4,6 +4,10 @@
 # so tasks and actors can be placed per node.
 #
 #   scripts/local_cluster.sh up [WORKERS]   start head + WORKERS worker nodes (default 2); prints RAY_ADDRESS
+#   scripts/local_cluster.sh up-own-caches [WORKERS]
+#                                           the same, but nodes share no dataset path: each node's processes get
+#                                           their own node-local cache ($JASPER_RAY_CACHE=<state>/cache-<node>),
+#                                           as machines without a shared filesystem have (serve from s3:// etc.)
 #   scripts/local_cluster.sh status         nodes and resources
 #   scripts/local_cluster.sh kill-node I    SIGKILL worker node I (a lost machine)
 #   scripts/local_cluster.sh down           stop every node and check by pid that nothing is left
@@ -23,6 +27,10 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 start_node() {  # name, extra ray start args...; returns when the node has joined
   local name=$1; shift
+  if [ -n "${own_caches:-}" ]; then  # every process of this node caches datasets here, and only here
+    export JASPER_RAY_CACHE="$state/cache-$name"
+    mkdir -p "$JASPER_RAY_CACHE"
+  fi
   # setsid: the node is its own process group, so `down` and `kill-node` reach all its processes.
   setsid ray start --block --num-cpus="$cpus_per_node" $JASPER_RAY_START_FLAGS "$@" >"$state/$name.log" 2>&1 &
   echo $! >"$state/$name.pid"
@@ -52,7 +60,8 @@ stop_group() {  # pgid, signal
 }
 
 case "${1:-}" in
-  up)
+  up | up-own-caches)
+    [ "$1" = up-own-caches ] && own_caches=1
     workers=${2:-2}
     if [ -e "$state/head.pid" ] && kill -0 "$(cat "$state/head.pid")" 2>/dev/null; then
       echo "local_cluster: already up at $address (run down first)" >&2; exit 1
@@ -89,6 +98,6 @@ case "${1:-}" in
     exit $status
     ;;
   *)
-    sed -n '2,13p' "$0" >&2; exit 2
+    sed -n '2,17p' "$0" >&2; exit 2
     ;;
 esac

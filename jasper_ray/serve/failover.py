@@ -27,8 +27,9 @@ from .settings import ServeSettings
 log = logging.getLogger(__name__)
 
 DEATH_POLL_S = 0.05  # how often a slow request checks that its actor's process still exists
-# Errors by which Ray says an actor lost a call: it died (maybe restarting), or cannot be reached now.
-ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# Errors by which Ray says an actor lost a call: it died (maybe restarting), cannot be reached now, or
+# its answer was lost with its node (ObjectLostError: the call ran, its result lived on the lost node).
+ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 
 
 def _running(pid: int) -> bool:
