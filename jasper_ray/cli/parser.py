@@ -221,7 +221,11 @@ def build_parser() -> Parser:
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS)")
     p.add_argument("--dim", type=POSITIVE, default=768, help="embedding dimension D (default: 768)")
     p.add_argument("--neg", type=POSITIVE, default=12, help="hard negatives per pair, n_neg (default: 12)")
-    p.add_argument("--dir", metavar="DIR", help="where to write (default: a new temporary directory)")
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where to write (default: a new temporary directory); a URI (s3://...) takes the converted dataset",
+    )
 
     p = command("bench", "run the benchmark scripts; write a report with their tables and plots")
     scale = p.add_mutually_exclusive_group()

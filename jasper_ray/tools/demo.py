@@ -1,11 +1,14 @@
 """The main job on an embedded default: synthesise, convert in parallel, serve every way, report.
 
 ``jasper-ray demo`` needs no data and no cluster: it writes a synthetic dataset (upstream's PT layout),
-converts it on a local Ray (gzip, the storage format; and contiguous, the serving format), then runs two
+converts it once on a local Ray (gzip, the storage format), serves it through the node-local cache (which
+decompresses it once into a memory-mappable copy), then runs two
 epochs of the train split through each loading path, the local ``JASPERSteeringDataset`` (DataLoader),
 ``read_jasper`` (Ray Data) and ``ShardedJasper`` (shard actors), and checks that each epoch delivered every
 pair of the split exactly once. The first epoch's time includes the path's start-up (opening the files,
 starting read tasks or actors); the second is the steady state, what a training run sees from then on.
+``--dir s3://bucket/prefix`` (any ``pyarrow.fs`` URI) puts the converted dataset there and serves it from
+there: with ``--address``, a cluster whose nodes share no filesystem.
 
 The top floor but the CLI: it imports every front-end (Ray and torch), so only ``jasper-ray demo`` loads it.
 """
@@ -34,6 +37,7 @@ from ..ray_data import read_jasper
 from ..ray_session import connect
 from ..schema import HDF5_FILE, PT_SUFFIX
 from ..serve.client import ShardedJasper
+from ..storage import is_uri
 from .synth import pairs_for_size, parse_size, synth_dataset
 
 log = logging.getLogger(__name__)
@@ -113,8 +117,10 @@ def _run_path(name: str, epochs: Epochs, split_ids: np.ndarray) -> PathResult:
     return result
 
 
-def _local_epochs(directory: Path, split: np.ndarray) -> Epochs:
-    loader = create_loader(directory, "train", BATCH, drop_last=False, pin_memory=False, use_mmap=True)
+def _local_epochs(directory: str | Path, split: np.ndarray, cache_dir: Path) -> Epochs:
+    loader = create_loader(
+        directory, "train", BATCH, drop_last=False, pin_memory=False, use_mmap=True, cache_dir=cache_dir
+    )
     sampler = loader.sampler
     for epoch in range(EPOCHS):
         set_epoch(loader, epoch)
@@ -131,13 +137,15 @@ def _with_pair_ids(batches: Iterable[dict[str, Any]], pair_ids: np.ndarray) -> I
         at += n
 
 
-def _read_jasper_epochs(directory: Path) -> Epochs:
+def _read_jasper_epochs(directory: str | Path, cache_dir: Path) -> Epochs:
     for epoch in range(EPOCHS):
-        yield read_jasper(directory, "train", epoch=epoch).iter_torch_batches(batch_size=BATCH)
+        yield read_jasper(directory, "train", epoch=epoch, cache_dir=cache_dir).iter_torch_batches(batch_size=BATCH)
 
 
-def _sharded_epochs(directory: Path, cpus: int) -> Epochs:
-    with ShardedJasper(directory, "train", batch_size=BATCH, num_shards=2, num_cpus=min(1.0, cpus / 4)) as service:
+def _sharded_epochs(directory: str | Path, cpus: int, cache_dir: Path) -> Epochs:
+    with ShardedJasper(
+        directory, "train", batch_size=BATCH, num_shards=2, num_cpus=min(1.0, cpus / 4), cache_dir=str(cache_dir)
+    ) as service:
         for epoch in range(EPOCHS):
             service.set_epoch(epoch)
             yield service
@@ -154,9 +162,13 @@ def run_demo(
     progress: bool = True,
 ) -> DemoSummary:
     """Synthesise ``size`` of data, convert it on Ray and read two epochs through each path; the summary
-    says how long each epoch took and whether each delivered the whole split."""
-    base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="jasper-demo-"))
-    pt_dir, serve_dir = base / "pt", base / "serve"
+    says how long each epoch took and whether each delivered the whole split. ``directory`` may be a URI:
+    the converted dataset goes there (the PT files and the cache stay in a local temporary directory)."""
+    remote = directory is not None and is_uri(str(directory))
+    base = Path(directory) if directory and not remote else Path(tempfile.mkdtemp(prefix="jasper-demo-"))
+    pt_dir, cache_dir = base / "pt", base / "cache"
+    # Where the converted dataset lives and is served from: beside the PT files, or at the URI.
+    store: str | Path = str(directory).rstrip("/") if remote else pt_dir
     n_pairs = pairs_for_size(parse_size(size), dim, n_neg)
 
     t = time.perf_counter()
@@ -170,25 +182,32 @@ def run_demo(
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-stage INFO lines would bury the summary
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        for compression, output, purpose in (
-            ("gzip", pt_dir / HDF5_FILE, "storage"),
-            (None, serve_dir / HDF5_FILE, "serving, memory-maps"),
-        ):
-            report = convert(pt_dir, compression=compression, output=output, progress=progress)
-            summary.steps.append(
-                (
-                    f"convert on Ray, {cpus} CPUs -> {compression or 'contiguous'}",
-                    report.seconds,
-                    f"{report.output_bytes / 1e6:.0f} MB ({report.saving_percent:.1f}% saved, "
-                    f"{report.mb_per_s:.0f} MB/s, {report.shards} shards; {purpose})",
-                )
+        output = f"{store}/{HDF5_FILE}" if remote else pt_dir / HDF5_FILE
+        report = convert(pt_dir, compression="gzip", output=output, progress=progress, cache_dir=cache_dir)
+        summary.steps.append(
+            (
+                f"convert on Ray, {cpus} CPUs -> gzip",
+                report.seconds,
+                f"{report.output_bytes / 1e6:.0f} MB ({report.saving_percent:.1f}% saved, "
+                f"{report.mb_per_s:.0f} MB/s, {report.shards} shards; storage{', uploaded' if remote else ''})",
             )
-        split_ids = np.asarray(open_dataset(serve_dir, "hdf5").split("train"))
+        )
+        t = time.perf_counter()
+        with open_dataset(store, "hdf5", cache_dir=cache_dir, progress=progress) as served:
+            split_ids = np.asarray(served.split("train"))
+            mapped = served.nbytes_on_disk()
+        summary.steps.append(
+            (
+                "fetch + decompress into the cache" if remote else "decompress into the node-local cache",
+                time.perf_counter() - t,
+                f"{mapped / 1e6:.0f} MB contiguous, checksums checked; memory-mapped from now on",
+            )
+        )
         summary.split_size = len(split_ids)
         for name, epochs in (
-            ("local JASPERSteeringDataset (DataLoader)", _local_epochs(serve_dir, split_ids)),
-            ("read_jasper (Ray Data)", _read_jasper_epochs(serve_dir)),
-            ("ShardedJasper (2 shard actors)", _sharded_epochs(serve_dir, cpus)),
+            ("local JASPERSteeringDataset (DataLoader)", _local_epochs(store, split_ids, cache_dir)),
+            ("read_jasper (Ray Data)", _read_jasper_epochs(store, cache_dir)),
+            ("ShardedJasper (2 shard actors)", _sharded_epochs(store, cpus, cache_dir)),
         ):
             summary.paths.append(_run_path(name, epochs, split_ids))
     finally:

@@ -36,5 +36,7 @@ def test_demo_checks_its_own_summary(tmp_path: Path) -> None:
             assert float(seconds) > 0 and int(rate.replace(",", "")) > 0, f"{name}: {seconds} s, {rate}/s"
     assert "1st epoch (with start-up)" in run.stdout and "2nd epoch (steady)" in run.stdout
     assert "convert on Ray" in run.stdout and (tmp_path / "demo" / "pt" / "dataset.h5").is_file()
-    assert (tmp_path / "demo" / "serve" / "dataset.h5").is_file()
+    assert "decompress into the node-local cache" in run.stdout, "one conversion: gzip, served through the cache"
+    (copy,) = (tmp_path / "demo" / "cache").rglob("dataset.h5")
+    assert copy.stat().st_size > (tmp_path / "demo" / "pt" / "dataset.h5").stat().st_size, "decompressed there"
     assert "Token authentication is enabled" not in run.stdout + run.stderr
