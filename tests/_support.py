@@ -8,9 +8,12 @@ test data with jasper_ray's conversion; it reads nothing back).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,3 +247,23 @@ def write_sharded(directory: Path, compression: str | None, piece_bytes: int = 6
             results = {task.piece.piece_id: write_piece(task) for task in plan.tasks(work.path)}
         publish_sharded(plan, work.path, output, results)
     return output
+
+
+# --- a small filesystem of our own (disk-full cases) ----------------------------------------------
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc})")
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    _mount_tmpfs(where, options)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)

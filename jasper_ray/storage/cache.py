@@ -139,7 +139,11 @@ class NodeCache:
                 os.replace(temp, final)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC and not isinstance(exc, CacheError):
-                    raise CacheError(errno.ENOSPC, f"disk full in {self.root} while making {final}") from exc
+                    raise CacheError(
+                        errno.ENOSPC,
+                        f"disk full in {self.root} while making {final} (nothing was kept). Free space there, "
+                        "or give cache_dir= (CLI --cache-dir) on a larger disk.",
+                    ) from exc
                 raise
             finally:
                 temp.unlink(missing_ok=True)

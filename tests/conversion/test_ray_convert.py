@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _support import mounted_tmpfs
 
 from jasper_ray import (
     ConversionError,
@@ -439,23 +440,6 @@ def test_a_worker_killed_mid_task_is_survived(tmp_path: Path, big: Path, big_che
 
 
 # --- 6: write errors ------------------------------------------------------------------------------------
-
-
-def _mount_tmpfs(where: Path, options: str) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc})")
-
-
-@contextmanager
-def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
-    _mount_tmpfs(where, options)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
 
 
 @contextmanager

@@ -178,3 +178,47 @@ def _wait_for(port: int) -> None:
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"moto server on {port} did not start")
+
+
+def test_a_full_cache_disk_is_a_clear_error_and_publishes_nothing(remote: dict[str, str], tmp_path: Path) -> None:
+    from _support import mounted_tmpfs
+
+    from jasper_ray.errors import CacheError
+
+    with mounted_tmpfs(tmp_path / "small", "size=256k") as cache:
+        with pytest.raises(CacheError, match=r"not enough space in .*: needs \d+ bytes, \d+ free"):
+            open_dataset(remote["none"], cache_dir=cache)
+        assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
+DECOMPRESS_INTO_FULL_DISK = """
+import sys
+from jasper_ray import open_dataset
+from jasper_ray.errors import CacheError
+try:
+    open_dataset(sys.argv[1], cache_dir=sys.argv[2])
+except CacheError as exc:
+    print("CacheError:", exc)
+"""
+
+
+def test_a_disk_that_fills_while_decompressing_is_a_clear_error(
+    remote: dict[str, str], s3: S3Endpoint, tmp_path: Path
+) -> None:
+    """Room for the download and most of the copy, not all of it: the write fails mid-way (in a child, so a
+    crash would show as one), the error says so, and neither half a copy nor the download stays."""
+    from _support import mounted_tmpfs
+
+    with open_dataset(remote["gzip"], cache_dir=tmp_path / "probe") as probe:
+        copy_bytes = probe.path.stat().st_size
+    compressed = remote_identity(locate(f"{remote['gzip']}/dataset.h5")).size
+    room = compressed + copy_bytes - 64 * 1024  # passes the up-front check (twice the object), not the write
+    assert 2 * compressed <= room, "the check must pass for the write to fail"
+    with mounted_tmpfs(tmp_path / "full", f"size={room}") as cache:
+        run = subprocess.run(
+            [sys.executable, "-c", DECOMPRESS_INTO_FULL_DISK, remote["gzip"], str(cache)],
+            env={**subprocess_env(), **s3.env}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "disk full in" in run.stdout and "nothing was kept" in run.stdout, run.stdout + run.stderr[-2000:]
+        assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]

@@ -141,3 +141,18 @@ def test_filesystem_takes_paths_inside_it(
         open_dataset(small_dir, "pt") as want,
     ):
         assert np.array_equal(reader.read("source_embs"), want.read("source_embs"))
+
+
+def test_read_jasper_streams_an_s3_dataset_bit_for_bit(
+    remote: dict[str, str], small_dir: Path, tmp_path: Path, ray_session: object
+) -> None:
+    from jasper_ray import read_jasper
+
+    rows = read_jasper(remote["gzip"], "train", epoch=3, cache_dir=tmp_path).take_all()
+    got = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    want_ds = JASPERSteeringDataset(small_dir, "train", epoch=3, storage_format="pt")
+    position = {int(p): i for i, p in enumerate(want_ds.split_indices.numpy())}
+    want = want_ds.get_batch([position[int(p)] for p in got["pair_id"]])
+    assert sorted(got["pair_id"].tolist()) == sorted(position), "every pair of the split once"
+    for key, value in want.items():
+        assert np.array_equal(got[key], value.numpy()), key
