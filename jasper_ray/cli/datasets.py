@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -71,11 +72,13 @@ def _storage_text(s: dict[str, Any]) -> str:
 
 def run_inspect(args: argparse.Namespace, report: Report) -> None:
     with open_reader(args, report) as reader:
-        _inspect(reader, report)
+        _inspect(reader, report, args.dir)
 
 
-def _inspect(reader: Reader, report: Report) -> None:
+def _inspect(reader: Reader, report: Report, asked: str) -> None:
     f = report.fields
+    served_from = None if Path(asked).resolve() == reader.directory.resolve() else str(reader.directory)
+    f["served_from"] = served_from  # the node-local cache's copy (a remote or compressed dataset), else null
     f["bytes_on_disk"] = reader.nbytes_on_disk()
     f["n_pairs"] = reader.n_pairs
     f["config"] = reader.config
@@ -94,7 +97,7 @@ def _inspect(reader: Reader, report: Report) -> None:
 
     cfg = f["config"]
     report.lines += [
-        f"dataset   {reader.directory}",
+        f"dataset   {asked}" + (f" (served from the cache: {served_from})" if served_from else ""),
         f"format    {_format_text(report)} ({f['bytes_on_disk'] / 1e6:.1f} MB on disk)",
         f"config    embedding_dim={cfg.get('embedding_dim')} n_neg={cfg.get('n_neg')} "
         f"steering_probabilities={json.dumps(cfg.get('steering_probabilities'))}",

@@ -238,15 +238,19 @@ def open_dataset(
             declared = 0
         use_mmap = decide_mmap(max(reader.nbytes_on_disk(), declared))
     reader.use_mmap = bool(use_mmap)
-    if reader.use_mmap and _compression(reader) not in (None, COMPRESSION_NONE):
-        log.warning(
-            "%s is stored compressed (%s): every read decodes whole chunks, hundreds of times slower than a "
-            "memory-mapped file. Give cache_dir= (CLI --cache-dir) to decompress it once into a mappable copy "
-            "there, or convert with compression=None to serve.",
-            reader.path,
-            _compression(reader),
-        )
     return reader
+
+
+def chunk_gathers_warning(reader: Reader) -> str | None:
+    """What to tell a user whose reads will decode compressed chunks (mapped reads of a compressed file)."""
+    codec = _compression(reader)
+    if not reader.use_mmap or codec in (None, COMPRESSION_NONE):
+        return None
+    return (
+        f"{reader.path} is stored compressed ({codec}): every read decodes whole chunks, hundreds of times "
+        "slower than a memory-mapped file. Give cache_dir= (CLI --cache-dir) to decompress it once into a "
+        "mappable copy there, or convert with compression=None to serve."
+    )
 
 
 def _compression(reader: Reader) -> str | None:
@@ -285,6 +289,7 @@ __all__ = [
     "Reader",
     "ShardedHDF5Reader",
     "Writer",
+    "chunk_gathers_warning",
     "decide_mmap",
     "detect_format",
     "open_dataset",

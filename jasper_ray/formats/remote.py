@@ -81,7 +81,7 @@ def cached_hdf5(
         try:
             with _bar(size, f"fetch {location.name()}", progress and location.is_remote) as bar:
                 raw = _fetch_raw(location, part, identity, bar)
-            with _bar(0, f"decompress {location.name()}", progress) as bar:
+            with _bar(_logical_bytes(raw), f"decompress {location.name()}", progress) as bar:
                 if serving_copy(raw, temp, location.uri, on_bytes=bar.update):
                     return
             check_file(raw, location.uri)
@@ -94,6 +94,14 @@ def cached_hdf5(
 
     # A compressed source grows when decompressed: room for about twice its size is asked for.
     return cache.get(dataset_dir, rel, identity, build, nbytes=2 * size, evictable=evictable)
+
+
+def _logical_bytes(path: Path) -> int:
+    """Bytes of every dataset of an HDF5 file, decompressed (what the serving copy's bar counts)."""
+    found: list[int] = []
+    with open_h5(path) as f:
+        f.visititems(lambda _, obj: found.append(obj.size * obj.dtype.itemsize) if hasattr(obj, "shape") else None)
+    return sum(found)
 
 
 def cached_file(cache: NodeCache, dataset_dir: Path, location: Location, rel: str, progress: bool = True) -> Path:

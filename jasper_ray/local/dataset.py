@@ -27,7 +27,7 @@ from ..config import read_config_file
 from ..conversion import writer
 from ..conversion.writer import ConversionReport
 from ..errors import DatasetNotFoundError
-from ..formats import StorageFormat, open_dataset
+from ..formats import StorageFormat, chunk_gathers_warning, open_dataset
 from ..formats.base import Reader
 from ..sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
 from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSOR
@@ -154,6 +154,8 @@ class JASPERSteeringDataset(Dataset):
                 use_mmap = False  # tensors are placed on the device whole anyway
             reopen = functools.partial(_reopen, location, storage_format, cache_dir=cache_dir, cache_limit=cache_limit)
             reader = reopen(use_mmap)
+            if (slow := chunk_gathers_warning(reader)) is not None:
+                log.warning(slow)
             _check_split(reader, split)  # before validating everything, as upstream
             _core = _Core(reader, self.device, reopen, validate)
         _check_split(_core.reader, split)
