@@ -102,6 +102,10 @@ def atomic_output(final: str | os.PathLike) -> Iterator[Path]:
         publish(temp, final)
     finally:
         if temp.exists():
+            # Emptied before it goes: a writer that still holds it open (HDF5 after a failed close) no longer
+            # pins its blocks, so the disk it filled is free again at once.
+            with contextlib.suppress(OSError):
+                os.truncate(temp, 0)
             temp.unlink()
 
 

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ALLOW_NONFINITE, allows_nonfinite, check_curriculum, check_probabilities
+from .config import allows_nonfinite, check_curriculum, check_probabilities
 from .errors import ValidationError
 from .formats.base import Reader
+from .formats.verified import check_finite
 from .schema import CONFIG_FILE, ENTITY_OF_SYMBOL, TENSORS, TIER_RANGE
 
 log = logging.getLogger(__name__)
@@ -120,30 +121,6 @@ def check_range(
         raise ValidationError(
             where, f"value {value}", expected, position, summary.format(value=value) if summary else None
         )
-
-
-def check_finite(
-    where: str, block: np.ndarray, first_row: int = 0, lowest: float | None = None, allow_nonfinite: bool = False
-) -> None:
-    """Every value finite (unless allowed) and not below ``lowest``; the error names the first bad position."""
-    if block.size == 0 or block.dtype.kind != "f":
-        return
-    ok = np.ones(block.shape, bool) if allow_nonfinite else np.isfinite(block)
-    if lowest is not None:
-        ok &= ~(block < lowest)  # NaN compares False: allowed NaNs pass the sign rule
-    if ok.all():
-        return
-    pos = np.argwhere(~ok)[0]
-    value = block[tuple(pos)]
-    pos[0] += first_row
-    position = int(pos[0]) if block.ndim == 1 else tuple(int(x) for x in pos)
-    expected = "a finite value" if lowest is None else f"a finite value >= {lowest}"
-    raise ValidationError(
-        where,
-        f"value {value}",
-        f'{expected} (set "{ALLOW_NONFINITE}": true in {CONFIG_FILE} if the dataset really stores NaN or inf)',
-        position,
-    )
 
 
 def check_floats(reader: Reader, names: Iterable[str], on_bytes: Callable[[int], object] | None = None) -> None:

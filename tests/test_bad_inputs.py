@@ -286,3 +286,227 @@ def test_epoch_and_positions_must_be_integers(small_dir: Path) -> None:
         with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
             check_batch_size(bad)
     assert check_batch_size(np.int64(4)) == 4
+
+
+# --- read verification: a changed byte never reaches a model ----------------------------------------
+
+SMALL_BLOCK = 64 << 10  # checksum blocks of 64 KiB: the small dataset's tensors span several
+
+
+@pytest.fixture(scope="module")
+def small_block_layouts(tmp_path_factory, small_dir: Path) -> dict[str, Path]:
+    """The small dataset converted with 64 KiB checksum blocks: single none / lzf, sharded none / lzf."""
+    import jasper_ray.formats.checksum as checksum
+    from jasper_ray import convert_pt_to_hdf5
+
+    out = {}
+    for layout in ("single", "sharded"):
+        for compression in (None, "lzf"):
+            key = f"{layout}-{compression or 'none'}"
+            d = Path(shutil.copytree(small_dir, tmp_path_factory.mktemp(key) / "ds"))
+            if layout == "sharded":
+                write_sharded(d, compression)
+            else:
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(checksum, "BLOCK_BYTES", SMALL_BLOCK)
+                    convert_pt_to_hdf5(d, compression=compression, progress=False)
+            for pt in d.glob("*.pt"):  # serve the converted files only
+                pt.unlink()
+            out[key] = d
+    return out
+
+
+def _stored_file(directory: Path, h5_path: str, row: int) -> tuple[Path, int]:
+    """The file holding ``row`` of ``h5_path`` and the byte offset of one of its stored bytes."""
+    files = (
+        [directory / HDF5_FILE]
+        if (directory / HDF5_FILE).exists()
+        else sorted((directory / "dataset.shards").glob("*.h5"))
+    )
+    for path in files:
+        with h5py.File(path, "r") as f:
+            if h5_path not in f:
+                continue
+            dset = f[h5_path]
+            start = int(dset.attrs.get("start", 0))
+            if not start <= row < start + dset.shape[0]:
+                continue
+            local = row - start
+            if dset.chunks is None:
+                return path, dset.id.get_offset() + local * dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
+            info = dset.id.get_chunk_info_by_coord((local // dset.chunks[0] * dset.chunks[0],) + (0,) * (dset.ndim - 1))
+            return path, info.byte_offset + info.size // 2
+    raise AssertionError(f"row {row} of {h5_path} not found")
+
+
+LAYOUT_KEYS = ["single-none", "single-lzf", "sharded-none", "sharded-lzf"]
+
+
+@pytest.mark.parametrize("key", LAYOUT_KEYS)
+def test_a_changed_byte_is_never_served(small_block_layouts, tmp_path: Path, key: str) -> None:
+    from _support import flip_byte
+
+    from jasper_ray.errors import ChecksumError
+    from jasper_ray.local.dataset import JASPERSteeringDataset
+
+    d = Path(shutil.copytree(small_block_layouts[key], tmp_path / "ds"))
+    h5_path, row = TENSOR["steering_residual"].h5_path, 1500
+    good = open_dataset(d).take("steering_residual", [row, 3])
+    path, offset = _stored_file(d, h5_path, row)
+    flip_byte(path, offset)
+    reader = open_dataset(d)
+    block_rows = SMALL_BLOCK // (4 * 32)
+    far = (row // block_rows + 2) * block_rows % 2000
+    assert np.array_equal(reader.take("steering_residual", [3]), good[1:]) or far  # other blocks are served
+    with pytest.raises(
+        ChecksumError, match=r"steering/residual: rows \d+:\d+ .*(do not match the checksum|cannot be decoded)"
+    ):
+        reader.take("steering_residual", [row])
+    with pytest.raises(ChecksumError):
+        reader.read("steering_residual", row, row + 1)
+    for use_mmap in (True, False):  # mapped: the batch's read refuses; in RAM: placing the tensors refuses
+        with pytest.raises(ChecksumError):
+            ds = JASPERSteeringDataset(d, "train", use_mmap=use_mmap)
+            ds.force_steering("residual")
+            ds.get_batch(np.arange(len(ds)))
+    with pytest.raises(ChecksumError):  # verify="open": refused when opened
+        open_dataset(d, verify="open")
+    served = open_dataset(d, verify="off")  # off: the documented way to serve without checks
+    if "none" in key:
+        assert not np.array_equal(served.take("steering_residual", [row]), good[:1])
+
+
+def test_files_without_block_digests_are_checked_whole(small_block_layouts, tmp_path: Path) -> None:
+    """Files of earlier versions record only the tensor's checksum: the first touch checks the whole tensor."""
+    from _support import flip_byte
+
+    from jasper_ray.errors import ChecksumError
+
+    d = Path(shutil.copytree(small_block_layouts["single-none"], tmp_path / "ds"))
+    with h5py.File(d / HDF5_FILE, "r+") as f:
+        del f["steering/residual"].attrs["block_digests"]
+    path, offset = _stored_file(d, "steering/residual", 1999)
+    flip_byte(path, offset)
+    with pytest.raises(ChecksumError, match=r"steering/residual: rows 0:2000 \(these rows\)"):
+        open_dataset(d).take("steering_residual", [0])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_refuse_a_changed_byte(small_block_layouts, tmp_path: Path, context: str) -> None:
+    from _support import flip_byte
+
+    from jasper_ray.local.loader import create_loader
+
+    d = Path(shutil.copytree(small_block_layouts["single-none"], tmp_path / "ds"))
+    flip_byte(*_stored_file(d, "steering/centroid", 700))
+    loader = create_loader(d, "train", batch_size=256, num_workers=1, multiprocessing_context=context, use_mmap=True)
+    loader.dataset.force_steering("centroid")
+    with pytest.raises(Exception, match=r"steering/centroid: rows \d+:\d+ \(checksum block \d+\) do not match"):
+        for _ in loader:
+            pass
+
+
+# --- PT files: truncated, empty, bfloat16, sparse -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "bfloat16", "sparse"])
+@pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "load"])
+def test_unreadable_pt_tensors_are_named(dataset_copy: Path, kind: str, use_mmap: bool) -> None:
+    import torch
+
+    from jasper_ray.local.dataset import JASPERSteeringDataset
+
+    path = dataset_copy / TENSOR["steering_centroid"].pt_file
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        match = "truncated or damaged torch file"
+    elif kind == "empty":
+        path.write_bytes(b"")
+        match = r"empty file \(0 bytes\)"
+    elif kind == "bfloat16":
+        torch.save(torch.load(path, weights_only=True).to(torch.bfloat16), path)
+        match = r"dtype torch.bfloat16 has no numpy equivalent; the schema stores float32"
+    else:
+        torch.save(torch.load(path, weights_only=True).to_sparse(), path)
+        match = r"a torch.sparse_coo tensor; expected a dense tensor"
+    with pytest.raises(DatasetFormatError, match=f"steering_centroid.pt: {match}"):
+        JASPERSteeringDataset(dataset_copy, "train", storage_format="pt", use_mmap=use_mmap)
+
+
+# --- a full disk during a single-process conversion ---------------------------------------------------
+
+FULL_DISK_CHILD = """
+import sys
+from jasper_ray.conversion.writer import convert_pt_to_hdf5
+try:
+    convert_pt_to_hdf5(sys.argv[1], compression="gzip", output=sys.argv[2], progress=False)
+except OSError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def test_a_full_disk_fails_cleanly_in_one_process(dataset_copy: Path, tmp_path: Path) -> None:
+    """A 1 MiB tmpfs (the small dataset is ~2.4 MB of PT files): refused before writing, no crash, no temp."""
+    from _support import subprocess_env
+
+    target = tmp_path / "full"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs (the tests run as root): {mounted.stderr!r}"
+    try:
+        for _ in range(3):  # the crash it replaces happened on every run
+            child = subprocess.run(
+                [sys.executable, "-c", FULL_DISK_CHILD, str(dataset_copy), str(target / HDF5_FILE)],
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert child.returncode == 1, (child.returncode, child.stderr[-2000:])
+            assert f"No space left on device to write {target / HDF5_FILE}: it needs up to" in child.stdout
+            assert list(target.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+# --- a file truncated under (or before) a memory-mapped reader ----------------------------------------
+
+
+def test_a_truncated_mapped_file_is_refused_at_open(h5_copy: Path) -> None:
+    """Mapping past the end would kill the process with SIGBUS at the first read: refused when opened."""
+    path = h5_copy / HDF5_FILE
+    with h5py.File(path, "r") as f:
+        end = f["steering/residual"].id.get_offset() + f["steering/residual"].id.get_storage_size()
+    with open(path, "r+b") as f:
+        f.truncate(end - 100)
+    for pt in h5_copy.glob("*.pt"):
+        pt.unlink()
+    with pytest.raises(DatasetFormatError, match=r"dataset.h5: the file is truncated \(.*truncated file: eof = "):
+        open_dataset(h5_copy, use_mmap=True).take("steering_residual", [0])
+
+
+def test_sigbus_under_a_mapped_reader_is_what_the_docs_say(dataset_copy: Path) -> None:
+    """torch.save over a PT file while it is mapped: the reader's process dies of SIGBUS (a documented limit,
+    docs/troubleshooting.md); the same rewrite published by rename (jasper_ray's writers) leaves it serving."""
+    from _support import subprocess_env
+
+    child = f"""
+import numpy as np, torch, os, sys
+from jasper_ray import open_dataset
+from jasper_ray.formats.pt import PTWriter
+r = open_dataset({str(dataset_copy)!r}, "pt", use_mmap=True, verify="off")
+before = r.take("steering_residual", [1999]).copy()
+path = {str(dataset_copy / TENSOR["steering_residual"].pt_file)!r}
+if sys.argv[1] == "rename":
+    PTWriter({str(dataset_copy)!r}).write_tensor("steering_residual", torch.zeros(2000, 32))
+    assert np.array_equal(r.take("steering_residual", [1999]), before)  # the old mapping still serves
+    print("served")
+else:
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    r.take("steering_residual", [1999])
+"""
+    for mode, expected in (("rename", 0), ("in-place", -7)):  # -7: killed by SIGBUS
+        run = subprocess.run([sys.executable, "-c", child, mode], env=subprocess_env(), capture_output=True, text=True)
+        assert run.returncode == expected, (mode, run.returncode, run.stderr[-1500:])

@@ -30,18 +30,19 @@ from .plan import ConversionPlan, Piece
 ASSEMBLY_MARGIN = 1 << 20
 
 
-def check_free_space(output: Path, pieces_bytes: int) -> None:
+def check_free_space(output: Path, pieces_bytes: int, doing: str = "assemble") -> None:
     """Refuse to start a file that cannot fit: HDF5 does not survive a disk filling up mid-write.
 
     The assembled file holds the pieces' chunks and less metadata than they do, so the part files'
-    total (plus a margin) bounds it. A disk filled by someone else during assembly still fails in HDF5.
+    total (plus a margin) bounds it; a file written in one process is bounded by its uncompressed bytes.
+    A disk filled by someone else during the write still fails in HDF5 (docs/troubleshooting.md).
     """
     need = pieces_bytes + ASSEMBLY_MARGIN
     free = shutil.disk_usage(output.parent).free
     if free < need:
         raise OSError(
             errno.ENOSPC,
-            f"No space left on device to assemble {output}: it needs up to {need / 2**20:.1f} MiB, "
+            f"No space left on device to {doing} {output}: it needs up to {need / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB are free",
         )
 

@@ -30,6 +30,7 @@ from .remote import convert_staged, is_remote_job
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+from .publish import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def convert_pt_to_hdf5(
         validate_dataset(reader, progress=progress)
     started = time.perf_counter()
     found = columns(reader)
+    check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take
     with (
         _progress(sum(c.nbytes for c in found), progress, "convert") as bar,
         HDF5Writer(output, compression, compression_opts, shuffle, block_bytes=block_bytes, on_bytes=bar.update) as w,

@@ -34,6 +34,7 @@ from .hdf5_writer import HDF5Writer
 from .pt import PTReader, PTWriter
 from .remote import localize
 from .sharded import ShardedHDF5Reader
+from .verified import VerifyMode, check_verify_mode
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -194,6 +195,7 @@ def open_dataset(
     cache_dir: str | os.PathLike | None = None,
     cache_limit: int | None = None,
     progress: bool = False,
+    verify: VerifyMode = "first-touch",
     **options: Any,
 ) -> Reader:
     """Open a JASPER dataset directory (or its ``dataset.h5``), local or a ``pyarrow.fs`` URI, for lazy reading.
@@ -208,7 +210,11 @@ def open_dataset(
     declares) exceed 10 GiB or half the RAM available now; an explicit bool wins.
     ``options`` tune the HDF5 reader (``chunk_cache_bytes``) and are ignored for PT. An explicit ``"hdf5"`` whose
     PT sources changed since conversion raises ``StaleDatasetError``.
+
+    ``verify``: ``"first-touch"`` checks each checksum block (and its float values) the first time a read
+    touches it, ``"open"`` checks everything now, ``"off"`` nothing (NOTE [first-touch verification]).
     """
+    check_verify_mode(verify)
     location = locate(path, filesystem)
     path = Path(location.path)
     if location.is_remote or cache_dir is not None or cache_limit is not None:
@@ -238,6 +244,9 @@ def open_dataset(
             declared = 0
         use_mmap = decide_mmap(max(reader.nbytes_on_disk(), declared))
     reader.use_mmap = bool(use_mmap)
+    reader.verify = verify
+    if verify == "open":
+        reader.check_all()
     return reader
 
 

@@ -26,11 +26,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..config import read_config_file
-from ..errors import DatasetNotFoundError
+from ..config import allows_nonfinite, read_config_file
+from ..errors import ChecksumError, DatasetNotFoundError
 from ..schema import CONFIG_FILE, TENSOR, TENSORS
 from .arrays import RowArray, advise_huge_pages, check_indices, gather_rows, is_mapped
-from .checksum import RecordedChecksum, verify_checksums
+from .checksum import RecordedChecksum, block_rows, row_nbytes, verify_checksums
+from .verified import TouchGuard, Unit, VerifyMode, block_units, check_finite
 
 __all__ = [
     "Reader",
@@ -54,14 +55,17 @@ class Reader(ABC):
         # Where the data lives, for messages: the file or folder a format keeps it in (PT: the directory).
         self.path = self.directory
         self.use_mmap = bool(use_mmap)
+        # "first-touch" (NOTE [first-touch verification] in verified), "open" or "off"; open_dataset sets it.
+        self.verify: VerifyMode = "first-touch"
         self._opened_in: int | None = None
         self._arrays: dict[str, RowArray] = {}
+        self._guards: dict[str, TouchGuard | None] = {}
         self._config: dict[str, Any] | None = None
 
     # --- per-process state -------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_opened_in=None, _arrays={})
+        state.update(_opened_in=None, _arrays={}, _guards={})
         for key in self._process_local:
             state[key] = None
         return state
@@ -72,7 +76,7 @@ class Reader(ABC):
     def _ensure_open(self) -> None:
         pid = os.getpid()
         if self._opened_in != pid:
-            self._arrays = {}
+            self._arrays, self._guards = {}, {}
             for key in self._process_local:
                 setattr(self, key, None)
             self._open()
@@ -83,7 +87,7 @@ class Reader(ABC):
 
     def close(self) -> None:
         """Drop every handle and mapping; the reader reopens on next use."""
-        self._arrays = {}
+        self._arrays, self._guards = {}, {}
         self._release()
         self._opened_in = None
 
@@ -128,14 +132,51 @@ class Reader(ABC):
         return np.dtype(self.array(name).dtype)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` as an array (a view of the mapping where there is one)."""
-        return np.asarray(self.array(name)[start:stop])
+        """Rows ``start:stop`` as an array (a view of the mapping where there is one), checked
+        (NOTE [first-touch verification])."""
+        arr = self.array(name)
+        guard = self._guard(name)
+        if guard is not None:
+            a, b, _ = slice(start, stop).indices(arr.shape[0])
+            guard.touch_range(arr, a, b)
+        return np.asarray(arr[start:stop])
 
     def take(self, name: str, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows at ``indices`` (any order, repeats allowed): a new array, or written into ``out``
-        (C-contiguous, of the result's shape) and returned."""
+        (C-contiguous, of the result's shape) and returned; checked (NOTE [first-touch verification])."""
         arr = self.array(name)
-        return gather_rows(arr, check_indices(lambda: self.location(name), np.asarray(indices), arr.shape[0]), out)
+        idx = check_indices(lambda: self.location(name), np.asarray(indices), arr.shape[0])
+        guard = self._guard(name)
+        if guard is not None:
+            guard.touch_rows(arr, idx)
+        return gather_rows(arr, idx, out)
+
+    def _guard(self, name: str) -> TouchGuard | None:
+        """What checks reads of ``name`` on first touch in this process (None: nothing to check)."""
+        if self.verify != "first-touch":
+            return None
+        if name not in self._guards:
+            arr = self.array(name)
+            shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+            units = self._units(name)
+            check_values = dtype.kind == "f" and not self._allows_nonfinite()
+            if units is None and check_values:
+                units = block_units(shape[0], block_rows(shape, dtype.itemsize), None)
+            self._guards[name] = (
+                TouchGuard(self.location(name), units, check_values, row_nbytes(shape, dtype)) if units else None
+            )
+        return self._guards[name]
+
+    def _allows_nonfinite(self) -> bool:
+        """config.json's opt-out; a dataset without a config (an upstream file alone) allows nothing."""
+        try:
+            return allows_nonfinite(self.config)
+        except DatasetNotFoundError:
+            return False
+
+    def _units(self, name: str) -> list[Unit] | None:
+        """The checksum units the format recorded for tensor ``name`` (None: it recorded none)."""
+        return None
 
     # --- splits ------------------------------------------------------------------
     @abstractmethod
@@ -217,6 +258,20 @@ class Reader(ABC):
 
         ``on_block`` gets the bytes of each block read (a progress bar's ``update``)."""
         return verify_checksums(self.recorded_checksums(), on_block)
+
+    def check_all(self) -> None:
+        """Every recorded checksum and every float value, now (``verify="open"``); raises at the first problem."""
+        problems = self.verify_checksums()
+        if problems:
+            raise ChecksumError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        if self._allows_nonfinite():
+            return
+        for spec in TENSORS:
+            if spec.dtype.kind == "f" and self.has_tensor(spec.name):
+                shape = self.shape(spec.name)
+                step = max(1, block_rows(shape, spec.dtype.itemsize))
+                for a in range(0, shape[0], step):
+                    check_finite(self.location(spec.name), np.asarray(self.array(spec.name)[a : a + step]), a)
 
     @property
     def n_pairs(self) -> int:

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DatasetFormatError, DatasetNotFoundError
+from ..errors import ChecksumError, DatasetFormatError, DatasetNotFoundError
 from ..schema import (
+    ATTR_BLOCK_DIGESTS,
     ATTR_CHECKSUM,
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
@@ -48,6 +49,7 @@ from .arrays import RowArray, advise_huge_pages, check_indices
 from .base import Reader
 from .checksum import RecordedChecksum, row_nbytes
 from .pt import PTReader
+from .verified import Unit, block_units
 
 # The top-level groups a JASPER file has (ours and upstream's): a file with none of them is foreign.
 GROUP_NAMES = tuple(dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS))
@@ -85,7 +87,18 @@ class ChunkedRows:
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, np.ndarray) and key.dtype.kind in "iu":
             return self.take_rows(key)
-        return self.dset[key]
+        return self._read(key)
+
+    def _read(self, key: Any) -> np.ndarray:
+        """``dset[key]``; a chunk that does not decode is named (h5py says only "filter returned failure")."""
+        try:
+            return self.dset[key]
+        except OSError as exc:
+            rows = f"rows {key.start}:{key.stop}" if isinstance(key, slice) else f"rows {key!r}"
+            raise ChecksumError(
+                f"{self.dset.file.filename}:{self.dset.name}: {rows} cannot be decoded: a damaged compressed chunk "
+                f"({exc}). Run `jasper-ray verify` on the dataset, then restore the file or reconvert."
+            ) from exc
 
     def take_rows(self, indices: np.ndarray) -> np.ndarray:
         out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
@@ -99,7 +112,7 @@ class ChunkedRows:
         stops = np.concatenate((bounds, [len(sorted_idx)]))
         for a, b in zip(starts.tolist(), stops.tolist()):
             first = int(chunk_of[a]) * self.chunk_rows
-            block = self.dset[first : min(first + self.chunk_rows, self.shape[0])]
+            block = self._read(slice(first, min(first + self.chunk_rows, self.shape[0])))
             out[order[a:b]] = block[sorted_idx[a:b] - first]
         return out
 
@@ -157,6 +170,11 @@ def open_h5(path: Path) -> Any:
             # The file is already open in this process with other locking flags; HDF5 wants them equal.
             return h5py.File(path, "r", **cache)
     except OSError as exc:
+        if "truncated file" in str(exc):
+            raise DatasetFormatError(
+                f"{path}: the file is truncated ({exc}). Restore it or reconvert; a file rewritten in place "
+                "while it is read is cut short (docs/troubleshooting.md)."
+            ) from exc
         raise DatasetFormatError(f"{path}: not a readable HDF5 file ({exc})") from exc
 
 
@@ -329,6 +347,22 @@ class HDF5Reader(Reader):
         np.cumsum([len(x) for x in lists], out=offsets[1:])
         values = np.concatenate(lists).astype(KEYWORD_IDS.dtype) if lists else np.empty(0, KEYWORD_IDS.dtype)
         return values, offsets
+
+    def _units(self, name: str) -> list[Unit] | None:
+        """Per-block digests where the file records them (this version's files), else the tensor's checksum
+        as one unit (earlier versions), else none (upstream's files)."""
+        path = self._resolve(TENSOR[name])
+        if path is None:
+            return None
+        dset = self.file[path]
+        recorded = dset.attrs.get(ATTR_CHECKSUM)
+        if recorded is None:
+            return None
+        rows = int(dset.attrs.get(ATTR_CHECKSUM_BLOCK_ROWS, max(1, dset.shape[0])))
+        digests = dset.attrs.get(ATTR_BLOCK_DIGESTS)
+        if digests is not None:
+            return block_units(dset.shape[0], rows, [bytes(d) for d in np.asarray(digests).reshape(-1, 32)])
+        return [Unit(0, dset.shape[0], combined=str(recorded), block_rows=rows)]
 
     def recorded_checksums(self) -> list[RecordedChecksum]:
         """Every dataset that carries a checksum attribute (upstream's files carry none)."""

@@ -17,6 +17,7 @@ names in ``schema``. h5py is imported on first use (``require_h5py``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -62,6 +63,9 @@ from .hdf5 import map_contiguous, require_h5py
 ALIGNMENT = 64
 # Rows are streamed in blocks of about this many bytes (whole chunks).
 BLOCK_BYTES = 64 << 20
+# Block digests kept per dataset (an attribute: HDF5's compact attributes hold < 64 KiB, so up to ~30 GiB of
+# a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
+MAX_BLOCK_DIGESTS = 1800
 # Uncompressed part files are copied in runs of about this many bytes.
 COPY_BYTES = 64 << 20
 # The top-level groups of the file, in upstream's order (its converter writes them so): the schema's
@@ -199,6 +203,11 @@ class HDF5Writer(Writer):
     ) -> None:
         file, self._file = self._file, None
         if self._image is None:
+            if exc_type is not None:
+                # h5py objects go before the file: a dataset freed after its file failed to close (a full disk)
+                # segfaults the process (h5py#914).
+                self._dataset = None
+                gc.collect()
             try:
                 self._publish.__exit__(exc_type, exc, tb)  # closes the file, then publishes or removes it
             finally:
@@ -272,6 +281,9 @@ class HDF5Writer(Writer):
         hasher = BlockHasher.for_tensor(shape, dtype)
         write_rows(dset, rows, 0, shape[0], hasher, self.block_bytes, self.on_bytes)
         self.set_checksum(dset, hasher.finish())
+        # Its chunks reach the file now, where a failing write (a full disk) raises here: left to the next
+        # dataset's creation it would fail inside h5py's object cleanup, unraised, and crash later (h5py#914).
+        dset.id.flush()
         return dset
 
     @staticmethod
@@ -279,6 +291,8 @@ class HDF5Writer(Writer):
         """The dataset's checksum, combined from the digests of its blocks (in row order)."""
         dset.attrs[ATTR_CHECKSUM] = combine(digests)
         dset.attrs[ATTR_CHECKSUM_BLOCK_ROWS] = block_rows(tuple(dset.shape), dset.dtype.itemsize)
+        if len(digests) <= MAX_BLOCK_DIGESTS:  # what reads check on first touch (formats.verified)
+            dset.attrs[ATTR_BLOCK_DIGESTS] = np.frombuffer(b"".join(digests), dtype=np.uint8)
 
     def copy_part(self, dset: Any, part: Path, dest_start: int) -> int:
         """Rows of part file ``part`` into ``dset`` from ``dest_start``: compressed chunks as they are stored

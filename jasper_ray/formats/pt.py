@@ -41,6 +41,8 @@ from .base import Reader, Writer
 
 log = logging.getLogger(__name__)
 
+REBUILD = "Restore the file, or write the dataset again (a file rewritten while it was read is cut short)."
+
 
 def load_pt(path: Path, *, mmap: bool) -> Any:
     """``torch.load`` with weights_only, and errors that name the file."""
@@ -48,14 +50,22 @@ def load_pt(path: Path, *, mmap: bool) -> Any:
 
     if not path.is_file():
         raise DatasetNotFoundError(f"Required tensor file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"{path}: empty file (0 bytes): the write that made it never finished. {REBUILD}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (EOFError, OSError) as exc:
+        raise DatasetFormatError(
+            f"{path}: truncated or damaged torch file ({type(exc).__name__}: {exc}). {REBUILD}"
+        ) from exc
     except pickle.UnpicklingError as exc:
         raise DatasetFormatError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
             f"(loaded with weights_only=True; jasper_ray never unpickles arbitrary objects). {exc}"
         ) from exc
     except RuntimeError as exc:
+        if "central directory" in str(exc) or "zip archive" in str(exc):
+            raise DatasetFormatError(f"{path}: truncated or damaged torch file ({str(exc)[:120]}). {REBUILD}") from exc
         if mmap and "mmap" in str(exc).lower():
             # Pre-1.6 (non-zip) torch.save files cannot be mapped.
             log.warning("%s cannot be memory-mapped (legacy format); loading it whole", path)
@@ -69,7 +79,17 @@ def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
     obj = load_pt(path, mmap=mmap)
     if not isinstance(obj, torch.Tensor):
         raise DatasetFormatError(f"{path}: expected a tensor, found {type(obj).__name__}")
-    array = obj.detach().cpu().numpy()
+    if obj.layout != torch.strided:
+        raise DatasetFormatError(
+            f"{path}: a {obj.layout} tensor; expected a dense tensor. Save it with torch.save(t.to_dense(), path)."
+        )
+    try:
+        array = obj.detach().cpu().numpy()
+    except TypeError as exc:  # bfloat16 and other dtypes numpy lacks
+        raise DatasetFormatError(
+            f"{path}: dtype {obj.dtype} has no numpy equivalent; the schema stores float32 (embeddings, steering, "
+            "relevance, distances) and int64 (ids, tiers). Save it with torch.save(t.float(), path) (or .long())."
+        ) from exc
     if mmap:
         advise_huge_pages(array)
     return array

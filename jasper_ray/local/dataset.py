@@ -29,6 +29,7 @@ from ..conversion.writer import ConversionReport
 from ..errors import DatasetNotFoundError
 from ..formats import StorageFormat, chunk_gathers_warning, open_dataset
 from ..formats.base import Reader
+from ..formats.verified import VerifyMode
 from ..sampling import DEFAULT_SEED, VARIANT_ID, SteeringSchedule, steering_variants
 from ..schema import CONFIG_FILE, HDF5_FILE, MANIFEST, SHARDS_DIR, STEERING_VARIANTS, TENSOR
 from ..storage import Location, locate
@@ -49,7 +50,7 @@ class _Core:
 
     def __init__(self, reader: Reader, device: torch.device, reopen: Callable[[bool], Reader], validate: bool):
         if validate:
-            validate_dataset(reader)
+            validate_dataset(reader, scan_floats=False)  # the reader checks floats (NOTE [when values are checked])
         self.reader = reader
         self.reopen = reopen  # (use_mmap) -> the same dataset opened again (a picklable partial)
         self.device = device
@@ -82,7 +83,7 @@ class _Core:
         self.reader.close()
         reader = self.reopen(self.reader.use_mmap)
         if validate:
-            validate_dataset(reader)
+            validate_dataset(reader, scan_floats=False)
         self.reader = reader
         del self.source  # the old tensors go before the new ones are placed (device memory)
         self.source = self._make_source()
@@ -139,6 +140,7 @@ class JASPERSteeringDataset(Dataset):
         filesystem: pafs.FileSystem | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
+        verify: VerifyMode = "first-touch",
         _core: _Core | None = None,
     ):
         location = locate(dataset_dir, filesystem)
@@ -152,7 +154,9 @@ class JASPERSteeringDataset(Dataset):
                 _check_local(Path(dataset_dir))
             if use_mmap is None and self.device.type != "cpu":
                 use_mmap = False  # tensors are placed on the device whole anyway
-            reopen = functools.partial(_reopen, location, storage_format, cache_dir=cache_dir, cache_limit=cache_limit)
+            reopen = functools.partial(
+                _reopen, location, storage_format, cache_dir=cache_dir, cache_limit=cache_limit, verify=verify
+            )
             reader = reopen(use_mmap)
             if (slow := chunk_gathers_warning(reader)) is not None:
                 log.warning(slow)

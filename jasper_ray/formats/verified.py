@@ -1,0 +1,164 @@
+"""Verified reads: each checksum unit of a tensor is checked the first time a read touches it.
+
+NOTE [first-touch verification]
+A reader opened with ``verify="first-touch"`` (the default) keeps, per tensor
+and per process, which of its units have been checked. A unit is a checksum
+block (~16 MiB of rows) where the file records per-block digests (files this
+version writes, shard files), a whole shard where only the manifest's shard
+checksum is known, or the whole tensor for files of earlier versions that
+record only the tensor's checksum. Before rows are handed out, every unit they
+touch that is not yet checked is read whole, hashed and compared (sha256, the
+same digests ``verify`` recomputes) and, for float tensors, scanned for NaN and
+inf (unless config.json says ``"allow_nonfinite": true``); units are checked on
+all cores at once. So a changed byte is never served: the read that would have
+served it raises ``ChecksumError`` naming the file, tensor and rows. Once every
+unit of a tensor is checked, reads cost one flag test.
+
+What it does not cover: bytes changed after their unit was checked in this
+process (a file rewritten under a running reader; reopen it), keyword ids and
+split ids (validated whole at open), and PT files (they record no checksums:
+only their float values are checked). ``verify="open"`` checks everything when
+the dataset is opened; ``verify="off"`` checks nothing when reading
+(``jasper-ray verify`` still can). Each DataLoader worker checks the units it
+touches itself (the state is per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..config import ALLOW_NONFINITE
+from ..errors import ChecksumError, ValidationError
+from ..schema import CONFIG_FILE
+from .arrays import RowArray
+from .checksum import block_digests, combine
+
+VerifyMode = Literal["first-touch", "open", "off"]
+VERIFY_MODES: tuple[str, ...] = ("first-touch", "open", "off")
+
+
+def check_verify_mode(verify: object) -> str:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
+    return str(verify)
+
+
+def check_finite(
+    where: str, block: np.ndarray, first_row: int = 0, lowest: float | None = None, allow_nonfinite: bool = False
+) -> None:
+    """Every value finite (unless allowed) and not below ``lowest``; the error names the first bad position."""
+    if block.size == 0 or block.dtype.kind != "f":
+        return
+    ok = np.ones(block.shape, bool) if allow_nonfinite else np.isfinite(block)
+    if lowest is not None:
+        ok &= ~(block < lowest)  # NaN compares False: allowed NaNs pass the sign rule
+    if ok.all():
+        return
+    pos = np.argwhere(~ok)[0]
+    value = block[tuple(pos)]
+    pos[0] += first_row
+    position = int(pos[0]) if block.ndim == 1 else tuple(int(x) for x in pos)
+    expected = "a finite value" if lowest is None else f"a finite value >= {lowest}"
+    raise ValidationError(
+        where,
+        f"value {value}",
+        f'{expected} (set "{ALLOW_NONFINITE}": true in {CONFIG_FILE} if the dataset really stores NaN or inf)',
+        position,
+    )
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``start:stop`` and what they must hash to: ``digest`` (the sha256 of their bytes), or ``combined``
+    (the checksum of their ``block_rows`` blocks, hex), or neither (values are checked only)."""
+
+    start: int
+    stop: int
+    digest: bytes | None = None
+    combined: str | None = None
+    block_rows: int = 0
+
+
+def block_units(n_rows: int, block_rows: int, digests: Sequence[bytes] | None, first_row: int = 0) -> list[Unit]:
+    """One unit per checksum block of rows ``first_row : first_row + n_rows`` (``digests`` in block order)."""
+    step = max(1, block_rows)
+    starts = range(0, n_rows, step)
+    if digests is not None and len(digests) != len(starts):
+        digests = None  # a record that does not fit the rows: treat as absent, never as a match
+    return [
+        Unit(first_row + a, first_row + min(a + step, n_rows), None if digests is None else digests[i])
+        for i, a in enumerate(starts)
+    ]
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One thread per core, made again after a fork (threads do not survive it). hashlib and numpy release
+    the GIL on large buffers, so units are checked in parallel."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="jasper-verify"))
+    return _POOL[1]
+
+
+class TouchGuard:
+    """Which units of one tensor this process has checked; checks the rest as reads touch them."""
+
+    def __init__(self, where: str, units: list[Unit], check_values: bool, row_bytes: int):
+        self.where, self.units, self.check_values, self.row_bytes = where, units, check_values, row_bytes
+        self.starts = np.array([u.start for u in units], dtype=np.int64)
+        self.done = np.zeros(len(units), dtype=bool)
+        self.all_done = not units
+
+    def touch_rows(self, rows: RowArray, indices: np.ndarray) -> None:
+        """Check every unit that rows ``indices`` (checked int64) fall in, if not checked yet."""
+        if self.all_done or not len(indices):
+            return
+        units = np.searchsorted(self.starts, indices, side="right") - 1
+        self._check(rows, np.unique(units[~self.done[units]]))
+
+    def touch_range(self, rows: RowArray, start: int, stop: int) -> None:
+        if self.all_done or stop <= start:
+            return
+        first, last = np.searchsorted(self.starts, [start, stop - 1], side="right") - 1
+        units = np.arange(first, last + 1)
+        self._check(rows, units[~self.done[units]])
+
+    def _check(self, rows: RowArray, units: np.ndarray) -> None:
+        if not len(units):
+            return
+        todo = [int(u) for u in units]
+        results = list(_pool().map(lambda u: self._check_unit(rows, u), todo)) if len(todo) > 1 else []
+        if not results:
+            self._check_unit(rows, todo[0])
+        self.done[todo] = True
+        self.all_done = bool(self.done.all())
+
+    def _check_unit(self, rows: RowArray, u: int) -> None:
+        unit = self.units[u]
+        block = np.ascontiguousarray(rows[unit.start : unit.stop])
+        if unit.digest is not None:
+            got = hashlib.sha256(block.data.cast("B")).digest()
+            if got != unit.digest:
+                self._changed(unit, f"checksum block {u}")
+        elif unit.combined is not None:
+            if combine(block_digests(block, unit.block_rows, self.row_bytes)) != unit.combined:
+                self._changed(unit, "these rows")
+        if self.check_values:
+            check_finite(self.where, block, unit.start)
+
+    def _changed(self, unit: Unit, what: str) -> None:
+        raise ChecksumError(
+            f"{self.where}: rows {unit.start}:{unit.stop} ({what}) do not match the checksum recorded when they "
+            "were written: the stored bytes changed, and none of them was served. Run `jasper-ray verify` on the "
+            "dataset, then restore the file or reconvert."
+        )
