@@ -9,7 +9,14 @@ values hold for both). A file already contiguous is only checked.
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +25,7 @@ import numpy as np
 from ..errors import ChecksumError
 from ..schema import ATTR_CHECKSUM, ATTR_CHECKSUM_BLOCK_ROWS, ATTR_COMPRESSION, COMPRESSION_NONE
 from .checksum import BlockHasher, combine, row_nbytes
-from .hdf5 import open_h5
+from .hdf5 import open_h5, require_h5py
 from .hdf5_writer import BLOCK_BYTES, create_file
 
 
@@ -76,12 +83,28 @@ def check_file(path: Path, where: str, on_bytes: Callable[[int], object] | None 
             _stream(dset, where, None, on_bytes)
 
 
-def serving_copy(src: Path, dest: Path, where: str, on_bytes: Callable[[int], object] | None = None) -> bool:
+def serving_copy(
+    src: Path, dest: Path, where: str, on_bytes: Callable[[int], object] | None = None, workers: int | None = None
+) -> bool:
     """Make ``dest`` the contiguous, checked copy of ``src``; returns False (``dest`` untouched) when
-    ``src`` is already contiguous (then ``check_file`` it and use it as it is)."""
+    ``src`` is already contiguous (then ``check_file`` it and use it as it is).
+
+    Large files are decoded by ``workers`` processes (default: the CPUs), each taking whole checksum
+    blocks of a dataset and writing them in place into ``dest``, allocated first; small ones in this process.
+    """
     with open_h5(src) as f:
         if is_mappable(f):
             return False
+        total = sum(d.size * d.dtype.itemsize for _, d in _datasets(f))
+        if total >= PARALLEL_MIN_BYTES and (workers or os.cpu_count() or 1) > 1:
+            blocks = _allocate(f, dest)
+            parallel = True
+        else:
+            parallel = False
+    if parallel:
+        _decode_in_place(src, dest, where, blocks, on_bytes, workers)
+        return True
+    with open_h5(src) as f:
         with create_file(dest) as out:
             for key, value in f.attrs.items():
                 out.attrs[key] = value
@@ -108,3 +131,156 @@ def serving_copy(src: Path, dest: Path, where: str, on_bytes: Callable[[int], ob
 
             f.visititems(visit)
     return True
+
+
+# Files smaller than this are decoded in this process: starting worker interpreters (which import torch
+# with the package) costs more than they save.
+PARALLEL_MIN_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Rows ``start:stop`` of one dataset (whole checksum blocks), and where the dataset lies in ``dest``."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    start: int
+    stop: int
+    block_rows: int
+
+
+def _allocate(f: Any, dest: Path) -> list[_Block]:
+    """``dest`` with ``f``'s groups, attributes and datasets, each contiguous and allocated now (so its
+    offset is known before any byte is written); the row ranges the workers fill."""
+    h5py = require_h5py()
+    blocks: list[_Block] = []
+    with create_file(dest) as out:
+        for key, value in f.attrs.items():
+            out.attrs[key] = value
+        if ATTR_COMPRESSION in f.attrs:
+            out.attrs[ATTR_COMPRESSION] = COMPRESSION_NONE
+
+        def visit(name: str, obj: Any) -> None:
+            if not hasattr(obj, "shape"):
+                group = out.require_group(name)
+                for key, value in obj.attrs.items():
+                    group.attrs[key] = value
+                return
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            space = h5py.h5s.create_simple(obj.shape) if obj.shape else h5py.h5s.create(h5py.h5s.SCALAR)
+            parent, _, leaf = name.rpartition("/")
+            where = out[parent] if parent else out
+            copy = h5py.Dataset(h5py.h5d.create(where.id, leaf.encode(), obj.id.get_type(), space, dcpl=dcpl))
+            for key, value in obj.attrs.items():
+                copy.attrs[key] = value
+            offset = copy.id.get_offset()
+            if not obj.shape or offset is None or obj.dtype.kind not in "iuf":
+                if obj.size:
+                    copy[...] = obj[...]  # a scalar or an odd type: small, copied here
+                return
+            rows = _block_rows(obj)
+            per_job = max(1, JOB_BYTES // max(1, rows * row_nbytes(obj.shape, obj.dtype))) * rows
+            for start in range(0, obj.shape[0], per_job):
+                stop = min(start + per_job, obj.shape[0])
+                blocks.append(_Block(name, int(offset), tuple(obj.shape), obj.dtype.str, start, stop, rows))
+
+        f.visititems(visit)
+    return blocks
+
+
+JOB_BYTES = 64 << 20
+
+
+def _decode_block(src: Path, dest: Path, block: _Block) -> list[bytes]:
+    """Decode ``block``'s rows, write them in place in ``dest``, return their checksum block digests."""
+    with open_h5(src) as f:
+        rows = f[block.name][block.start : block.stop]
+    hasher = BlockHasher(block.block_rows, row_nbytes(block.shape, np.dtype(block.dtype)))
+    hasher.update(rows)
+    mapped = np.memmap(dest, dtype=block.dtype, mode="r+", offset=block.offset, shape=block.shape)
+    mapped[block.start : block.stop] = rows
+    mapped.flush()
+    del mapped
+    return hasher.finish()
+
+
+def worker_main() -> None:
+    """A decoding worker (a fresh interpreter: no fork under the caller's threads, no re-run of its
+    ``__main__``): reads ``{src, dest, blocks}`` as JSON on stdin, prints one JSON line per block done."""
+    job = json.loads(sys.stdin.read())
+    src, dest = Path(job["src"]), Path(job["dest"])
+    for fields in job["blocks"]:
+        block = _Block(**{**fields, "shape": tuple(fields["shape"])})
+        try:
+            digests = _decode_block(src, dest, block)
+        except OSError as exc:
+            print(json.dumps({"name": block.name, "start": block.start, "error": str(exc)}), flush=True)
+            sys.exit(1)
+        print(json.dumps({"name": block.name, "start": block.start, "digests": [d.hex() for d in digests]}), flush=True)
+
+
+WORKER = "from jasper_ray.formats.serving import worker_main; worker_main()"
+
+
+def _decode_in_place(
+    src: Path, dest: Path, where: str, blocks: list[_Block], on_bytes: Callable[[int], object] | None,
+    workers: int | None,
+) -> None:  # fmt: skip
+    n = max(1, min(workers or os.cpu_count() or 1, len(blocks)))
+    by_key = {(b.name, b.start): b for b in blocks}
+    procs = []
+    for k in range(n):
+        job = {"src": str(src), "dest": str(dest), "blocks": [asdict(b) for b in blocks[k::n]]}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+        procs.append(proc)
+    done: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def pump(proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            done.put(json.loads(line))
+        proc.wait()
+        done.put(None)
+
+    threads = [threading.Thread(target=pump, args=(p,), daemon=True) for p in procs]
+    for t in threads:
+        t.start()
+    digests: dict[str, list[tuple[int, list[bytes]]]] = {}
+    finished, failure = 0, None
+    while finished < len(procs):
+        item = done.get()
+        if item is None:
+            finished += 1
+            continue
+        block = by_key[(item["name"], item["start"])]
+        if "error" in item:
+            failure = failure or ChecksumError(
+                f"{where}: tensor /{block.name} cannot be decoded in rows {block.start}:{block.stop} ({item['error']})"
+            )
+            continue
+        digests.setdefault(block.name, []).append((block.start, [bytes.fromhex(d) for d in item["digests"]]))
+        if on_bytes is not None:
+            on_bytes((block.stop - block.start) * row_nbytes(block.shape, np.dtype(block.dtype)))
+    if failure is not None:
+        raise failure
+    if any(p.returncode for p in procs) or sum(len(v) for v in digests.values()) != len(blocks):
+        raise OSError(f"{where}: a decoding worker failed (exit codes {[p.returncode for p in procs]})")
+    with open_h5(src) as f:
+        for name, parts in digests.items():
+            recorded = f[name].attrs.get(ATTR_CHECKSUM)
+            if recorded is None:
+                continue
+            value = combine(d for _, part in sorted(parts, key=lambda p: p[0]) for d in part)
+            if value != recorded:
+                raise ChecksumError(
+                    f"{where}: tensor /{name}: checksum {value[:16]}... does not match the recorded "
+                    f"{str(recorded)[:16]}... (the bytes fetched are corrupt; nothing was cached)"
+                )
