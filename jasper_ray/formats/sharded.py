@@ -15,7 +15,7 @@ import functools
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,9 +64,9 @@ class ShardSource(Protocol):
 
 
 @contextlib.contextmanager
-def _dataset_in(path: Path, h5_path: str) -> Iterator[RowArray]:
-    """One dataset of a shard file, open for the block."""
-    with open_h5(path) as f:
+def _dataset_in(path: Path | Callable[[], Path], h5_path: str) -> Iterator[RowArray]:
+    """One dataset of a shard file (or of what ``path()`` fetches), open for the block."""
+    with open_h5(path if isinstance(path, Path) else path()) as f:
         yield f[h5_path]
 
 
@@ -262,10 +262,16 @@ class ShardedHDF5Reader(Reader):
             row_bytes = row_nbytes(tuple(tensor.shape), np.dtype(tensor.dtype))
             for shard in tensor.shards:
                 path = self.shards_dir / shard.file
+                if self.shard_files is None:
+                    where: Path | functools.partial[Path] = path
+                else:  # fetched (and checked against this checksum) when verify opens it
+                    where = functools.partial(
+                        self.shard_files.path, tensor.h5_path, shard.file, shard.bytes, shard.checksum
+                    )
                 found.append(
                     RecordedChecksum(
                         f"shard {path} ({tensor.h5_path} rows {shard.start}:{shard.stop})",
-                        functools.partial(_dataset_in, path, tensor.h5_path),
+                        functools.partial(_dataset_in, where, tensor.h5_path),
                         tensor.checksum_block_rows,
                         row_bytes,
                         shard.checksum,

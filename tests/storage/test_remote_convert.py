@@ -63,3 +63,14 @@ def test_cli_inspect_and_verify_take_a_uri(remote: dict[str, str], s3: S3Endpoin
     assert verified.stdout.startswith("ok: "), verified.stdout
     missing = _cli("verify", remote["gzip"] + "-missing", "--cache-dir", str(tmp_path), "-q", env=env)
     assert missing.returncode == 1 and remote["gzip"] + "-missing" in missing.stderr
+
+
+def test_verify_of_an_s3_sharded_dataset_fetches_and_checks_every_shard(
+    remote_shards: str, s3: S3Endpoint, tmp_path: Path
+) -> None:
+    env = {**subprocess_env(), **s3.env}
+    verified = _cli("verify", remote_shards, "--cache-dir", str(tmp_path), "-q", "--json", env=env)
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    doc = json.loads(verified.stdout)
+    assert doc["ok"] and doc["checksums"]["mismatched"] == 0 and doc["checksums"]["recorded"] > 10
+    assert doc["layout"] == "sharded"
