@@ -592,7 +592,8 @@ def load_train_script() -> Any:
 
 
 def test_ray_train_run(dirs: dict[str, Path], tmp_path: Path) -> None:
-    """2 workers of half a CPU each (the session has 2 CPUs; read tasks need one), 3 short epochs."""
+    """2 workers of half a CPU each (the session has 2 CPUs; read tasks need one), 3 short epochs of one
+    Dataset (tests/test_ray_passes.py checks each epoch's samples)."""
     script = load_train_script()
     result = script.fit(
         dirs["contiguous"],
@@ -608,3 +609,7 @@ def test_ray_train_run(dirs: dict[str, Path], tmp_path: Path) -> None:
     assert all(math.isfinite(x) for x in losses)
     assert result["steps"] == [6, 6, 6]  # each worker's shard (~600 rows) has 9 full batches of 64
     assert losses[-1] < losses[0]
+    # Each epoch's share of each steering variant, over the samples both workers trained on.
+    assert len(result["shares"]) == 3
+    for shares in result["shares"]:
+        assert len(shares) == 4 and abs(sum(shares) - 1.0) < 1e-9 and min(shares) > 0

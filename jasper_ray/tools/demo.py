@@ -138,8 +138,9 @@ def _with_pair_ids(batches: Iterable[dict[str, Any]], pair_ids: np.ndarray) -> I
 
 
 def _read_jasper_epochs(directory: str | Path, cache_dir: Path) -> Epochs:
-    for epoch in range(EPOCHS):
-        yield read_jasper(directory, "train", epoch=epoch, cache_dir=cache_dir).iter_torch_batches(batch_size=BATCH)
+    dataset = read_jasper(directory, "train", epoch=0, cache_dir=cache_dir)  # each pass over it is the next epoch
+    for _ in range(EPOCHS):
+        yield dataset.iter_torch_batches(batch_size=BATCH)
 
 
 def _sharded_epochs(directory: str | Path, cpus: int, cache_dir: Path) -> Epochs:
