@@ -103,7 +103,11 @@ def test_eviction_under_a_cache_limit_still_serves_every_sample_once(
     biggest = max(s.bytes for t in manifest.tensors for s in t.shards)
     pinned = sum(s.bytes for t in manifest.tensors if t.h5_path not in pair_paths for s in t.shards)
     limit = pinned + 3 * biggest  # the tables and about three pair-row shards: fewer than the six there are
+    mine = tmp_path / "my-notes.txt"  # the cache deletes only its own copies (mosaicml/streaming#988)
+    mine.write_text("not the cache's")
     ds = JASPERSteeringDataset(remote_shards, "train", epoch=1, cache_dir=tmp_path, cache_limit=limit)
+    stray = NodeCache(tmp_path).dataset_dir(remote_shards) / "dataset.shards" / "unlisted.h5"
+    stray.write_bytes(b"x" * 1000)
     want = JASPERSteeringDataset(several_shards, "train", epoch=1)
     order = np.arange(len(ds))
     for start in range(0, len(ds), 500):
@@ -115,6 +119,7 @@ def test_eviction_under_a_cache_limit_still_serves_every_sample_once(
         assert used <= limit, f"the cache holds {used} bytes, over its limit {limit}"
     entries = NodeCache(tmp_path).entries()
     kept = {e.rel for e in entries}
+    assert mine.read_text() == "not the cache's" and stray.stat().st_size == 1000
     assert any(
         f"dataset.shards/{s.file}" not in kept for t in manifest.tensors for s in t.shards if t.h5_path in pair_paths
     )
