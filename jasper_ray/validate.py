@@ -229,11 +229,12 @@ def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int]
         )
 
 
-def validate_dataset(reader: Reader, progress: bool = False, *, scan_floats: bool = True) -> None:
+def validate_dataset(reader: Reader, progress: bool = False, *, scan_floats: bool = False) -> None:
     """Raise ``ValidationError`` at the first place the dataset breaks the schema.
 
-    ``scan_floats=False`` leaves the float tables to the reader's checks on first touch
-    (NOTE [when values are checked]); ids, tiers, relevance and distances are always scanned whole."""
+    Ids, tiers, relevance and distances are always scanned whole; the float tables only with
+    ``scan_floats=True`` (``verify``, ``convert``): serving readers check them on first touch
+    (NOTE [when values are checked])."""
     check_config(reader.config)
     sizes = symbol_sizes(reader)
     check_shapes(reader, sizes)

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from _support import write_sharded
+from _support import subprocess_env, write_sharded
 
 from jasper_ray import open_dataset
 from jasper_ray.atomic import remove_orphan_temps, temp_path_for, writer_tag
@@ -211,7 +211,14 @@ def test_nonfinite_values_are_refused(dataset_copy: Path, name, position, value,
     save_pt(dataset_copy, TENSOR[name].pt_file, array)
     want = f"{TENSOR[name].pt_file} at position {position}: found value {value}, expected {expected}"
     with pytest.raises(ValidationError, match=re_escape(want)):
-        validate_dataset(open_dataset(dataset_copy, "pt"))  # verify and convert scan everything
+        validate_dataset(open_dataset(dataset_copy, "pt"), scan_floats=True)  # what verify and convert run
+    verify_cli = subprocess.run(
+        [sys.executable, "-m", "jasper_ray", "verify", str(dataset_copy)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert verify_cli.returncode == 1 and want in verify_cli.stderr + verify_cli.stdout, verify_cli.stderr
     with pytest.raises(ValidationError, match=re_escape(want)):
         ds = JASPERSteeringDataset(dataset_copy, "train")  # serving: at open, or the first read of the block
         ds.get_batch(np.arange(len(ds)))
@@ -222,9 +229,9 @@ def test_nonfinite_values_are_refused(dataset_copy: Path, name, position, value,
     edit_config(dataset_copy, allow_nonfinite=True)
     if value < 0:
         with pytest.raises(ValidationError, match=re_escape(want)):
-            validate_dataset(open_dataset(dataset_copy, "pt"))
+            validate_dataset(open_dataset(dataset_copy, "pt"), scan_floats=True)
     else:
-        validate_dataset(open_dataset(dataset_copy, "pt"))
+        validate_dataset(open_dataset(dataset_copy, "pt"), scan_floats=True)
         got = JASPERSteeringDataset(dataset_copy, "train").reader.take(
             name, [position if np.ndim(position) == 0 else position[0]]
         )
@@ -448,8 +455,6 @@ except OSError as exc:
 
 def test_a_full_disk_fails_cleanly_in_one_process(dataset_copy: Path, tmp_path: Path) -> None:
     """A 1 MiB tmpfs (the small dataset is ~2.4 MB of PT files): refused before writing, no crash, no temp."""
-    from _support import subprocess_env
-
     target = tmp_path / "full"
     target.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True)
@@ -489,8 +494,6 @@ def test_a_truncated_mapped_file_is_refused_at_open(h5_copy: Path) -> None:
 def test_sigbus_under_a_mapped_reader_is_what_the_docs_say(dataset_copy: Path) -> None:
     """torch.save over a PT file while it is mapped: the reader's process dies of SIGBUS (a documented limit,
     docs/troubleshooting.md); the same rewrite published by rename (jasper_ray's writers) leaves it serving."""
-    from _support import subprocess_env
-
     child = f"""
 import numpy as np, torch, os, sys
 from jasper_ray import open_dataset
@@ -510,3 +513,25 @@ else:
     for mode, expected in (("rename", 0), ("in-place", -7)):  # -7: killed by SIGBUS
         run = subprocess.run([sys.executable, "-c", child, mode], env=subprocess_env(), capture_output=True, text=True)
         assert run.returncode == expected, (mode, run.returncode, run.stderr[-1500:])
+
+
+# --- the Ray front-ends read through the same checks --------------------------------------------------
+
+
+def test_ray_front_ends_never_serve_a_changed_byte(small_block_layouts, tmp_path: Path, ray_session) -> None:
+    """read_jasper's tasks and ShardedJasper's actors open readers with verify="first-touch" (the default)."""
+    from _support import flip_byte
+
+    from jasper_ray import ShardedJasper, read_jasper
+
+    d = Path(shutil.copytree(small_block_layouts["single-none"], tmp_path / "ds"))
+    flip_byte(*_stored_file(d, "embeddings/sources", 5))  # every batch's negatives reach into the sources
+    with pytest.raises(Exception, match=r"embeddings/sources: rows 0:\d+ \(checksum block 0\) do not match"):
+        read_jasper(d, "train").take_all()
+    with pytest.raises(Exception, match=r"embeddings/sources: rows 0:\d+ \(checksum block 0\) do not match"):
+        client = ShardedJasper(d, "train", batch_size=64, num_shards=1, num_cpus=0.25)
+        try:
+            for _ in client:
+                pass
+        finally:
+            client.close()

@@ -133,7 +133,7 @@ def _verify(reader: Reader, report: Report, quiet: bool) -> None:
             report.problems += problems
             return  # the schema is not checked over bytes known to be wrong
     try:
-        validate_dataset(reader, progress=not quiet)
+        validate_dataset(reader, progress=not quiet, scan_floats=True)
     except ValueError:
         f["schema_valid"] = False
         raise

@@ -174,7 +174,7 @@ def convert(
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
     log.info("Converting PT format to HDF5 in %s (Ray, layout=%s)", dataset_dir, layout)
     if validate:
-        validate_dataset(reader, progress=progress)
+        validate_dataset(reader, progress=progress, scan_floats=True)
     plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes)
     work = WorkDir(work_dir_for(output), plan)
     started_ray = connect_for_conversion(address, num_workers)

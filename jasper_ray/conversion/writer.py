@@ -127,7 +127,7 @@ def convert_pt_to_hdf5(
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
     log.info("Converting PT format to HDF5 in %s", dataset_dir)
     if validate:
-        validate_dataset(reader, progress=progress)
+        validate_dataset(reader, progress=progress, scan_floats=True)
     started = time.perf_counter()
     found = columns(reader)
     check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take

@@ -50,7 +50,7 @@ class _Core:
 
     def __init__(self, reader: Reader, device: torch.device, reopen: Callable[[bool], Reader], validate: bool):
         if validate:
-            validate_dataset(reader, scan_floats=False)  # the reader checks floats (NOTE [when values are checked])
+            validate_dataset(reader)  # floats: checked by the reader on first touch (NOTE [when values are checked])
         self.reader = reader
         self.reopen = reopen  # (use_mmap) -> the same dataset opened again (a picklable partial)
         self.device = device
@@ -83,7 +83,7 @@ class _Core:
         self.reader.close()
         reader = self.reopen(self.reader.use_mmap)
         if validate:
-            validate_dataset(reader, scan_floats=False)
+            validate_dataset(reader)
         self.reader = reader
         del self.source  # the old tensors go before the new ones are placed (device memory)
         self.source = self._make_source()
