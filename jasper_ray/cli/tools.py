@@ -13,7 +13,7 @@ from .report import EXIT_DATA, EXIT_OK
 def run_synth(args: argparse.Namespace) -> int:
     n_pairs = pairs_for_size(args.size, args.dim, args.neg) if args.size else args.pairs
     started = time.perf_counter()
-    out = synth_dataset(args.out, n_pairs, args.dim, args.neg, args.seed)
+    out = synth_dataset(args.out, n_pairs, args.dim, args.neg, args.seed, progress=not args.quiet)
     nbytes = sum(p.stat().st_size for p in out.iterdir() if p.suffix == PT_SUFFIX)
     print(
         f"wrote {n_pairs} pairs (D={args.dim}, n_neg={args.neg}, seed={args.seed}) to {out}: "
