@@ -93,9 +93,10 @@ class ResumableLoader(DataLoader):
                 context=self.multiprocessing_context,
                 worker_init_fn=self.worker_init_fn,
                 timeout=self.timeout,
+                prefetch=(self.prefetch_factor or 2) * self.num_workers,
             )
         try:
-            yield from workers.batches(batch_sampler, (self.prefetch_factor or 2) * self.num_workers, self.copy)
+            yield from workers.batches(batch_sampler, self.copy)
         finally:
             if not self.persistent_workers or workers.broken:
                 workers.close()

@@ -72,6 +72,7 @@ def _work(
     base_seed: int,
     init: Callable[[int], None] | None,
     parent: int,
+    ready: int,
 ) -> None:
     """A worker's loop: build each (seq, slot, positions) it is sent into that slot, answer (seq, rows)."""
     torch.set_num_threads(1)  # as torch's workers: the parallelism is the workers
@@ -79,6 +80,8 @@ def _work(
     if init is not None:
         init(worker_id)
     slots = SlotWriter(max_open=256)
+    for number in range(ready):  # the ring as it is now, mapped before the first batch
+        slots.views(f"{prefix}{number}", layout)
     try:
         while True:
             while not conn.poll(POLL_S):
@@ -147,8 +150,13 @@ class SlotWorkers:
         context: str | BaseContext | None = None,
         worker_init_fn: Callable[[int], None] | None = None,
         timeout: float = 0,
+        prefetch: int = 2,
     ):
         self.pool = pool or slot_pool(dataset, batch_size)
+        self.prefetch = max(1, prefetch)
+        # The ring: the batches in flight, the one the caller holds and the one its loop still holds while
+        # asking for the next. Made and mapped now, so that no batch waits on page faults.
+        self.pool.reserve(self.prefetch + 2)
         self.timeout = timeout
         ctx = _context(context)
         base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
@@ -159,7 +167,7 @@ class SlotWorkers:
             proc = ctx.Process(  # type: ignore[attr-defined]
                 target=_work,
                 args=(worker_id, dataset, theirs, self.pool.prefix, self.pool.layout, base_seed, worker_init_fn,
-                      os.getpid()),
+                      os.getpid(), len(self.pool.slots)),
                 name=f"jasper_ray loader worker {worker_id}",
                 daemon=True,
             )  # fmt: skip
@@ -174,7 +182,7 @@ class SlotWorkers:
     def pids(self) -> list[int]:
         return [proc.pid for proc in self.procs]
 
-    def batches(self, positions: Iterable[Any], prefetch: int, copy: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, positions: Iterable[Any], copy: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The batch of each list of positions, in order; ``prefetch`` batches are built ahead."""
         pending: deque[tuple[int, int, Slot]] = deque()  # (seq, worker, slot)
         todo = iter(positions)
@@ -192,7 +200,7 @@ class SlotWorkers:
             return True
 
         try:
-            while len(pending) < max(1, prefetch) and submit():
+            while len(pending) < self.prefetch and submit():
                 pass
             while pending:
                 seq, worker, slot = pending[0]
