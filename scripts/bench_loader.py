@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,27 +152,31 @@ def stepped(batches, max_batches: int, step_s: float) -> float:
 STEPS_MS = (0, 2, 5)
 
 
-def overlap_table(directory: Path, max_batches: int) -> None:
+def overlap_table(directory: Path, max_batches: int, rounds: int = 3) -> None:
     """In-process, torch's workers and slot workers against a consumer's step (module docstring)."""
     kwargs = dict(storage_format="hdf5", use_mmap=True)
-    rates: dict[tuple[str, int], dict[int, float]] = {}
     ways = [("in-process serial", 0), ("torch workers", 1), ("torch workers", 2), ("slot workers", 1)]
     ways.append(("slot workers", 2))
-    for step in STEPS_MS:
-        for way, workers in ways:
-            log.info("overlap: %s, %d workers, %d ms step", way, workers, step)
-            if way == "torch workers":
-                ds = jasper_ray.JASPERSteeringDataset(directory, "train", validate=False, **kwargs)
-                batches = loader(ds, workers, batched=True)
-            else:
-                batches = jasper_ray.create_loader(
-                    directory, "train", BATCH, num_workers=workers, multiprocessing_context="fork" if workers else None,
-                    validate=False, **kwargs,
-                )  # fmt: skip
-            rate = stepped(batches, max_batches, step / 1e3)
-            if isinstance(batches, jasper_ray.ResumableLoader):
-                batches.close()
-            rates.setdefault((way, workers), {})[step] = rate
+    runs: dict[tuple[str, int], dict[int, list[float]]] = {way: {step: [] for step in STEPS_MS} for way in ways}
+    load_before = os.getloadavg()[0]
+    for r in range(rounds):  # interleaved rounds, medians: load from other processes falls on every cell alike
+        for step in STEPS_MS:
+            for way, workers in random.Random(r * 10 + step).sample(ways, len(ways)):
+                log.info("overlap round %d: %s, %d workers, %d ms step", r + 1, way, workers, step)
+                if way == "torch workers":
+                    ds = jasper_ray.JASPERSteeringDataset(directory, "train", validate=False, **kwargs)
+                    batches = loader(ds, workers, batched=True)
+                else:
+                    batches = jasper_ray.create_loader(
+                        directory, "train", BATCH, num_workers=workers,
+                        multiprocessing_context="fork" if workers else None, validate=False, **kwargs,
+                    )  # fmt: skip
+                runs[(way, workers)][step].append(stepped(batches, max_batches, step / 1e3))
+                if isinstance(batches, jasper_ray.ResumableLoader):
+                    batches.close()
+    rates = {way: {step: statistics.median(r) for step, r in by_step.items()} for way, by_step in runs.items()}
+    for (way, workers), by_step in rates.items():
+        for step, rate in by_step.items():
             record("loader_overlap", path=way, workers=workers, step_ms=step, samples_per_s=rate)
     serial = rates[("in-process serial", 0)][0]
     top = {step: min(serial, BATCH / (step / 1e3)) if step else serial for step in STEPS_MS}
@@ -186,12 +193,14 @@ def overlap_table(directory: Path, max_batches: int) -> None:
         rows,
         notes=[
             "the consumer sleeps the step per batch and touches nothing; ceiling: min(in-process rate, batch / step)",
-            f"{max_batches} timed batches per cell after one warm-up batch (which absorbs the workers' start); fork",
+            f"median of {rounds} interleaved rounds of {max_batches} timed batches per cell, after one warm-up batch "
+            "(which absorbs the workers' start); fork workers, started anew for each cell",
             f"target: slot workers >= 0.9x the ceiling at a 5 ms step: {fmt_ratio(best[5] / top[5])} "
             f"-> {'met' if best[5] >= 0.9 * top[5] else 'NOT met'}",
             f"target: slot workers >= 0.7x the in-process rate with no step: {fmt_ratio(best[0] / serial)} "
             f"-> {'met' if best[0] >= 0.7 * serial else 'NOT met'}",
             "torch workers: a plain DataLoader(dataset, num_workers=N, collate_fn=jasper_ray.collate)",
+            f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores",
         ],
     )
 
@@ -218,6 +227,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=None, help="timed batches per row (default 60; 15 --quick)")
     parser.add_argument("--quick", action="store_true", help="100MB and 15 batches (unless given)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the workers table (median)")
     args = parser.parse_args()
     setup_logging()
     args.size = args.size or ("100MB" if args.quick else "1GB")
@@ -303,7 +313,7 @@ def main() -> None:
                 f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
             ],
         )
-        overlap_table(contiguous_dir, args.batches)
+        overlap_table(contiguous_dir, args.batches, args.rounds)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -70,7 +70,7 @@ SIZES = {
 # repetitions.
 TINY_ARGS = {
     "formats": ["--open-reps", "1", "--gather-reps", "5", "--kw-reps", "1"],
-    "loader": ["--batches", "3"],
+    "loader": ["--batches", "3", "--rounds", "1"],
     "convert": [],
     "ray_data": ["--rounds", "1"],
     "actors": ["--rounds", "1"],
