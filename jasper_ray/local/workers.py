@@ -195,7 +195,10 @@ class SlotWorkers:
                 return False
             worker, slot = submitted % len(self.procs), self.pool.acquire()
             pending.append((submitted, worker, slot))  # before sending: a failed send still gives it back
-            self.conns[worker].send((submitted, slot.number, np.asarray(batch, dtype=np.int64)))
+            try:
+                self.conns[worker].send((submitted, slot.number, np.asarray(batch, dtype=np.int64)))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the worker is dead: waiting for its answer names it (its sentinel is set)
             submitted += 1
             return True
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,10 @@ def test_a_killed_worker_is_named_and_no_torn_batch_is_delivered(synth_dir: Path
             delivered.append(batch)
             if i == 2:
                 pid = loader.worker_pids[1]
+                assert loader._workers.conns[1].poll(30)  # it has answered batch 3: the next task goes to it
                 os.kill(pid, signal.SIGKILL)
+                while not _zombie(pid):  # dead, its pipe closed: the next task sent to it meets a broken pipe
+                    time.sleep(0.01)
     message = str(caught.value)
     assert f"loader worker 1 (pid {pid}) exited unexpectedly (killed by SIGKILL)" in message, message
     assert "was not delivered" in message
