@@ -823,6 +823,23 @@ class Bench:
         )
 
 
+def verify_table(big: Path, args: argparse.Namespace, rounds: int = 2) -> None:
+    """Read verification (issue 17): whole passes of raw gathers with verify="first-touch" against "off",
+    on the big dataset's contiguous HDF5 and its memory-mapped PT files."""
+    import _bench_verify as bv
+
+    results = {
+        "HDF5 contiguous": bv.measure("gathers", bv.reader_epoch(our_h5(big, None), "hdf5", args.batch, 0), rounds),
+        "PT + mmap (values only)": bv.measure("gathers", bv.reader_epoch(big, "pt", args.batch, 0), rounds),
+    }
+    bv.table(
+        "formats_verify",
+        f"Read verification: whole passes of {args.batch}-pair gathers (w_pass's reads), first and second pass",
+        results,
+        ["PT files record no checksums: first-touch checks only their float values (NaN/inf)"],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", default=None, help="size of the big dataset (default 2GB; 100MB with --quick)")
@@ -843,8 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--sections",
-        default="convert,open,gather,keywords,pass",
-        help="comma-separated subset of convert,open,gather,keywords,pass (convert always runs)",
+        default="convert,open,gather,keywords,pass,verify",
+        help="comma-separated subset of convert,open,gather,keywords,pass,verify (convert always runs)",
     )
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -885,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.keywords()
         if "pass" in sections:
             bench.full_pass()
+        if "verify" in sections:
+            verify_table(bench.big, args)
     finally:
         if args.keep:
             log.info("kept the data in %s", work)

@@ -205,6 +205,22 @@ def overlap_table(directory: Path, max_batches: int, rounds: int = 3) -> None:
     )
 
 
+def verify_table(contiguous_dir: Path, pt_dir: Path, rounds: int = 2) -> None:
+    """Read verification (issue 17): whole epochs of create_loader with verify="first-touch" against "off"."""
+    import _bench_verify as bv
+
+    results = {
+        "HDF5 contiguous (mmap)": bv.measure("loader", bv.loader_epoch(contiguous_dir, "hdf5", BATCH, 0), rounds),
+        "PT + mmap (values only)": bv.measure("loader", bv.loader_epoch(pt_dir, "pt", BATCH, 0), rounds),
+    }
+    bv.table(
+        "loader_verify",
+        f"Read verification through create_loader (batch {BATCH}, 0 workers): first epoch and second epoch",
+        results,
+        ["PT files record no checksums: first-touch checks only their float values (NaN/inf)"],
+    )
+
+
 def ceiling(directory: Path, max_batches: int) -> float:
     """assemble_batch on tensors already in RAM, fed random batches directly: no DataLoader, no file."""
     reader = open_dataset(directory, "pt", use_mmap=False)
@@ -314,6 +330,7 @@ def main() -> None:
             ],
         )
         overlap_table(contiguous_dir, args.batches, args.rounds)
+        verify_table(contiguous_dir, pt_dir, args.rounds)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
