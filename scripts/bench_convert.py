@@ -147,6 +147,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
                 output=out,
                 progress=False,
                 validate=False,
+                force=True,  # timed: never the up-to-date no-op
             )
             seconds = time.perf_counter() - t0
             # A worker's RSS with the shard task's imports and no shard: the floor its peak is measured from.
@@ -175,7 +176,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
     else:
         t0 = time.perf_counter()
         if method == "single":
-            convert_pt_to_hdf5(src_dir, compression, output=out, validate=False, progress=False)
+            convert_pt_to_hdf5(src_dir, compression, output=out, validate=False, progress=False, force=True)
         else:
             upstream_convert(src_dir, out, compression)
         result["seconds"] = time.perf_counter() - t0

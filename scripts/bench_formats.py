@@ -125,7 +125,7 @@ def w_convert(kind: str, src: str, output: str, compression: str | None) -> dict
     with Sampler() as tracker:
         t0 = time.perf_counter()
         if kind == "ours":
-            convert_pt_to_hdf5(src_dir, compression, output=out, validate=False, progress=False)
+            convert_pt_to_hdf5(src_dir, compression, output=out, validate=False, progress=False, force=True)
         else:
             upstream_convert(src_dir, out, compression)
         seconds = time.perf_counter() - t0

@@ -16,7 +16,7 @@ from typing import Any
 from ..conversion.parallel import connect_for_conversion, convert
 from ..conversion.plan import PIECE_BYTES, ConversionPlan, default_output, plan_conversion
 from ..conversion.publish import ASSEMBLY_MARGIN
-from ..conversion.writer import ConversionReport, convert_pt_to_hdf5
+from ..conversion.writer import ConversionReport, convert_pt_to_hdf5, nothing_to_do
 from ..formats import open_dataset
 from ..formats.chunks import check_options
 from ..ray_session import require_ray
@@ -84,6 +84,14 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
     if args.dry_run:
         dry_run(args, report)
         return
+    if not args.force and not is_uri(args.dir) and not is_uri(f["output"]):  # before Ray starts
+        shuffle, opts = not args.no_shuffle, (args.level, args.layout, _piece_bytes(args))
+        done = nothing_to_do(
+            Path(args.dir), Path(f["output"]), _compression(args.compression), opts[0], shuffle, *opts[1:]
+        )
+        if done is not None:
+            _report_result(done, report)
+            return
     if args.single_process:
         result = convert_pt_to_hdf5(
             args.dir,
@@ -93,6 +101,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
             output=args.output,
             progress=not args.quiet,
             cache_dir=args.cache_dir,
+            force=args.force,
         )
     else:
         stop_ray = start_ray(args)
@@ -109,6 +118,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
                 output=args.output,
                 progress=not args.quiet,
                 cache_dir=args.cache_dir,
+                force=args.force,
             )
         finally:
             if stop_ray is not None:
@@ -119,6 +129,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
 def _report_result(result: ConversionReport, report: Report) -> None:
     report.fields.update(
         output=str(result.output) if is_uri(str(result.output)) else os.path.abspath(result.output),
+        up_to_date=result.up_to_date,
         pieces=result.shards,
         pieces_reused=result.shards_reused,
         source_bytes=result.source_bytes,

@@ -194,6 +194,11 @@ def build_parser() -> Parser:
         action="store_true",
         help="print the plan (pieces, bytes to read and write, free space, whether it fits); write nothing",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="convert even when the output is up to date (already converted from these PT files, same options)",
+    )
     _json(p)
 
     for name, text in (

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .. import faults
 from ..errors import ConversionError
 from ..formats import open_dataset
-from ..formats.chunks import CompressionOpts
+from ..formats.chunks import CompressionOpts, check_options
 from ..ray_session import connect, require_ray
 from ..schema import LAYOUT_SINGLE, LAYOUTS
 from ..validate import validate_dataset
@@ -36,7 +36,7 @@ from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import assemble_single, publish_sharded
 from .remote import convert_staged, is_remote_job
-from .writer import ConversionReport, _progress
+from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -147,6 +147,7 @@ def convert(
     keep_ray: bool = False,
     filesystem: pafs.FileSystem | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> ConversionReport:
     """Convert a PT dataset to HDF5 with Ray tasks: ``dataset.h5`` (``layout="single"``) or
     ``dataset.shards/`` + manifest (``layout="sharded"``).
@@ -154,7 +155,9 @@ def convert(
     The work is cut into pieces of about ``shard_bytes`` of source data, one Ray
     task each. Resumable: pieces finished by an earlier, interrupted run with
     the same sources and options are verified and reused. The output appears
-    complete or not at all. Source and output may be ``pyarrow.fs`` URIs (or paths inside
+    complete or not at all; an output already converted from these PT files with these options (and
+    this piece size, for the sharded layout) is left as it is, without starting Ray (the report says
+    ``up_to_date``) unless ``force``. Source and output may be ``pyarrow.fs`` URIs (or paths inside
     ``filesystem``): they are staged in this node's cache (``cache_dir``), see ``conversion.remote``.
     """
     if layout not in LAYOUTS:
@@ -163,13 +166,18 @@ def convert(
         options: dict[str, Any] = dict(
             compression=compression, compression_opts=compression_opts, shuffle=shuffle, num_workers=num_workers,
             address=address, layout=layout, shard_bytes=shard_bytes, max_retries=max_retries, progress=progress,
-            validate=validate, keep_ray=keep_ray,
+            validate=validate, keep_ray=keep_ray, force=force,
         )  # fmt: skip
         staged = dict(output=output, filesystem=filesystem, cache_dir=cache_dir)
         return convert_staged(convert, dataset_dir, **staged, **options)
     ray = _require_ray()
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else default_output(dataset_dir, layout)
+    check_options(compression, compression_opts, shuffle)
+    if not force:
+        done = nothing_to_do(dataset_dir, output, compression, compression_opts, shuffle, layout, shard_bytes)
+        if done is not None:
+            return done
     started = time.perf_counter()
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
     log.info("Converting PT format to HDF5 in %s (Ray, layout=%s)", dataset_dir, layout)
@@ -211,11 +219,10 @@ def convert(
     finally:
         if started_ray and not keep_ray:
             ray.shutdown()
-    out_bytes = output.stat().st_size if output.is_file() else sum(p.stat().st_size for p in output.iterdir())
     report = ConversionReport(
         output,
         reader.nbytes_on_disk(),
-        out_bytes,
+        output_bytes(output),
         assembled - started,
         compression,
         len(plan.pieces),

@@ -137,14 +137,9 @@ def plan_conversion(
     found = columns(reader)
     pieces: list[Piece] = []
     for column in found:
-        rows = column.shape[0]
-        row_bytes = max(1, column.nbytes // max(rows, 1))
-        block = block_rows(column.shape, column.dtype.itemsize)
-        per_piece = block * max(1, piece_bytes // (block * row_bytes))
-        starts = range(0, rows, per_piece) if rows else [0]
-        for i, start in enumerate(starts):
+        for i, (start, stop) in enumerate(piece_ranges(column, piece_bytes)):
             piece_id = f"{len(pieces):05d}-{column.h5_path.replace('/', '.')}-{i}"
-            pieces.append(Piece(piece_id, column.h5_path, start, min(start + per_piece, rows)))
+            pieces.append(Piece(piece_id, column.h5_path, start, stop))
     return ConversionPlan(
         str(reader.directory),
         compression,
@@ -156,6 +151,15 @@ def plan_conversion(
         found,
         pieces,
     )
+
+
+def piece_ranges(column: Column, piece_bytes: int) -> list[tuple[int, int]]:
+    """The column's row ranges: whole checksum blocks, about ``piece_bytes`` each (one range when empty)."""
+    rows = column.shape[0]
+    row_bytes = max(1, column.nbytes // max(rows, 1))
+    block = block_rows(column.shape, column.dtype.itemsize)
+    per_piece = block * max(1, piece_bytes // (block * row_bytes))
+    return [(start, min(start + per_piece, rows)) for start in range(0, rows, per_piece)] if rows else [(0, 0)]
 
 
 def default_output(dataset_dir: Path, layout: str) -> Path:

@@ -24,9 +24,12 @@ from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import BLOCK_BYTES, GROUP_ORDER, HDF5Writer, columns
-from ..schema import HDF5_FILE
+from ..formats.pt import PTReader
+from ..schema import HDF5_FILE, LAYOUT_SINGLE
 from ..validate import validate_dataset
+from .plan import PIECE_BYTES
 from .remote import convert_staged, is_remote_job
+from .up_to_date import why_convert
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -70,6 +73,7 @@ class ConversionReport:
     shards_reused: int = 0
     assembly_seconds: float = 0.0
     results: dict[str, Any] = field(default_factory=dict, repr=False)
+    up_to_date: bool = False  # the output already matched its sources and the options: nothing was converted
 
     @property
     def saving_percent(self) -> float:
@@ -82,8 +86,14 @@ class ConversionReport:
         return self.source_bytes / 1e6 / self.seconds if self.seconds else float("inf")
 
     def lines(self) -> list[str]:
+        first = (
+            f"Up to date: {self.output} holds these PT files converted with these options; nothing converted "
+            "(force=True or --force converts again)"
+            if self.up_to_date
+            else f"Conversion complete. HDF5 file saved to {self.output}"
+        )
         return [
-            f"Conversion complete. HDF5 file saved to {self.output}",
+            first,
             f"File sizes: PT format={self.source_bytes / 2**20:.1f} MB, HDF5={self.output_bytes / 2**20:.1f} MB "
             f"(compression: {self.saving_percent:.1f}%)",
             f"Wall time: {self.seconds:.2f} s ({self.mb_per_s:.1f} MB/s)"
@@ -93,6 +103,35 @@ class ConversionReport:
                 else ""
             ),
         ]
+
+
+def output_bytes(output: Path) -> int:
+    """Bytes of a converted output: the file, or the sharded layout's files."""
+    return output.stat().st_size if output.is_file() else sum(p.stat().st_size for p in output.iterdir())
+
+
+def nothing_to_do(
+    dataset_dir: Path,
+    output: Path,
+    compression: str | None,
+    compression_opts: CompressionOpts,
+    shuffle: bool,
+    layout: str = LAYOUT_SINGLE,
+    piece_bytes: int = PIECE_BYTES,
+) -> ConversionReport | None:
+    """The report of a conversion whose output is already up to date (``up_to_date.why_convert``), else None."""
+    started = time.perf_counter()
+    reason = why_convert(dataset_dir, output, layout, compression, compression_opts, shuffle, piece_bytes)
+    if reason is not None:
+        log.info("converting: %s", reason)
+        return None
+    source_bytes = sum(p.stat().st_size for p in PTReader(dataset_dir).files() if p.is_file())
+    report = ConversionReport(
+        output, source_bytes, output_bytes(output), time.perf_counter() - started, compression, 0, up_to_date=True
+    )
+    for line in report.lines():
+        log.info(line)
+    return report
 
 
 def convert_pt_to_hdf5(
@@ -107,23 +146,28 @@ def convert_pt_to_hdf5(
     block_bytes: int = BLOCK_BYTES,
     filesystem: pafs.FileSystem | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> ConversionReport:
     """Convert a PT dataset directory into ``dataset.h5`` beside it, in one process.
 
     The PT files are kept. A crash leaves the previous ``dataset.h5`` (or
-    none), never a partial file. Source and output may be ``pyarrow.fs`` URIs (or paths inside
-    ``filesystem``): they are staged in the node-local cache (``cache_dir``), see ``conversion.remote``.
+    none), never a partial file. An output already converted from these PT files with these options
+    is left as it is (the report says ``up_to_date``) unless ``force``. Source and output may be
+    ``pyarrow.fs`` URIs (or paths inside ``filesystem``): they are staged in the node-local cache
+    (``cache_dir``), see ``conversion.remote``.
     """
     if is_remote_job(dataset_dir, output, filesystem):
         options = dict(compression_opts=compression_opts, shuffle=shuffle, validate=validate, progress=progress)
         return convert_staged(
             convert_pt_to_hdf5, dataset_dir, output=output, filesystem=filesystem, cache_dir=cache_dir,
-            compression=compression, block_bytes=block_bytes, **options,
+            compression=compression, block_bytes=block_bytes, force=force, **options,
         )  # fmt: skip
     require_h5py()  # before any work, when h5py is missing
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else dataset_dir / HDF5_FILE
     check_options(compression, compression_opts, shuffle)  # bad options fail before any work
+    if not force and (done := nothing_to_do(dataset_dir, output, compression, compression_opts, shuffle)):
+        return done
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
     log.info("Converting PT format to HDF5 in %s", dataset_dir)
     if validate:
