@@ -154,7 +154,8 @@ def test_ray_not_reachable(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # In a child: this process may hold the test session's Ray, which convert() would simply use.
-    code = f"import jasper_ray; jasper_ray.convert({str(_small(tmp_path))!r}, address='127.0.0.1:{port}')"
+    # force: the dataset's dataset.h5 is up to date, and an up-to-date output never reaches for Ray.
+    code = f"import jasper_ray; jasper_ray.convert({str(_small(tmp_path))!r}, address='127.0.0.1:{port}', force=True)"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode != 0 and f"{_quoted('Ray is not reachable at')} 127.0.0.1:{port}" in run.stderr
