@@ -26,6 +26,7 @@ ring of shared-memory slots) and the overlap ceiling min(in-process rate, batch 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import random
@@ -174,6 +175,9 @@ def overlap_table(directory: Path, max_batches: int, rounds: int = 3) -> None:
                 runs[(way, workers)][step].append(stepped(batches, max_batches, step / 1e3))
                 if isinstance(batches, jasper_ray.ResumableLoader):
                     batches.close()
+    # The step alone, no loading: how fast this machine sleeps the step now (a loaded machine oversleeps).
+    one = jasper_ray.JASPERSteeringDataset(directory, "train", validate=False, **kwargs).get_batch(range(BATCH))
+    alone = {step: stepped(itertools.repeat(one), max_batches, step / 1e3) for step in STEPS_MS}
     rates = {way: {step: statistics.median(r) for step, r in by_step.items()} for way, by_step in runs.items()}
     for (way, workers), by_step in rates.items():
         for step, rate in by_step.items():
@@ -183,6 +187,8 @@ def overlap_table(directory: Path, max_batches: int, rounds: int = 3) -> None:
     for step in STEPS_MS:
         record("loader_overlap", path="overlap ceiling", workers=0, step_ms=step, samples_per_s=top[step])
     rows = [("overlap ceiling", "-", *(x for step in STEPS_MS for x in (fmt_rate(top[step]), "1.00x")))]
+    alone_cells = [x for step in STEPS_MS for x in (fmt_rate(alone[step]), fmt_ratio(alone[step] / top[step]))]
+    rows.append(("the step alone (no loading)", "-", *alone_cells))
     for (way, workers), by_step in rates.items():
         cells = [x for step in STEPS_MS for x in (fmt_rate(by_step[step]), fmt_ratio(by_step[step] / top[step]))]
         rows.append((way, workers, *cells))

@@ -138,7 +138,7 @@ def _how_it_ended(exitcode: int | None) -> str:
 class SlotWorkers:
     """``num_workers`` processes over one dataset, writing batches of up to ``batch_size`` samples into a
     ring of shared-memory slots (module docstring). ``batches`` yields them in order; ``close`` (or
-    collecting the object) stops the workers and unlinks the slots."""
+    collecting the object) stops the workers. The slots are the pool's: closing the pool unlinks them."""
 
     def __init__(
         self,
