@@ -332,6 +332,7 @@ def test_docs_name_every_subcommand_and_option() -> None:
         (["convert", "{ds}", "--single-process", "--shard-size", "1MB"], "--shard-size would not apply"),
         (["convert", "{ds}", "--workers", "2", "--address", "auto"], "--workers sizes a local Ray"),
         (["convert", "{ds}", "--compression", "lzf", "--level", "3"], "does not apply to --compression lzf"),
+        (["convert", "{ds}", "--compression", "none", "--no-shuffle"], "does not apply to --compression none"),
         (["convert", "{ds}", "--compression", "zstd"], "argument --compression: invalid choice: 'zstd'"),
         (["convert", "{ds}", "--level", "12"], "expected a gzip level from 0 to 9, got '12'"),
         (["convert", "{ds}", "--shard-size", "lots"], "size 'lots': expected a number with a unit"),
@@ -347,6 +348,7 @@ def test_docs_name_every_subcommand_and_option() -> None:
         "single-shard-size",
         "workers-address",
         "level-lzf",
+        "no-shuffle-none",
         "bad-compression",
         "bad-level",
         "bad-shard-size",
@@ -474,7 +476,7 @@ def _snapshot(directory: Path) -> list[tuple[str, int, int]]:
 def test_dry_run_writes_nothing_and_reports_the_pieces(dataset_copy: Path, small_expected, capsys) -> None:
     parent = dataset_copy.parent
     before = _snapshot(parent)
-    doc = run_json(["convert", str(dataset_copy), "--dry-run"], capsys)
+    doc = run_json(["convert", str(dataset_copy), "--dry-run", "--workers", "2"], capsys)
     assert _snapshot(parent) == before, "a dry run writes nothing"
     assert (doc["dry_run"], doc["mode"], doc["layout"], doc["compression"]) == (True, "ray", "single", "gzip")
     assert doc["output"] == str(dataset_copy / "dataset.h5") and doc["source_bytes"] == pt_bytes(dataset_copy)
@@ -494,7 +496,7 @@ def test_dry_run_writes_nothing_and_reports_the_pieces(dataset_copy: Path, small
     assert abs(doc["free_bytes"] - shutil.disk_usage(parent).free) < 256 << 20
     assert doc["fits"] is True and doc["piece_bytes"] == 256 << 20
 
-    assert main(["convert", str(dataset_copy), "--dry-run"]) == 0
+    assert main(["convert", str(dataset_copy), "--dry-run", "--workers", "2"]) == 0
     text = capsys.readouterr().out
     assert "nothing written" in text and "fits" in text and f"{doc['pieces']} pieces" in text
     assert _snapshot(parent) == before
@@ -607,16 +609,17 @@ class FakeRay:
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
-        ([], f"starting Ray ({os.cpu_count()} CPUs) ...\n"),
+        (["--layout", "sharded"], f"starting Ray ({os.cpu_count()} CPUs) ...\n"),
         (["--workers", "3"], "starting Ray (3 CPUs) ...\n"),
         (["--address", "10.0.0.1:6379"], "connecting to Ray at 10.0.0.1:6379 ...\n"),
-        (["-q"], ""),
+        (["-q", "--shard-size", "1MB"], ""),
     ],
 )
 def test_convert_says_it_starts_ray(
     dataset_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys, flags: list[str], said: str
 ) -> None:
-    """Ray's start-up is announced on stderr before it happens (Ray replaced: the call, the message, the stop)."""
+    """Ray's start-up is announced on stderr before it happens (Ray replaced: the call, the message, the stop).
+    A flag only Ray uses chooses Ray: no line about the choice."""
     ray, calls = FakeRay(), []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("jasper_ray.cli.convert.require_ray", lambda purpose: ray)
@@ -670,3 +673,51 @@ def test_inspect_piped_to_head(converted) -> None:
     command = f"set -o pipefail; {sys.executable} -m jasper_ray inspect {directory} | head -1"
     run = subprocess.run(["bash", "-c", command], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stderr, run.stdout) == (0, "", f"dataset   {directory}\n")
+
+
+@pytest.mark.parametrize(
+    ("worthwhile", "mode", "said"),
+    [
+        (True, "ray", "gzip, on Ray, 18 pieces)"),
+        (False, "single-process", "gzip, in this process)"),
+    ],
+)
+def test_convert_chooses_like_the_api_and_says_which(
+    dataset_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys, worthwhile: bool, mode: str, said: str
+) -> None:
+    """No --single-process and no flag only Ray uses: ``ray_worthwhile`` (the API's choice) decides."""
+    asked = []
+    monkeypatch.setattr(
+        "jasper_ray.cli.convert.ray_worthwhile", lambda directory, piece: asked.append(piece) or worthwhile
+    )
+    doc = run_json(["convert", str(dataset_copy), "--dry-run"], capsys)
+    assert doc["mode"] == mode and asked == [256 << 20]
+    assert (doc["pieces"] == 1) is (mode == "single-process")
+    assert main(["convert", str(dataset_copy), "--dry-run"]) == 0
+    assert said in capsys.readouterr().out  # the plan line
+
+
+def test_small_data_converts_in_one_process_without_ray(dataset_copy: Path, tmp_path: Path) -> None:
+    """The real choice, in a child with no Ray running and no RAY_ADDRESS: a small dataset is converted in
+    the CLI's own process (no Ray started), the same file as --single-process writes."""
+    env = {k: v for k, v in subprocess_env().items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "jasper_ray", "convert", str(dataset_copy), "--json", "--compression", "lzf"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["mode"] == "single-process" and doc["pieces"] == 1 and doc["up_to_date"] is False
+    assert "converting in this process: one piece of PT data or less" in run.stderr
+    assert "starting Ray (" not in run.stderr
+    reference = tmp_path / "reference.h5"
+    argv = ["-q", "convert", str(dataset_copy), "--single-process", "--compression", "lzf", "--output", str(reference)]
+    assert main(argv) == 0
+    with h5py.File(dataset_copy / "dataset.h5") as ours, h5py.File(reference) as want:
+        for spec in TENSORS:
+            got, expected = ours[spec.h5_path], want[spec.h5_path]
+            assert (got.compression, got.chunks) == (expected.compression, expected.chunks), spec.name
+            assert got[...].tobytes() == expected[...].tobytes(), spec.name

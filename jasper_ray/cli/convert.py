@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..conversion.parallel import connect_for_conversion, convert
+from ..conversion.parallel import connect_for_conversion, convert, ray_worthwhile
 from ..conversion.plan import PIECE_BYTES, ConversionPlan, default_output, plan_conversion
 from ..conversion.publish import ASSEMBLY_MARGIN
 from ..conversion.writer import ConversionReport, convert_pt_to_hdf5, nothing_to_do
@@ -28,19 +28,39 @@ MODE_RAY = "ray"
 MODE_SINGLE_PROCESS = "single-process"
 
 
+def _ray_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that only a conversion on Ray uses."""
+    return [
+        flag
+        for flag, given in (
+            ("--layout sharded", args.layout == LAYOUT_SHARDED),
+            ("--workers", args.workers is not None),
+            ("--address", args.address is not None),
+            ("--shard-size", args.shard_size is not None),
+        )
+        if given
+    ]
+
+
+def choose_mode(args: argparse.Namespace) -> tuple[str, str | None]:
+    """Ray or this process, and why when the choice was not asked for: as the Python API chooses
+    (``ray_worthwhile``: Ray when it is installed and a session or cluster is there to use, or the PT
+    files hold more than one piece). ``--single-process`` or a flag only Ray uses decides it."""
+    if args.single_process:
+        return MODE_SINGLE_PROCESS, None
+    if _ray_flags(args):
+        return MODE_RAY, None
+    if is_uri(args.dir):
+        return MODE_RAY, "a remote dataset"
+    if ray_worthwhile(args.dir, _piece_bytes(args)):
+        return MODE_RAY, "more than one piece of PT data (--shard-size), or a Ray session or cluster to use"
+    return MODE_SINGLE_PROCESS, "one piece of PT data or less (--shard-size): quicker than starting Ray"
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that would be silently ignored, or options the writer refuses (before any work)."""
     if args.single_process:
-        ignored = [
-            flag
-            for flag, given in (
-                ("--layout sharded", args.layout == LAYOUT_SHARDED),
-                ("--workers", args.workers is not None),
-                ("--address", args.address is not None),
-                ("--shard-size", args.shard_size is not None),
-            )
-            if given
-        ]
+        ignored = _ray_flags(args)
         if ignored:
             raise UsageError(
                 f"--single-process converts in this process, without Ray: {', '.join(ignored)} "
@@ -48,6 +68,8 @@ def check_flags(args: argparse.Namespace) -> None:
             )
     if args.workers is not None and args.address is not None:
         raise UsageError("--workers sizes a local Ray; with --address the cluster's CPUs are used (drop one)")
+    if args.no_shuffle and args.compression == COMPRESSION_NONE:
+        raise UsageError("--no-shuffle turns off a filter of compressed data: it does not apply to --compression none")
     if args.level is not None and args.compression != "gzip":
         raise UsageError(f"--level sets the gzip level: it does not apply to --compression {args.compression}")
     try:
@@ -77,7 +99,9 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
     check_flags(args)
     f = report.fields
     f["dry_run"] = bool(args.dry_run)
-    f["mode"] = MODE_SINGLE_PROCESS if args.single_process else MODE_RAY
+    f["mode"], why = choose_mode(args)
+    if why is not None and not args.dry_run:  # a dry run's plan line says it
+        say(f"converting {'on Ray' if f['mode'] == MODE_RAY else 'in this process'}: {why}", args.quiet)
     f["output"] = _output(args)
     f["layout"] = args.layout
     f["compression"] = args.compression
@@ -92,7 +116,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
         if done is not None:
             _report_result(done, report)
             return
-    if args.single_process:
+    if f["mode"] == MODE_SINGLE_PROCESS:
         result = convert_pt_to_hdf5(
             args.dir,
             _compression(args.compression),

@@ -156,7 +156,7 @@ def build_parser() -> Parser:
     p.add_argument("--neg", type=POSITIVE, default=12, help="hard negatives per pair, n_neg (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed: one seed, the same bytes (default: 0)")
 
-    p = command("convert", "convert a PT dataset to HDF5 beside it, in parallel on Ray")
+    p = command("convert", "convert a PT dataset to HDF5 beside it: on Ray, or in this process when it is small")
     _dataset(p, "the dataset directory (upstream's PT files), or a URI (s3://, gs://, hdfs://, file://)")
     p.add_argument(
         "--output",
