@@ -7,6 +7,7 @@ On the shared ``ray_session`` (2 CPUs) and the session's small dataset (PT, and 
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -113,8 +114,8 @@ def test_a_list_of_datasets_of_other_shapes_is_refused(data: Path, tmp_path: Pat
 
 
 def test_storage_options_reach_open_dataset_in_every_task(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """filesystem=, cache_dir= and cache_limit= go with the user's path to open_dataset, in the driver and in each
-    read task (run in-process here, so the recorder sees them); no reader, no cached copy is sent."""
+    """filesystem=, cache_dir= and cache_limit= go with the user's path to open_dataset, in the driver and in the
+    read tasks (run in-process here, so the recorder sees them); no reader, no cached copy is sent."""
     import pyarrow.fs as pafs
 
     calls: list[tuple[str, Any, dict[str, Any]]] = []
@@ -125,6 +126,7 @@ def test_storage_options_reach_open_dataset_in_every_task(data: Path, monkeypatc
         return real(str(data), storage_format, use_mmap)  # the real files, without the cache
 
     monkeypatch.setattr(datasource_module, "open_dataset", recorder)
+    monkeypatch.setattr(datasource_module, "_OPEN", {})  # this process's readers: none yet
     cache = {"cache_dir": "/node/cache", "cache_limit": 1 << 30}
     fs = pafs.LocalFileSystem()
     source = JasperDatasource(str(data), "train", filesystem=fs, **cache, columns=["pair_id"], min_task_bytes=0)
@@ -132,8 +134,10 @@ def test_storage_options_reach_open_dataset_in_every_task(data: Path, monkeypatc
     assert len(tasks) > 1
     rows = sum(block.num_rows for task in tasks for block in task())
     assert rows == len(source.ids)
-    # pyarrow's LocalFileSystem resolves to a plain local path (storage.locate), as Ray's readers do.
-    assert calls == [(str(data), type(None), cache)] * (1 + len(tasks))
+    # pyarrow's LocalFileSystem resolves to a plain local path (storage.locate), as Ray's readers do. The
+    # driver opens once; the tasks (one process here) open once and share that reader (open_in_process).
+    assert calls == [(str(data), type(None), cache)] * 2
+    assert all(task.read_fn.args[0].dataset == source.dataset for task in tasks)
 
 
 def test_a_dataset_inside_a_filesystem_through_the_cache(converted: Any, tmp_path: Path) -> None:
@@ -235,3 +239,21 @@ def test_sharded_jasper_set_epoch_refuses_a_float(data: Path, tmp_path: Path) ->
             service.set_epoch(1.7)
         service.set_epoch(2)
         assert service.epoch == 2
+
+
+def test_a_worker_process_keeps_its_reader_until_the_dataset_is_replaced(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read tasks in one worker process share a reader (files opened, checksums verified once per process);
+    a dataset replaced at its path (the directory's mtime moves) is opened again."""
+    from jasper_ray.ray_data.datasource import DatasetRef, open_in_process
+    from jasper_ray.storage import locate
+
+    monkeypatch.setattr(datasource_module, "_OPEN", {})
+    copy = Path(shutil.copytree(data, tmp_path / "ds"))
+    ref = DatasetRef(locate(str(copy)))
+    first = open_in_process(ref)
+    assert open_in_process(ref) is first
+    (copy / "republished").write_text("a rename into the directory moves its mtime")
+    os.utime(copy, ns=(1, 1))  # whatever the clock's resolution
+    assert open_in_process(ref) is not first

@@ -78,10 +78,49 @@ class DatasetRef:
     def path(self) -> str:
         return self.location.uri
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """What tells two refs apart (the filesystem object itself is not hashable; the URI names it)."""
+        where = self.location
+        return (where.uri, where.path, self.storage_format, self.use_mmap, self.cache_dir, self.cache_limit)
+
     def open(self) -> Reader:
         return open_dataset(
             self.location, self.storage_format, self.use_mmap, cache_dir=self.cache_dir, cache_limit=self.cache_limit
         )
+
+
+# Readers a worker process keeps between read tasks (most recently used last), each with the identity of the
+# local path it opened. Ray reuses worker processes, so the files are opened, and each checksum unit verified
+# (NOTE [first-touch verification]), once per process, as in a DataLoader worker, not once per task: the
+# negatives of any task touch the whole source table. A local dataset replaced at its path (a new inode or
+# mtime of the directory or .h5 file: atomic publishing renames) is opened again.
+_OPEN: dict[tuple[object, ...], tuple[object, Reader]] = {}
+OPEN_READERS = 4
+
+
+def _identity(ref: DatasetRef) -> object:
+    if ref.location.is_remote:
+        return None  # the cache checks a remote dataset's identity when it is opened
+    try:
+        st = os.stat(ref.location.path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def open_in_process(ref: DatasetRef) -> Reader:
+    """This process's reader of ``ref``, opened on first use and kept (the ``OPEN_READERS`` latest)."""
+    identity = _identity(ref)
+    held = _OPEN.pop(ref.key, None)
+    if held is not None and held[0] != identity:
+        held[1].close()
+        held = None
+    reader = held[1] if held is not None else ref.open()
+    _OPEN[ref.key] = (identity, reader)
+    while len(_OPEN) > OPEN_READERS:
+        _OPEN.pop(next(iter(_OPEN)))[1].close()
+    return reader
 
 
 @dataclass(frozen=True)
@@ -101,19 +140,15 @@ def read_blocks(spec: ReadTaskSpec) -> Iterator[Block]:
     """The body of one read task: Arrow blocks of ``spec.rows_per_block`` samples."""
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     faults.fail_once("read_jasper", f"injected transient I/O error reading {spec.dataset.path}")
-    reader = spec.dataset.open()
-    try:
-        source = ReaderSource(reader)
-        keys = [c for c in spec.columns if c != PAIR_ID]
-        probs = spec.schedule.probs(spec.epoch)
-        for a in range(0, len(spec.ids), spec.rows_per_block):
-            chunk = spec.ids[a : a + spec.rows_per_block]
-            out = dict(assemble_batch(source, chunk, steering_variants(chunk, spec.epoch, spec.seed, probs), keys))
-            if PAIR_ID in spec.columns:
-                out[PAIR_ID] = chunk.copy()
-            yield BlockAccessor.batch_to_block({c: out[c] for c in spec.columns})
-    finally:
-        reader.close()
+    source = ReaderSource(open_in_process(spec.dataset))
+    keys = [c for c in spec.columns if c != PAIR_ID]
+    probs = spec.schedule.probs(spec.epoch)
+    for a in range(0, len(spec.ids), spec.rows_per_block):
+        chunk = spec.ids[a : a + spec.rows_per_block]
+        out = dict(assemble_batch(source, chunk, steering_variants(chunk, spec.epoch, spec.seed, probs), keys))
+        if PAIR_ID in spec.columns:
+            out[PAIR_ID] = chunk.copy()
+        yield BlockAccessor.batch_to_block({c: out[c] for c in spec.columns})
 
 
 class JasperDatasource(Datasource):
