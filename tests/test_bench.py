@@ -153,7 +153,7 @@ def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert main(["bench", "--only", "loader,nope", "--out", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err.strip() == (
         "jasper-ray bench: error: --only 'loader,nope': expected a comma-separated subset of "
-        "formats,loader,convert,ray_data,actors"
+        "formats,loader,convert,ray_data,actors,remote"
     )
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "jasper_ray" / "cli.py"))
     assert main(["bench", "--tiny", "--out", str(tmp_path / "r")]) == 1
