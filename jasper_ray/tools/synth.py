@@ -155,8 +155,8 @@ def synth_dataset(
 ) -> Path:
     """Write an upstream-layout dataset of ``n_pairs`` pairs to ``out_dir`` and return it.
 
-    Made in blocks through file-backed arrays: owned memory grows by ~50 bytes a pair (ids and splits,
-    plus the keyword-id lists that are pickled whole), not with the tensors' size."""
+    Made in blocks through file-backed arrays: owned memory grows by ~160 bytes a pair (ids, splits and
+    keyword ids in memory), not with the tensors' size."""
     if n_pairs < 1 or dim < 1 or n_neg < 1:
         raise ValueError("n_pairs, dim and n_neg must be positive")
     out = Path(out_dir)
@@ -208,7 +208,8 @@ def synth_dataset(
         # Keyword ids: 0..5 distinct keywords of the pair's cluster, sorted; steering from the same blocks.
         kw_per_cluster = n_k // n_c
         n_kw = rng.integers(0, MAX_KEYWORDS_PER_PAIR + 1, size=n_pairs)
-        keyword_ids: list[list[int]] = []
+        keyword_values: list[np.ndarray] = []  # CSR: the ids of each block's pairs, and their counts
+        keyword_counts = np.zeros(n_pairs + 1, np.int64)
         steer_c, steer_k, steer_r = (scratch.array(n, (n_pairs, dim), f32) for n in STEERING)
         distances = scratch.array("centroid_distances", (n_pairs,), f32)
         for sl in _blocks(n_pairs, dim):
@@ -216,7 +217,8 @@ def synth_dataset(
             valid = np.arange(MAX_KEYWORDS_PER_PAIR)[None, :] < n_kw[sl, None]
             kw = np.sort(np.where(valid, kw, n_k), axis=1)
             m = (kw < n_k) & np.concatenate([np.ones((len(kw), 1), bool), kw[:, 1:] != kw[:, :-1]], axis=1)
-            keyword_ids += [row[v].tolist() for row, v in zip(kw, m)]
+            keyword_values.append(kw[m])
+            keyword_counts[sl.start + 1 : sl.stop + 1] = m.sum(1)
             qv, cv = questions[q[sl]], centroids[c[sl]]
             steer_c[sl] = _unit(cv - qv)
             steer_r[sl] = qv - cv
@@ -229,8 +231,8 @@ def synth_dataset(
         for name, array in zip(STEERING, (steer_c, steer_k, steer_r)):
             save(name, array)
         save("centroid_distances", distances)
-        writer.write_keyword_lists(keyword_ids)
-        del keyword_ids
+        writer.write_keyword_ids(np.concatenate(keyword_values), np.cumsum(keyword_counts))
+        del keyword_values
 
         # Negatives in tier blocks: in-cluster, adjacent cluster, other cluster, random other cluster.
         tiers_n = tier_counts(n_neg)

@@ -105,3 +105,34 @@ def test_cli_synth_shows_progress_unless_quiet(tmp_path: Path) -> None:
     assert "synth" in loud.stderr and "row" in loud.stderr
     assert "synth:" not in quiet.stderr and "row" not in quiet.stderr
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "lists",
+    [
+        [],
+        [[]],
+        [[5]],
+        [[0, 255, 256, 65535, 65536, -1, 2**31 - 1, -(2**31)]],
+        [[i % 7] * (i % 4) for i in range(300)],  # past 256 lists: 4-byte memo indices
+        [[i] for i in range(2500)],  # batches of 1000 appends
+        [list(range(1001)), [1, 2]],
+        [[2**40, 1]],  # beyond 32 bits: through the lists
+    ],
+    ids=["none", "one-empty", "one-id", "int-widths", "memo-widths", "batches", "long-list", "wide-ids"],
+)
+def test_keyword_ids_from_csr_are_the_lists_bytes(tmp_path: Path, lists: list[list[int]]) -> None:
+    """PTWriter.write_keyword_ids pickles straight from CSR (synth's path): the file torch.save writes
+    for upstream's List[List[int]], byte for byte, loadable with weights_only=True."""
+    import torch
+
+    from jasper_ray.formats.pt import PTWriter
+
+    offsets = np.cumsum([0] + [len(ids) for ids in lists]).astype(np.int64)
+    values = np.array([v for ids in lists for v in ids], dtype=np.int64)
+    with PTWriter(tmp_path / "csr") as csr, PTWriter(tmp_path / "lists") as plain:
+        csr.write_keyword_ids(values, offsets)
+        plain.write_keyword_lists(lists)
+    ours, want = (tmp_path / d / "pair_keyword_ids.pt" for d in ("csr", "lists"))
+    assert ours.read_bytes() == want.read_bytes()
+    assert torch.load(ours, weights_only=True) == lists
