@@ -51,6 +51,10 @@ def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = Non
     gathered as rows of bytes: numpy copies unaligned elements one by one, 20-70x slower
     (``scripts/diag_gathers.py``).
     """
+    into = getattr(arr, "take_rows_into", None)
+    if into is not None and out is not None:  # gathers straight into ``out`` (no copy of a copy)
+        into(indices, out)
+        return out
     take = getattr(arr, "take_rows", None)
     if take is not None:
         rows: np.ndarray = take(indices)
@@ -116,14 +120,24 @@ class ConcatRows:
         return np.concatenate(runs) if runs else np.empty((0,) + self.shape[1:], self.dtype)
 
     def take_rows(self, indices: np.ndarray) -> np.ndarray:
-        out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
+        return self.take_rows_into(indices, np.empty((len(indices),) + self.shape[1:], dtype=self.dtype))
+
+    def take_rows_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` into ``out``: each part's rows gathered in one pass, then placed (one scatter)."""
         part_of = np.searchsorted(self.starts, indices, side="right") - 1
-        _open_together([self.parts[k][2] for k in np.unique(part_of)])
-        for k in np.unique(part_of):
-            a, _, arr = self.parts[k]
-            sel = np.flatnonzero(part_of == k)
-            local = indices[sel] - a
-            out[sel] = gather_rows(arr, local)
+        if len(indices) and part_of[0] == part_of[-1] and (part_of == part_of[0]).all():
+            a, _, arr = self.parts[int(part_of[0])]
+            return gather_rows(arr, indices - a, out)  # one part: gathered in place
+        order = np.argsort(part_of, kind="stable")
+        bounds = np.searchsorted(part_of[order], np.arange(len(self.parts) + 1))
+        _open_together([self.parts[k][2] for k in range(len(self.parts)) if bounds[k + 1] > bounds[k]])
+        gathered = np.empty_like(out)
+        for k in range(len(self.parts)):
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            if hi > lo:
+                a, _, arr = self.parts[k]
+                gather_rows(arr, indices[order[lo:hi]] - a, gathered[lo:hi])
+        out[order] = gathered
         return out
 
 
@@ -172,3 +186,6 @@ class LazyShard:
 
     def take_rows(self, indices: np.ndarray) -> np.ndarray:
         return gather_rows(self.rows(), indices)
+
+    def take_rows_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return gather_rows(self.rows(), indices, out)

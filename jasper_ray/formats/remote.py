@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DatasetNotFoundError
@@ -31,10 +33,15 @@ from ..storage import Location, NodeCache, download, remote_identity
 from ..storage.fetch import discard_part
 from ..storage.location import remote_error
 from .hdf5 import open_h5
+from .hdf5_writer import create_file
+from .manifest import ManifestShard
 from .serving import check_file, is_mappable, serving_copy
 from .sharded import read_manifest
 
 log = logging.getLogger(__name__)
+
+WHOLE_DIR = "whole"  # in a dataset's cache directory: tensors kept whole, one contiguous file each
+PARALLEL_FETCHES = 8
 
 StorageFormat = Literal["pt", "hdf5"]
 
@@ -133,6 +140,9 @@ class ShardFiles:
     def cache_limit(self) -> int | None:
         return self.cache.limit
 
+    def keeps_whole(self, h5_path: str) -> bool:
+        return h5_path not in PAIR_H5_PATHS
+
     def path(self, h5_path: str, file: str, nbytes: int, checksum: str) -> Path:
         rel = f"{SHARDS_DIR}/{file}"
         identity = {"size": nbytes, "checksum": checksum}
@@ -145,6 +155,26 @@ class ShardFiles:
             evictable=h5_path in PAIR_H5_PATHS,
             progress=self.progress,
         )
+
+    def whole(self, h5_path: str, shape: tuple[int, ...], dtype: np.dtype, shards: list[ManifestShard]) -> Path:
+        """A tensor that stays whole (a table: any pair's negatives point into it) as one contiguous copy:
+        its shards fetched together, checked, and laid end to end, so a gather is one mapped ``take``."""
+        rel = f"{WHOLE_DIR}/{h5_path.replace('/', '.')}{HDF5_SUFFIXES[0]}"
+        identity = {"shards": [s.checksum for s in shards], "shape": list(shape), "dtype": np.dtype(dtype).str}
+
+        def build(temp: Path, part: Path) -> None:
+            with ThreadPoolExecutor(min(PARALLEL_FETCHES, len(shards))) as pool:
+                copies = list(pool.map(lambda s: self.path(h5_path, s.file, s.bytes, s.checksum), shards))
+            with create_file(temp) as out:
+                dset = out.create_dataset(h5_path, shape=shape, dtype=dtype)
+                for shard, copy in zip(shards, copies):
+                    with open_h5(copy) as f:
+                        dset[shard.start : shard.stop] = f[h5_path][...]
+            for shard in shards:  # the whole copy replaces them
+                self.cache.discard(self.dataset_dir, f"{SHARDS_DIR}/{shard.file}")
+
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return self.cache.get(self.dataset_dir, rel, identity, build, nbytes=2 * nbytes)
 
 
 def _listing(location: Location) -> dict[str, Any]:

@@ -62,6 +62,14 @@ class ShardSource(Protocol):
         """The local, checked copy of shard ``file`` (fetched on first use)."""
         ...
 
+    def keeps_whole(self, h5_path: str) -> bool:
+        """Whether the tensor is kept whole (one copy of all its shards, never evicted)."""
+        ...
+
+    def whole(self, h5_path: str, shape: tuple[int, ...], dtype: np.dtype, shards: list[ManifestShard]) -> Path:
+        """The local, checked copy of the whole tensor, its shards end to end."""
+        ...
+
 
 @contextlib.contextmanager
 def _dataset_in(path: Path | Callable[[], Path], h5_path: str) -> Iterator[RowArray]:
@@ -155,6 +163,10 @@ class ShardedHDF5Reader(Reader):
             raise DatasetNotFoundError(f"{self.shards_dir}: no tensor at {h5_path!r} in the manifest")
         parts: list[tuple[int, int, Any]] = []
         per_shard_cache = self.chunk_cache_bytes // len(tensor.shards)  # one budget for the tensor
+        if self.shard_files is not None and len(tensor.shards) > 1 and self.shard_files.keeps_whole(h5_path):
+            path = self.shard_files.whole(h5_path, tuple(tensor.shape), np.dtype(tensor.dtype), tensor.shards)
+            handle = self._files[f"whole:{h5_path}"] = open_h5(path)
+            return serve_dataset(path, handle[h5_path], self.use_mmap, self.chunk_cache_bytes)
         if self.shard_files is not None:
             row_bytes = row_nbytes(tuple(tensor.shape), np.dtype(tensor.dtype))
             for shard in tensor.shards:

@@ -155,6 +155,12 @@ class NodeCache:
             log.info("cache: made %s (%d bytes)", final, entry["bytes"])
             return final
 
+    def discard(self, dataset_dir: Path, rel: str) -> None:
+        """Delete one copy this cache made (its entry first, so it is never served half)."""
+        with file_lock(self._state(dataset_dir, "locks", rel, ".lock")):
+            self._state(dataset_dir, "meta", rel, ".json").unlink(missing_ok=True)
+            (dataset_dir / rel).unlink(missing_ok=True)
+
     def entries(self) -> list[Entry]:
         """Every published copy under the root."""
         found = []
