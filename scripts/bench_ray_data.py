@@ -171,7 +171,9 @@ def split_pass(consumers: list[Any], shards: list[Any]) -> dict[str, float]:
 
 
 def write_peer(ds: Any, out: Path) -> Path:
-    """The samples of one pass written by Ray's write_parquet (one file per block, as Ray writes them)."""
+    """The samples of one pass written by Ray's write_parquet (one file per block, as Ray writes them) into
+    ``out``, the benchmark's own scratch folder, emptied first (a killed run leaves files there)."""
+    shutil.rmtree(out, ignore_errors=True)
     ds.write_parquet(str(out))
     return out
 
