@@ -228,7 +228,8 @@ def main() -> None:
                 "transfer rows: MiB/s of the objects, ratio against copy_files; epoch rows: samples/s, against (d).",
                 "(b) includes opening (validation), fetching, checking checksums and decompressing into the cache; "
                 "first batch = open + first get_batch.",
-                "moto copies a whole object per GET (ranged or not): ranged reads cost more here than on real S3.",
+                "moto copies a whole object per GET (ranged or not): ranged reads cost more here than on real S3; "
+                "one range per object is JASPER_RAY_RANGE_BYTES >= the object size.",
             ],
         )
         record(

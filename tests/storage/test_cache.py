@@ -227,3 +227,19 @@ def test_a_disk_that_fills_while_decompressing_is_a_clear_error(
         assert run.returncode == 0, run.stderr[-3000:]
         assert "disk full in" in run.stdout and "nothing was kept" in run.stdout, run.stdout + run.stderr[-2000:]
         assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
+def test_the_range_size_follows_the_environment(
+    remote: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    location = locate(f"{remote['gzip']}/dataset.h5")
+    identity = remote_identity(location).as_dict()
+    size = int(identity["size"])
+    counts = []
+    for range_bytes in (64 << 10, size):
+        monkeypatch.setenv("JASPER_RAY_RANGE_BYTES", str(range_bytes))
+        calls: list[int] = []
+        download(location, tmp_path / f"{range_bytes}.part", size, identity, on_bytes=calls.append)
+        counts.append(len(calls))
+        assert (tmp_path / f"{range_bytes}.part").read_bytes() == location_bytes(location)
+    assert counts == [-(-size // (64 << 10)), 1]
