@@ -31,8 +31,9 @@ TABLES = {
         "512-random-row gathers",
         "Reading every pair's keyword ids",
         "Memory of a pass",
+        "Read verification: whole passes",
     ],
-    "loader": ["DataLoader samples/s", "Workers beside a training step"],
+    "loader": ["DataLoader samples/s", "Workers beside a training step", "Read verification through create_loader"],
     "convert": ["PT -> HDF5 conversion", "Scaling model (gzip)"],
     "ray_data": ["Ray Data rows/s"],
     "actors": ["One epoch of", "A killed actor", "Memory after the runs"],
@@ -40,8 +41,8 @@ TABLES = {
 }
 # Raw records each script leaves: name -> how many.
 RECORDS = {
-    "formats": {"formats_open": 12, "formats_pass": 4},
-    "loader": {"loader": 19, "loader_overlap": 18},
+    "formats": {"formats_open": 12, "formats_pass": 4, "formats_verify": 8},
+    "loader": {"loader": 19, "loader_overlap": 18, "loader_verify": 4},
     "convert": {"convert": 12, "convert_model": 1},
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
