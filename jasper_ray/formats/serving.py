@@ -68,12 +68,16 @@ def _stream(
         if on_bytes is not None:
             on_bytes(block.nbytes)
     if recorded is not None:
-        got = combine(hasher.finish())
-        if got != recorded:
-            raise ChecksumError(
-                f"{where}: tensor {dset.name}: checksum {got[:16]}... does not match the recorded "
-                f"{str(recorded)[:16]}... (the bytes fetched are corrupt; nothing was cached)"
-            )
+        _check_recorded(where, dset.name, combine(hasher.finish()), recorded)
+
+
+def _check_recorded(where: str, name: str, got: str, recorded: object) -> None:
+    """``ChecksumError`` naming ``where`` and the tensor when the decoded rows' checksum is not the recorded one."""
+    if got != recorded:
+        raise ChecksumError(
+            f"{where}: tensor {name}: checksum {got[:16]}... does not match the recorded "
+            f"{str(recorded)[:16]}... (the bytes fetched are corrupt; nothing was cached)"
+        )
 
 
 def check_file(path: Path, where: str, on_bytes: Callable[[int], object] | None = None) -> None:
@@ -106,17 +110,8 @@ def serving_copy(
         return True
     with open_h5(src) as f:
         with create_file(dest) as out:
-            for key, value in f.attrs.items():
-                out.attrs[key] = value
-            if ATTR_COMPRESSION in f.attrs:
-                out.attrs[ATTR_COMPRESSION] = COMPRESSION_NONE
 
             def visit(name: str, obj: Any) -> None:
-                if not hasattr(obj, "shape"):
-                    group = out.require_group(name)
-                    for key, value in obj.attrs.items():
-                        group.attrs[key] = value
-                    return
                 copy = out.create_dataset(name, shape=obj.shape, dtype=obj.dtype)
                 for key, value in obj.attrs.items():
                     copy.attrs[key] = value
@@ -129,8 +124,26 @@ def serving_copy(
 
                 _stream(obj, where, write, on_bytes)
 
-            f.visititems(visit)
+            _copy_tree(f, out, visit)
     return True
+
+
+def _copy_tree(f: Any, out: Any, dataset: Callable[[str, Any], None]) -> None:
+    """``f``'s root attributes (compression now none) and groups into ``out``; each dataset to ``dataset``."""
+    for key, value in f.attrs.items():
+        out.attrs[key] = value
+    if ATTR_COMPRESSION in f.attrs:
+        out.attrs[ATTR_COMPRESSION] = COMPRESSION_NONE
+
+    def visit(name: str, obj: Any) -> None:
+        if hasattr(obj, "shape"):
+            dataset(name, obj)
+            return
+        group = out.require_group(name)
+        for key, value in obj.attrs.items():
+            group.attrs[key] = value
+
+    f.visititems(visit)
 
 
 # Files smaller than this are decoded in this process: starting worker interpreters (which import torch
@@ -157,17 +170,8 @@ def _allocate(f: Any, dest: Path) -> list[_Block]:
     h5py = require_h5py()
     blocks: list[_Block] = []
     with create_file(dest) as out:
-        for key, value in f.attrs.items():
-            out.attrs[key] = value
-        if ATTR_COMPRESSION in f.attrs:
-            out.attrs[ATTR_COMPRESSION] = COMPRESSION_NONE
 
         def visit(name: str, obj: Any) -> None:
-            if not hasattr(obj, "shape"):
-                group = out.require_group(name)
-                for key, value in obj.attrs.items():
-                    group.attrs[key] = value
-                return
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             space = h5py.h5s.create_simple(obj.shape) if obj.shape else h5py.h5s.create(h5py.h5s.SCALAR)
@@ -187,7 +191,7 @@ def _allocate(f: Any, dest: Path) -> list[_Block]:
                 stop = min(start + per_job, obj.shape[0])
                 blocks.append(_Block(name, int(offset), tuple(obj.shape), obj.dtype.str, start, stop, rows))
 
-        f.visititems(visit)
+        _copy_tree(f, out, visit)
     return blocks
 
 
@@ -279,8 +283,4 @@ def _decode_in_place(
             if recorded is None:
                 continue
             value = combine(d for _, part in sorted(parts, key=lambda p: p[0]) for d in part)
-            if value != recorded:
-                raise ChecksumError(
-                    f"{where}: tensor /{name}: checksum {value[:16]}... does not match the recorded "
-                    f"{str(recorded)[:16]}... (the bytes fetched are corrupt; nothing was cached)"
-                )
+            _check_recorded(where, f"/{name}", value, recorded)
