@@ -164,18 +164,22 @@ def run(args: argparse.Namespace) -> dict:
     results["failures"] += check_equal("actors", served, by_pair(local, split_ids, served["pair_id"]))
 
     # 3. one epoch through read_jasper
-    streamed = list(
-        jasper_ray.read_jasper(data, "train", seed=args.seed, epoch=args.epoch).iter_batches(
+    results["failures"] += read_jasper_epoch(data, args, split_ids, local)
+    results["samples_per_epoch"] = len(split_ids)
+    return results
+
+
+def read_jasper_epoch(path: Path | str, args: argparse.Namespace, split_ids: np.ndarray, local) -> list[str]:  # type: ignore[no-untyped-def]
+    """One epoch of ``read_jasper(path)`` against the local dataset: every pair once, the same samples."""
+    batches = list(
+        jasper_ray.read_jasper(path, "train", seed=args.seed, epoch=args.epoch).iter_batches(
             batch_size=None, batch_format="numpy"
         )
     )
-    streamed = {k: np.concatenate([b[k] for b in streamed]) for k in streamed[0]}
+    streamed = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     if sorted(streamed["pair_id"].tolist()) != sorted(split_ids.tolist()):
-        results["failures"].append("read_jasper: the epoch does not hold every pair exactly once")
-    else:
-        results["failures"] += check_equal("read_jasper", streamed, by_pair(local, split_ids, streamed["pair_id"]))
-    results["samples_per_epoch"] = len(split_ids)
-    return results
+        return ["read_jasper: the epoch does not hold every pair exactly once"]
+    return check_equal("read_jasper", streamed, by_pair(local, split_ids, streamed["pair_id"]))
 
 
 def cache_files(state: Path) -> dict[str, int]:
@@ -231,16 +235,7 @@ def run_from_s3(args: argparse.Namespace) -> dict:
             time.sleep(0.5)
         results["nodes_after"] = sum(1 for n in ray.nodes() if n["Alive"])
 
-        streamed = list(
-            jasper_ray.read_jasper(uri, "train", seed=args.seed, epoch=args.epoch).iter_batches(
-                batch_size=None, batch_format="numpy"
-            )
-        )
-        streamed = {k: np.concatenate([b[k] for b in streamed]) for k in streamed[0]}
-        if sorted(streamed["pair_id"].tolist()) != sorted(split_ids.tolist()):
-            results["failures"].append("read_jasper: the epoch does not hold every pair exactly once")
-        else:
-            results["failures"] += check_equal("read_jasper", streamed, by_pair(local, split_ids, streamed["pair_id"]))
+        results["failures"] += read_jasper_epoch(uri, args, split_ids, local)
         results["samples_per_epoch"] = len(split_ids)
         state = os.environ.get("JASPER_CLUSTER_DIR")
         if state:
