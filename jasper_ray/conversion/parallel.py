@@ -34,7 +34,7 @@ from ..schema import LAYOUT_SINGLE, LAYOUTS
 from ..validate import validate_dataset
 from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
-from .publish import assemble_single, publish_sharded
+from .publish import allocate_in_place, assemble_single, finish_in_place, publish_sharded
 from .remote import convert_staged, is_remote_job
 from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
 
@@ -185,10 +185,12 @@ def convert(
         validate_dataset(reader, progress=progress, scan_floats=True)
     plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes)
     work = WorkDir(work_dir_for(output), plan)
+    in_place = layout == LAYOUT_SINGLE and compression is None  # NOTE [in-place assembly] in pieces
     started_ray = connect_for_conversion(address, num_workers)
     try:
         with work:
             try:
+                offsets = allocate_in_place(plan, work.path) if in_place else None
                 reused = work.existing_pieces()
                 if reused:
                     log.info(
@@ -198,13 +200,15 @@ def convert(
                     )
                 results = run_pieces(
                     ray,
-                    plan.tasks(work.path),
+                    plan.tasks(work.path, offsets),
                     max_retries=max_retries,
                     progress=progress,
                     total_bytes=plan.total_bytes,
                 )
                 pieces_done = time.perf_counter()
-                if layout == LAYOUT_SINGLE:
+                if in_place:
+                    finish_in_place(plan, work.path, output, results)
+                elif layout == LAYOUT_SINGLE:
                     assemble_single(plan, work.path, output, results)
             except Exception:
                 # A failure leaves nothing behind (the disk may be full). An interrupt or a crash

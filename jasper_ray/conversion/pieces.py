@@ -6,6 +6,22 @@ already-compressed chunks and never re-encodes. Part files keep the block
 digests of their rows: the tensor checksum is combined from them, and a re-run
 reuses a piece only when its rows hash to them again. ``WorkDir`` holds the
 pieces of one conversion. No Ray here: the Ray driver runs ``write_piece``.
+
+NOTE [in-place assembly]: uncompressed (``compression=None``) into one
+``dataset.h5``, there are no part files. The driver allocates the final file in
+the work directory first, every dataset contiguous at a known offset
+(``publish.allocate_in_place``), and each piece writes its rows there in place
+(``formats.serving.Contiguous``, plain ``pwrite``), hashing them as it writes.
+Pieces are cut on checksum block boundaries (``plan.piece_ranges``), so a
+piece's block digests are the tensor's own, exactly what a part file would
+record: no digest is computed after the writes. A piece syncs its rows, then
+leaves a record of its digests (``<piece>.done``); a re-run after a killed
+driver finds the file and the records, and reuses a piece when its rows in the
+file hash to its record again. Assembly is then metadata only: checksum
+attributes, fsync and one rename (``publish.finish_in_place``). The file is
+published only by that rename, so a killed driver or task leaves the hidden
+work directory (locked, its lock naming host.pid.start), never a half
+``dataset.h5``.
 """
 
 from __future__ import annotations
@@ -24,10 +40,21 @@ from ..atomic import TEMP_MARK, atomic_output, writer_tag
 from ..faults import fail_once
 from ..formats import open_dataset
 from ..formats.base import Reader
+from ..formats.checksum import BlockHasher, block_digests, block_rows, row_nbytes
 from ..formats.hdf5 import require_h5py
-from ..formats.hdf5_writer import part_digests, write_part
-from ..schema import HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
+from ..formats.hdf5_writer import part_digests, write_part, write_rows
+from ..formats.serving import Contiguous
+from ..schema import HDF5_FILE, HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
 from .plan import ConversionPlan, PieceTask
+
+# The preallocated file of an in-place conversion, in the work directory, and a finished piece's record beside it.
+IN_PLACE_FILE = HDF5_FILE
+RECORD_SUFFIX = ".done"
+
+
+def record_file(piece_id: str) -> str:
+    return f"{piece_id}{RECORD_SUFFIX}"
+
 
 log = logging.getLogger(__name__)
 
@@ -71,34 +98,83 @@ def piece_digests(path: Path, task: PieceTask) -> list[str] | None:
     return None if digests is None else [d.hex() for d in digests]
 
 
+def in_place_target(task: PieceTask) -> Contiguous:
+    """The piece's rows in the work directory's preallocated file (NOTE [in-place assembly])."""
+    assert task.in_place_offset is not None
+    column = task.column
+    whole = Contiguous(str(Path(task.work_dir) / IN_PLACE_FILE), task.in_place_offset, column.shape, column.dtype)
+    return whole.rows(task.piece.start, task.piece.stop)
+
+
+def in_place_digests(task: PieceTask) -> list[str] | None:
+    """The recorded digests of an in-place piece whose rows in the file hash to them again, else None."""
+    record = Path(task.work_dir) / record_file(task.piece.piece_id)
+    if not record.exists():
+        return None
+    try:
+        recorded = json.loads(record.read_text())
+        column = task.column
+        rows = block_rows(column.shape, column.dtype.itemsize)
+        got = block_digests(in_place_target(task), rows, row_nbytes(column.shape, column.dtype))
+    except (OSError, ValueError) as exc:
+        log.info("piece %s cannot be reused (%s)", task.piece.piece_id, exc)
+        return None
+    return recorded if [d.hex() for d in got] == recorded else None
+
+
+def write_in_place(task: PieceTask) -> list[str]:
+    """Write the piece's rows into the preallocated file, sync them, record their digests; return them."""
+    piece, column = task.piece, task.column
+    target = in_place_target(task)
+    hasher = BlockHasher.for_tensor(column.shape, column.dtype)
+    with _source(task.dataset_dir) as source:
+        write_rows(target, column.rows(source), piece.start, piece.stop, hasher, dest_start=0)
+    target.sync()
+    digests = [d.hex() for d in hasher.finish()]
+    with atomic_output(Path(task.work_dir) / record_file(piece.piece_id)) as temp:
+        temp.write_text(json.dumps(digests))
+    return digests
+
+
 def write_piece(task: PieceTask) -> PieceResult:
-    """Write (or reuse, if it verifies) one piece's part file; published atomically under ``work_dir``."""
+    """Write (or reuse, if it verifies) one piece: its part file, published atomically under ``work_dir``,
+    or its rows in place (``task.in_place_offset``, NOTE [in-place assembly])."""
     started = time.perf_counter()
     require_h5py()  # before any work, when h5py is missing
     piece = task.piece
+    in_place = task.in_place_offset is not None
     path = Path(task.work_dir) / piece.file_name
-    digests = piece_digests(path, task) if path.exists() else None
+    if in_place:
+        digests = in_place_digests(task)
+    else:
+        digests = piece_digests(path, task) if path.exists() else None
+        if digests is None and path.exists():
+            log.warning("piece %s does not verify; rewriting it", path)
     reused = digests is not None
     if digests is None:
-        if path.exists():
-            log.warning("piece %s does not verify; rewriting it", path)
         fail_once(piece.piece_id, f"injected failure writing piece {piece.piece_id}")
-        with _source(task.dataset_dir) as source:
-            rows = task.column.rows(source)
-            written = write_part(
-                path, task.column, rows, piece.start, piece.stop, task.compression, task.compression_opts, task.shuffle
-            )
-        digests = [d.hex() for d in written]
+        digests = write_in_place(task) if in_place else _write_part_file(task, path)
+    nbytes = (piece.stop - piece.start) * row_nbytes(task.column.shape, task.column.dtype)
     return PieceResult(
         piece.piece_id,
         piece.stop - piece.start,
         digests,
-        path.stat().st_size,
+        nbytes if in_place else path.stat().st_size,
         time.perf_counter() - started,
         reused,
         os.getpid(),
         _peak_rss(),
     )
+
+
+def _write_part_file(task: PieceTask, path: Path) -> list[str]:
+    piece = task.piece
+    with _source(task.dataset_dir) as source:
+        rows = task.column.rows(source)
+        written = write_part(
+            path, task.column, rows, piece.start, piece.stop, task.compression, task.compression_opts, task.shuffle
+        )
+    return [d.hex() for d in written]
 
 
 # --- the work directory ------------------------------------------------------------------
@@ -129,7 +205,7 @@ class WorkDir:
         plan_file = self.path / PLAN_FILE
         previous = json.loads(plan_file.read_text()).get("key") if plan_file.exists() else None
         for p in self.path.iterdir():
-            stale_piece = p.suffix == HDF5_SUFFIX and previous != self.plan.key
+            stale_piece = p.suffix in (HDF5_SUFFIX, RECORD_SUFFIX) and previous != self.plan.key
             if TEMP_MARK in p.name or stale_piece:  # dead writers' temps; pieces of another plan
                 p.unlink()
         if previous != self.plan.key:
@@ -138,7 +214,9 @@ class WorkDir:
         return self
 
     def existing_pieces(self) -> int:
-        return sum(1 for p in self.plan.pieces if (self.path / p.file_name).exists())
+        """Pieces an earlier run finished: part files, or records of rows written in place."""
+        names = {p.name for p in self.path.iterdir()}
+        return sum(1 for p in self.plan.pieces if p.file_name in names or record_file(p.piece_id) in names)
 
     def __exit__(self, *exc: object) -> None:
         if self._lock_fd is not None:

@@ -62,6 +62,9 @@ class PieceTask:
     compression: str | None
     compression_opts: CompressionOpts
     shuffle: bool
+    # Where the column's bytes begin in the work directory's preallocated file, when the piece writes its rows
+    # there in place (NOTE [in-place assembly] in pieces); None: the piece writes a part file of its own.
+    in_place_offset: int | None = None
 
 
 @dataclass
@@ -102,7 +105,8 @@ class ConversionPlan:
             "shards": pieces,
         }
 
-    def tasks(self, work_dir: Path) -> list[PieceTask]:
+    def tasks(self, work_dir: Path, offsets: dict[str, int] | None = None) -> list[PieceTask]:
+        """One task per piece; with ``offsets`` (each column's place in the preallocated file), in place."""
         column_of = {c.h5_path: c for c in self.columns}
         return [
             PieceTask(
@@ -113,6 +117,7 @@ class ConversionPlan:
                 self.compression,
                 self.compression_opts,
                 self.shuffle,
+                None if offsets is None else offsets[p.h5_path],
             )
             for p in self.pieces
         ]

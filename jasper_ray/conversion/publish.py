@@ -1,8 +1,10 @@
 """Publishing a conversion: pieces assembled into ``dataset.h5``, or renamed into the sharded layout.
 
 Assembly moves the pieces' already-compressed chunks into the final file
-(``HDF5Writer.copy_part``) and never re-encodes; uncompressed pieces are
-contiguous and copied as bytes. The sharded layout is the work directory
+(``HDF5Writer.copy_part``) and never re-encodes. Uncompressed, there is nothing
+to move: the pieces wrote their rows in place into a file allocated here first,
+and assembly sets its checksums and renames it (NOTE [in-place assembly] in
+``pieces``). The sharded layout is the work directory
 itself, renamed into place with its manifest written last: each piece's part
 file becomes a shard. Formats own the bytes (``formats.hdf5_writer``,
 ``formats.sharded``); this module decides what goes where.
@@ -11,18 +13,23 @@ file becomes a shard. Formats own the bytes (``formats.hdf5_writer``,
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import TEMP_MARK, fsync_dir, writer_tag
+from ..atomic import TEMP_MARK, fsync_dir, publish, remove_orphan_temps, writer_tag
 from ..formats.checksum import block_rows, combine
+from ..formats.hdf5 import open_h5, require_h5py
 from ..formats.hdf5_writer import HDF5Writer
+from ..formats.serving import allocate_dataset
 from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_manifest
 from ..schema import COMPRESSION_NONE, LOCK_FILE, PLAN_FILE, old_dir_name
-from .pieces import PieceResult
+from .pieces import IN_PLACE_FILE, RECORD_SUFFIX, PieceResult
 from .plan import ConversionPlan, Piece
+
+log = logging.getLogger(__name__)
 
 # --- assembly --------------------------------------------------------------------------------
 
@@ -69,6 +76,53 @@ def assemble_single(
                 if on_bytes is not None:
                     on_bytes(copied)
             writer.set_checksum(dset, _digests(results, plan.pieces_of(column)))
+
+
+def _allocated(path: Path, plan: ConversionPlan) -> dict[str, int] | None:
+    """Each column's offset in an earlier run's allocated file, if it holds every column of ``plan`` in place."""
+    offsets = {}
+    try:
+        with open_h5(path) as f:
+            for column in plan.columns:
+                dset = f[column.h5_path]
+                if dset.shape != column.shape or dset.dtype != column.dtype or dset.chunks is not None:
+                    return None
+                offset = dset.id.get_offset()
+                if offset is None and dset.size:
+                    return None
+                offsets[column.h5_path] = int(offset or 0)
+    except (OSError, KeyError) as exc:
+        log.info("%s cannot be reused (%s): allocating it again", path, exc)
+        return None
+    return offsets
+
+
+def allocate_in_place(plan: ConversionPlan, work_dir: Path) -> dict[str, int]:
+    """The work directory's file for in-place pieces: config attributes, every column contiguous and allocated
+    (its offset known); kept from an earlier run of the same plan. Returns each column's byte offset."""
+    path = work_dir / IN_PLACE_FILE
+    if path.exists() and (offsets := _allocated(path, plan)) is not None:
+        return offsets
+    for record in work_dir.glob(f"*{RECORD_SUFFIX}"):  # rows of another file
+        record.unlink()
+    check_free_space(path, plan.total_bytes, "allocate")
+    offsets = {}
+    with HDF5Writer(path, None) as writer:
+        writer.write_config(plan.config, plan.source_fingerprint)
+        for column in plan.columns:
+            offset = allocate_dataset(writer.file, column.h5_path, column.shape, column.dtype).id.get_offset()
+            offsets[column.h5_path] = int(offset or 0)  # None: an empty tensor, no bytes
+    return offsets
+
+
+def finish_in_place(plan: ConversionPlan, work_dir: Path, output: Path, results: dict[str, PieceResult]) -> None:
+    """Set the checksums of the file the pieces wrote in place and publish it as ``output``: metadata only."""
+    path = work_dir / IN_PLACE_FILE
+    with require_h5py().File(path, "r+") as f:
+        for column in plan.columns:
+            HDF5Writer.set_checksum(f[column.h5_path], _digests(results, plan.pieces_of(column)))
+    remove_orphan_temps(output)
+    publish(path, output)
 
 
 # --- the sharded layout ------------------------------------------------------------------------

@@ -164,20 +164,79 @@ class _Block:
     block_rows: int
 
 
+def allocate_dataset(group: Any, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A contiguous dataset ``name`` under ``group``, its space allocated now: ``dset.id.get_offset()`` is
+    where its bytes lie in the file before any is written, so other processes can write rows in place
+    (``write_rows_at``). ``dtype``: a numpy dtype or an HDF5 type id (kept exactly). No fill is written."""
+    h5py = require_h5py()
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+def write_rows_at(path: Path, offset: int, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (C-contiguous, the dataset's dtype) as rows ``start:`` of the contiguous dataset whose
+    bytes begin at ``offset`` in the file at ``path``. Plain ``pwrite``, not a mapping: a full disk is an
+    ``OSError`` here, not a SIGBUS that kills the process."""
+    data = np.ascontiguousarray(rows).data.cast("B")
+    position = offset + start * (rows.nbytes // len(rows) if len(rows) else 0)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(fd, data, position)
+            data, position = data[written:], position + written
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Contiguous:
+    """A contiguous dataset of an allocated file (``allocate_dataset``) by path and offset: rows written and
+    read with plain file I/O from any process, sliced like an h5py dataset (``hdf5_writer.write_rows`` writes
+    it, ``checksum.block_digests`` hashes it). Names and integers only: it travels to tasks."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks = None  # what write_rows asks of a dataset: rows are not chunk-aligned
+
+    def rows(self, start: int, stop: int) -> Contiguous:
+        """Rows ``start:stop`` as a contiguous dataset of their own."""
+        return Contiguous(
+            self.path, self.offset + start * row_nbytes(self.shape, self.dtype), (stop - start, *self.shape[1:]),
+            self.dtype,
+        )  # fmt: skip
+
+    def __setitem__(self, rows: slice, block: np.ndarray) -> None:
+        write_rows_at(Path(self.path), self.offset, rows.start or 0, block)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        count = max(0, stop - start) * int(np.prod(self.shape[1:], dtype=np.int64))
+        offset = self.offset + start * row_nbytes(self.shape, self.dtype)
+        data = np.fromfile(self.path, dtype=self.dtype, count=count, offset=offset)
+        if data.size != count:
+            raise OSError(f"{self.path}: ends before rows {start}:{stop} of the dataset at byte {self.offset}")
+        return data.reshape((-1, *self.shape[1:]))
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (``fdatasync``: the whole file's, from any process)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
 def _allocate(f: Any, dest: Path) -> list[_Block]:
     """``dest`` with ``f``'s groups, attributes and datasets, each contiguous and allocated now (so its
     offset is known before any byte is written); the row ranges the workers fill."""
-    h5py = require_h5py()
     blocks: list[_Block] = []
     with create_file(dest) as out:
 
         def visit(name: str, obj: Any) -> None:
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            space = h5py.h5s.create_simple(obj.shape) if obj.shape else h5py.h5s.create(h5py.h5s.SCALAR)
-            parent, _, leaf = name.rpartition("/")
-            where = out[parent] if parent else out
-            copy = h5py.Dataset(h5py.h5d.create(where.id, leaf.encode(), obj.id.get_type(), space, dcpl=dcpl))
+            copy = allocate_dataset(out, name, obj.shape, obj.id.get_type())
             for key, value in obj.attrs.items():
                 copy.attrs[key] = value
             offset = copy.id.get_offset()
@@ -204,10 +263,7 @@ def _decode_block(src: Path, dest: Path, block: _Block) -> list[bytes]:
         rows = f[block.name][block.start : block.stop]
     hasher = BlockHasher(block.block_rows, row_nbytes(block.shape, np.dtype(block.dtype)))
     hasher.update(rows)
-    mapped = np.memmap(dest, dtype=block.dtype, mode="r+", offset=block.offset, shape=block.shape)
-    mapped[block.start : block.stop] = rows
-    mapped.flush()
-    del mapped
+    write_rows_at(dest, block.offset, block.start, rows)
     return hasher.finish()
 
 

@@ -335,28 +335,34 @@ print("finished", flush=True)
 """
 
 
-def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
-    tmp_path: Path, big: Path, big_checksums: dict[str, str], ray_subprocess_env: Callable[..., dict]
-) -> None:
-    data = Path(shutil.copytree(big, tmp_path / "ds"))
-    output = data / "dataset.h5"
-    work = work_dir_for(output)
+def kill_driver_after(script: str, data: Path, finished: Callable[[], int], env: dict[str, str]) -> None:
+    """Run ``script`` (a conversion of ``data`` with BIG_SHARD pieces) in a session of its own, and kill the
+    session (its Ray included) once ``finished()`` counts 2 pieces done."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(data), str(BIG_SHARD)],
-        env=ray_subprocess_env(),
+        [sys.executable, "-c", script, str(data), str(BIG_SHARD)],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its Ray (GCS, raylet, workers) shares the session: killed with it
     )
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while len(piece_files(work)) < 2:
+        while finished() < 2:
             if proc.poll() is not None:
                 pytest.fail(f"the conversion ended (rc={proc.returncode}) before it was killed: {proc.stdout.read()}")
-            assert time.monotonic() < deadline, "no piece file appeared"
+            assert time.monotonic() < deadline, "no piece finished"
             time.sleep(0.01)
     finally:
         kill_session(proc)
+
+
+def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
+    tmp_path: Path, big: Path, big_checksums: dict[str, str], ray_subprocess_env: Callable[..., dict]
+) -> None:
+    data = Path(shutil.copytree(big, tmp_path / "ds"))
+    output = data / "dataset.h5"
+    work = work_dir_for(output)
+    kill_driver_after(DRIVER, data, lambda: len(piece_files(work)), ray_subprocess_env())
 
     assert not output.exists(), "a killed driver never publishes dataset.h5"
     assert [p.name for p in data.iterdir() if "dataset" in p.name and not p.name.startswith(".")] == []
@@ -373,6 +379,81 @@ def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
     assert_verifies(output)
     assert open_dataset(data).storage_format == "hdf5"
     assert leftovers(data) == []
+
+
+# --- 4b: uncompressed, in place (NOTE [in-place assembly] in conversion/pieces) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def big_single_none(tmp_path_factory: pytest.TempPathFactory, big: Path) -> Path:
+    """The single-process writer's uncompressed dataset.h5 of ``big``: what the copying assembly made, bit for bit."""
+    out = config_only_dir(big, tmp_path_factory.mktemp("big-single-none") / "ds") / "dataset.h5"
+    convert_pt_to_hdf5(big, None, output=out, progress=False)
+    return out
+
+
+def test_in_place_pieces_equal_the_single_process_writer(tmp_path: Path, big: Path, big_single_none: Path) -> None:
+    """Several pieces of one tensor write at their offsets of the preallocated file: same bytes, same attributes."""
+    out = tmp_path / "dataset.h5"
+    report = convert(big, compression=None, shard_bytes=BIG_SHARD, output=out, progress=False, validate=False)
+    assert report.shards > len(TENSORS), "tensors span several pieces"
+    assert_same_file(out, big_single_none)
+    assert_verifies(out)
+    assert leftovers(tmp_path) == []
+
+
+IN_PLACE_DRIVER = """
+import sys, time
+from jasper_ray import convert
+from jasper_ray.conversion import parallel
+
+real = parallel._piece_task
+def slow(task):  # pickled by value into the workers: every piece takes a while, so the driver dies mid-run
+    time.sleep(0.4)
+    return real(task)
+parallel._piece_task = slow
+convert(sys.argv[1], compression=None, num_workers=2, shard_bytes=int(sys.argv[2]), progress=False)
+print("finished", flush=True)
+"""
+
+
+def test_in_place_driver_killed_leaves_nothing_detectable_and_rerun_reuses_the_rows(
+    tmp_path: Path, big: Path, big_single_none: Path, ray_subprocess_env: Callable[..., dict]
+) -> None:
+    data = Path(shutil.copytree(big, tmp_path / "ds"))
+    output = data / "dataset.h5"
+    work = work_dir_for(output)
+    kill_driver_after(IN_PLACE_DRIVER, data, lambda: len(list(work.glob("*.done"))), ray_subprocess_env())
+
+    assert not output.exists(), "a killed driver never publishes dataset.h5"
+    assert open_dataset(data).storage_format == "pt", "auto-detection serves the PT files"
+    assert piece_files(work) == [work / "dataset.h5"], "no part files: the rows went into the allocated file"
+    done = list(work.glob("*.done"))
+    total = len(plan_conversion(open_dataset(data, "pt"), None, piece_bytes=BIG_SHARD).pieces)
+    assert 2 <= len(done) < total, f"killed mid-run: {len(done)} of {total} pieces were written"
+
+    report = convert(data, compression=None, shard_bytes=BIG_SHARD, progress=False)
+    assert report.shards_reused == len(done), "every finished piece's rows verify in the file and are reused"
+    assert sum(not r.reused for r in report.results.values()) == total - len(done), "only the rest is redone"
+    assert_same_file(output, big_single_none)
+    assert_verifies(output)
+    assert leftovers(data) == []
+
+
+def test_in_place_piece_whose_rows_changed_is_rewritten(tmp_path: Path, big: Path, big_single_none: Path) -> None:
+    """A record whose rows in the file no longer hash to it (a torn write, a stray writer) is not trusted."""
+    from jasper_ray.conversion.pieces import WorkDir
+    from jasper_ray.conversion.publish import allocate_in_place
+
+    out = tmp_path / "dataset.h5"
+    plan = plan_conversion(open_dataset(big, "pt"), None, piece_bytes=BIG_SHARD)
+    with WorkDir(work_dir_for(out), plan) as work:
+        offsets = allocate_in_place(plan, work.path)
+    first = plan.pieces[0]
+    (work.path / f"{first.piece_id}.done").write_text('["00"]')  # rows never written: zeros do not hash to it
+    report = convert(big, compression=None, shard_bytes=BIG_SHARD, output=out, progress=False, validate=False)
+    assert offsets and report.shards_reused == 0 and not report.results[first.piece_id].reused
+    assert_same_file(out, big_single_none)
 
 
 # --- 5: a worker killed mid-task ------------------------------------------------------------------------
@@ -482,15 +563,19 @@ def test_read_only_target(tmp_path: Path, small: Path) -> None:
         assert list(target.iterdir()) == []
 
 
-@pytest.mark.parametrize("phase", ["pieces", "assembly"])
+@pytest.mark.parametrize("phase", ["pieces", "assembly", "in-place allocation"])
 def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase: str) -> None:
-    """A disk that fills while pieces are written, or only when the assembled file is: an error, no leftovers."""
+    """A disk that fills while pieces are written, or only when the assembled file is, or that cannot hold the
+    uncompressed file allocated for in-place pieces: an error, no leftovers."""
     size = small_single("gzip").stat().st_size
-    room = size // 4 if phase == "pieces" else size * 3 // 2  # pieces fit, the file beside them does not
+    room = size // 4 if phase != "assembly" else size * 3 // 2  # pieces fit, the file beside them does not
+    compression = None if phase == "in-place allocation" else "gzip"
     with mounted_tmpfs(tmp_path / "full", f"size={room}") as target:
         output = target / "dataset.h5"
         with pytest.raises((OSError, ConversionError)) as info:
-            convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=output, progress=False, max_retries=1)
+            convert(
+                small, compression=compression, shard_bytes=SMALL_SHARD, output=output, progress=False, max_retries=1
+            )
         message = str(info.value)
         assert "No space left" in message or "errno = 28" in message or "ENOSPC" in message, message
         _assert_clean_failure(info.value, target, output)
