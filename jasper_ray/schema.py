@@ -168,5 +168,7 @@ COMPRESSION_NONE = "none"  # ATTR_COMPRESSION (and the manifest's "compression")
 LAYOUT_CSR = "csr"  # ATTR_LAYOUT of the keyword-id group we write
 # A piece file's dataset: the block digests of its rows, and which rows of the tensor it holds.
 ATTR_BLOCK_DIGESTS = "block_digests"
+# Beside them, each block's xxh3-128: what first-touch reads check (NOTE [fast block digests] in checksum).
+ATTR_FAST_DIGESTS = "block_xxh3_128"
 ATTR_PIECE_START = "start"
 ATTR_PIECE_STOP = "stop"

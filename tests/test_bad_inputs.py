@@ -383,19 +383,34 @@ def test_a_changed_byte_is_never_served(small_block_layouts, tmp_path: Path, key
         assert not np.array_equal(served.take("steering_residual", [row]), good[:1])
 
 
-def test_files_without_block_digests_are_checked_whole(small_block_layouts, tmp_path: Path) -> None:
-    """Files of earlier versions record only the tensor's checksum: the first touch checks the whole tensor."""
+@pytest.mark.parametrize(
+    "removed, refused",
+    [
+        (["block_xxh3_128"], r"rows 1536:2000 \(checksum block 3\)"),  # sha256 block digests only
+        (["block_xxh3_128", "block_digests"], r"rows 0:2000 \(these rows\)"),  # the tensor's checksum only
+    ],
+    ids=["sha256-blocks", "checksum-only"],
+)
+def test_files_of_earlier_versions_are_checked(
+    small_block_layouts, tmp_path: Path, removed: list[str], refused: str
+) -> None:
+    """Files of earlier versions record no fast digests (checked per block with sha256), or only the tensor's
+    checksum (the first touch checks the whole tensor)."""
     from _support import flip_byte
 
     from jasper_ray.errors import ChecksumError
 
     d = Path(shutil.copytree(small_block_layouts["single-none"], tmp_path / "ds"))
     with h5py.File(d / HDF5_FILE, "r+") as f:
-        del f["steering/residual"].attrs["block_digests"]
+        for attr in removed:
+            del f["steering/residual"].attrs[attr]
     path, offset = _stored_file(d, "steering/residual", 1999)
     flip_byte(path, offset)
-    with pytest.raises(ChecksumError, match=r"steering/residual: rows 0:2000 \(these rows\)"):
-        open_dataset(d).take("steering_residual", [0])
+    reader = open_dataset(d)
+    if len(removed) == 1:
+        reader.take("steering_residual", [0])  # another block: served
+    with pytest.raises(ChecksumError, match=r"steering/residual: " + refused):
+        reader.take("steering_residual", [1999])
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])

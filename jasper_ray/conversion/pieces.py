@@ -33,14 +33,14 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import TEMP_MARK, atomic_output, writer_tag
 from ..faults import fail_once
 from ..formats import open_dataset
 from ..formats.base import Reader
-from ..formats.checksum import BlockHasher, block_digests, block_rows, row_nbytes
+from ..formats.checksum import BlockDigests, BlockHasher, block_digests, block_rows, row_nbytes
 from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import part_digests, write_part, write_rows
 from ..formats.serving import Contiguous
@@ -63,12 +63,16 @@ log = logging.getLogger(__name__)
 class PieceResult:
     piece_id: str
     rows: int
-    digests: list[str]  # hex: results travel back through Ray and into the manifest
+    digests: list[str]  # hex sha256 per checksum block: results travel back through Ray and into the manifest
     file_bytes: int
     seconds: float
     reused: bool
     worker_pid: int
     worker_peak_rss: int
+    fast_digests: list[str] = field(default_factory=list)  # hex xxh3-128 per block (NOTE [fast block digests])
+
+    def block_digests(self) -> BlockDigests:
+        return BlockDigests.from_hex(self.digests, self.fast_digests)
 
 
 # --- one piece ------------------------------------------------------------------------------
@@ -88,14 +92,13 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def piece_digests(path: Path, task: PieceTask) -> list[str] | None:
+def piece_digests(path: Path, task: PieceTask) -> BlockDigests | None:
     """The piece's block digests if its file is complete and its rows hash to them, else None."""
     try:
-        digests = part_digests(path, task.column, task.piece.start, task.piece.stop)
+        return part_digests(path, task.column, task.piece.start, task.piece.stop)
     except (OSError, KeyError, ValueError) as exc:
         log.info("piece %s cannot be reused (%s)", path.name, exc)
         return None
-    return None if digests is None else [d.hex() for d in digests]
 
 
 def in_place_target(task: PieceTask) -> Contiguous:
@@ -106,8 +109,9 @@ def in_place_target(task: PieceTask) -> Contiguous:
     return whole.rows(task.piece.start, task.piece.stop)
 
 
-def in_place_digests(task: PieceTask) -> list[str] | None:
-    """The recorded digests of an in-place piece whose rows in the file hash to them again, else None."""
+def in_place_digests(task: PieceTask) -> BlockDigests | None:
+    """The digests of an in-place piece whose rows in the file hash to its recorded sha256 digests again, else
+    None."""
     record = Path(task.work_dir) / record_file(task.piece.piece_id)
     if not record.exists():
         return None
@@ -119,10 +123,10 @@ def in_place_digests(task: PieceTask) -> list[str] | None:
     except (OSError, ValueError) as exc:
         log.info("piece %s cannot be reused (%s)", task.piece.piece_id, exc)
         return None
-    return recorded if [d.hex() for d in got] == recorded else None
+    return got if got.to_hex()[0] == recorded else None
 
 
-def write_in_place(task: PieceTask) -> list[str]:
+def write_in_place(task: PieceTask) -> BlockDigests:
     """Write the piece's rows into the preallocated file, sync them, record their digests; return them."""
     piece, column = task.piece, task.column
     target = in_place_target(task)
@@ -130,9 +134,9 @@ def write_in_place(task: PieceTask) -> list[str]:
     with _source(task.dataset_dir) as source:
         write_rows(target, column.rows(source), piece.start, piece.stop, hasher, dest_start=0)
     target.sync()
-    digests = [d.hex() for d in hasher.finish()]
+    digests = hasher.finish()
     with atomic_output(Path(task.work_dir) / record_file(piece.piece_id)) as temp:
-        temp.write_text(json.dumps(digests))
+        temp.write_text(json.dumps(digests.to_hex()[0]))
     return digests
 
 
@@ -155,26 +159,27 @@ def write_piece(task: PieceTask) -> PieceResult:
         fail_once(piece.piece_id, f"injected failure writing piece {piece.piece_id}")
         digests = write_in_place(task) if in_place else _write_part_file(task, path)
     nbytes = (piece.stop - piece.start) * row_nbytes(task.column.shape, task.column.dtype)
+    sha256, fast = digests.to_hex()
     return PieceResult(
         piece.piece_id,
         piece.stop - piece.start,
-        digests,
+        sha256,
         nbytes if in_place else path.stat().st_size,
         time.perf_counter() - started,
         reused,
         os.getpid(),
         _peak_rss(),
+        fast_digests=fast,
     )
 
 
-def _write_part_file(task: PieceTask, path: Path) -> list[str]:
+def _write_part_file(task: PieceTask, path: Path) -> BlockDigests:
     piece = task.piece
     with _source(task.dataset_dir) as source:
         rows = task.column.rows(source)
-        written = write_part(
+        return write_part(
             path, task.column, rows, piece.start, piece.stop, task.compression, task.compression_opts, task.shuffle
         )
-    return [d.hex() for d in written]
 
 
 # --- the work directory ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic import TEMP_MARK, fsync_dir, publish, remove_orphan_temps, writer_tag
-from ..formats.checksum import block_rows, combine
+from ..formats.checksum import BlockDigests, block_rows
 from ..formats.hdf5 import open_h5, require_h5py
 from ..formats.hdf5_writer import HDF5Writer
 from ..formats.serving import allocate_dataset
@@ -54,8 +54,8 @@ def check_free_space(output: Path, pieces_bytes: int, doing: str = "assemble") -
         )
 
 
-def _digests(results: dict[str, PieceResult], pieces: list[Piece]) -> list[bytes]:
-    return [bytes.fromhex(d) for p in pieces for d in results[p.piece_id].digests]
+def _digests(results: dict[str, PieceResult], pieces: list[Piece]) -> BlockDigests:
+    return sum((results[p.piece_id].block_digests() for p in pieces), BlockDigests())
 
 
 def assemble_single(
@@ -133,13 +133,12 @@ def manifest_for(plan: ConversionPlan, work_dir: Path, results: dict[str, PieceR
     tensors = []
     for column in plan.columns:
         pieces = plan.pieces_of(column)
-        shards = [
-            ManifestShard(
-                p.file_name, p.start, p.stop, (work_dir / p.file_name).stat().st_size, combine(_digests(results, [p]))
-            )
-            for p in pieces
-        ]
-        checksum = combine(_digests(results, pieces))
+        shards = []
+        for p in pieces:
+            digests = _digests(results, [p])
+            size = (work_dir / p.file_name).stat().st_size
+            shards.append(ManifestShard(p.file_name, p.start, p.stop, size, digests.checksum(), digests.to_hex()[1]))
+        checksum = _digests(results, pieces).checksum()
         rows = block_rows(column.shape, column.dtype.itemsize)
         tensors.append(ManifestTensor(column.h5_path, list(column.shape), column.dtype.str, checksum, rows, shards))
     return Manifest(

@@ -32,6 +32,7 @@ from ..schema import (
     ATTR_CHECKSUM,
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_CONFIG,
+    ATTR_FAST_DIGESTS,
     ATTR_FINGERPRINT,
     ATTR_FORMAT_VERSION,
     ATTR_LAYOUT,
@@ -47,7 +48,7 @@ from ..schema import (
 )
 from .arrays import RowArray, advise_huge_pages, check_indices
 from .base import Reader
-from .checksum import RecordedChecksum, row_nbytes
+from .checksum import FAST_DIGEST_SIZE, SHA256_SIZE, RecordedChecksum, row_nbytes, split_digests
 from .pt import PTReader
 from .verified import Unit, block_units
 
@@ -349,8 +350,8 @@ class HDF5Reader(Reader):
         return values, offsets
 
     def _units(self, name: str) -> list[Unit] | None:
-        """Per-block digests where the file records them (this version's files), else the tensor's checksum
-        as one unit (earlier versions), else none (upstream's files)."""
+        """Per-block digests where the file records them (fast ones: this version's files; sha256: earlier
+        ones), else the tensor's checksum as one unit (earlier still), else none (upstream's files)."""
         path = self._resolve(TENSOR[name])
         if path is None:
             return None
@@ -359,9 +360,11 @@ class HDF5Reader(Reader):
         if recorded is None:
             return None
         rows = int(dset.attrs.get(ATTR_CHECKSUM_BLOCK_ROWS, max(1, dset.shape[0])))
-        digests = dset.attrs.get(ATTR_BLOCK_DIGESTS)
-        if digests is not None:
-            return block_units(dset.shape[0], rows, [bytes(d) for d in np.asarray(digests).reshape(-1, 32)])
+        blocks = -(-dset.shape[0] // max(1, rows))
+        sha256 = split_digests(dset.attrs.get(ATTR_BLOCK_DIGESTS), SHA256_SIZE, blocks)
+        fast = split_digests(dset.attrs.get(ATTR_FAST_DIGESTS), FAST_DIGEST_SIZE, blocks)
+        if sha256 is not None or fast is not None:
+            return block_units(dset.shape[0], rows, sha256, fast=fast)
         return [Unit(0, dset.shape[0], combined=str(recorded), block_rows=rows)]
 
     def recorded_checksums(self) -> list[RecordedChecksum]:

@@ -36,6 +36,7 @@ from ..schema import (
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_COMPRESSION,
     ATTR_CONFIG,
+    ATTR_FAST_DIGESTS,
     ATTR_FINGERPRINT,
     ATTR_FORMAT_VERSION,
     ATTR_LAYOUT,
@@ -53,7 +54,16 @@ from ..schema import (
 )
 from .arrays import RowArray
 from .base import Reader, Writer
-from .checksum import BlockHasher, block_digests, block_rows, combine, row_nbytes
+from .checksum import (
+    SHA256_SIZE,
+    BlockDigests,
+    BlockHasher,
+    block_digests,
+    block_rows,
+    digests_attr,
+    row_nbytes,
+    split_digests,
+)
 from .chunks import CompressionOpts, check_options, dataset_options
 from .hdf5 import map_contiguous, require_h5py
 
@@ -63,7 +73,7 @@ from .hdf5 import map_contiguous, require_h5py
 ALIGNMENT = 64
 # Rows are streamed in blocks of about this many bytes (whole chunks).
 BLOCK_BYTES = 64 << 20
-# Block digests kept per dataset (an attribute: HDF5's compact attributes hold < 64 KiB, so up to ~30 GiB of
+# Block digests kept per dataset (attributes: HDF5's compact attributes hold < 64 KiB each, so up to ~30 GiB of
 # a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
 MAX_BLOCK_DIGESTS = 1800
 # Uncompressed part files are copied in runs of about this many bytes.
@@ -287,12 +297,13 @@ class HDF5Writer(Writer):
         return dset
 
     @staticmethod
-    def set_checksum(dset: Any, digests: list[bytes]) -> None:
-        """The dataset's checksum, combined from the digests of its blocks (in row order)."""
-        dset.attrs[ATTR_CHECKSUM] = combine(digests)
+    def set_checksum(dset: Any, digests: BlockDigests) -> None:
+        """The dataset's checksum, combined from the digests of its blocks (in row order), and the block
+        digests themselves (what first-touch reads check: NOTE [fast block digests] in checksum)."""
+        dset.attrs[ATTR_CHECKSUM] = digests.checksum()
         dset.attrs[ATTR_CHECKSUM_BLOCK_ROWS] = block_rows(tuple(dset.shape), dset.dtype.itemsize)
-        if len(digests) <= MAX_BLOCK_DIGESTS:  # what reads check on first touch (formats.verified)
-            dset.attrs[ATTR_BLOCK_DIGESTS] = np.frombuffer(b"".join(digests), dtype=np.uint8)
+        if len(digests.sha256) <= MAX_BLOCK_DIGESTS:
+            set_block_digests(dset, digests)
 
     def copy_part(self, dset: Any, part: Path, dest_start: int) -> int:
         """Rows of part file ``part`` into ``dset`` from ``dest_start``: compressed chunks as they are stored
@@ -327,7 +338,7 @@ def write_part(
     compression: str | None,
     compression_opts: CompressionOpts = None,
     shuffle: bool = True,
-) -> list[bytes]:
+) -> BlockDigests:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file; return
     their block digests (``start`` is block-aligned, so they are the tensor's own)."""
     with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True) as writer:
@@ -335,21 +346,29 @@ def write_part(
         hasher = BlockHasher.for_tensor(column.shape, column.dtype)
         write_rows(dset, rows, start, stop, hasher, dest_start=0)
         digests = hasher.finish()
-        dset.attrs[ATTR_BLOCK_DIGESTS] = np.frombuffer(b"".join(digests), dtype=np.uint8)
+        set_block_digests(dset, digests)
         dset.attrs[ATTR_PIECE_START], dset.attrs[ATTR_PIECE_STOP] = start, stop
     return digests
 
 
-def part_digests(path: Path, column: Column, start: int, stop: int) -> list[bytes] | None:
-    """The block digests of a complete part file whose rows hash to the digests it records, else None.
+def set_block_digests(dset: Any, digests: BlockDigests) -> None:
+    """Both kinds of block digests as attributes of ``dset`` (the fast ones where there are any)."""
+    dset.attrs[ATTR_BLOCK_DIGESTS] = digests_attr(digests.sha256)
+    if digests.fast:
+        dset.attrs[ATTR_FAST_DIGESTS] = digests_attr(digests.fast)
+
+
+def part_digests(path: Path, column: Column, start: int, stop: int) -> BlockDigests | None:
+    """The block digests of a complete part file whose rows hash to the sha256 digests it records, else None
+    (the fast ones recomputed: a part written by an earlier version has none).
 
     Raises what reading raises (OSError, KeyError, ValueError) for a file that is not a readable part."""
     h5py = require_h5py()
     with h5py.File(path, "r", locking=False) as f:
         dset = f[column.h5_path]
-        recorded = [bytes(d) for d in dset.attrs[ATTR_BLOCK_DIGESTS].reshape(-1, 32)] if dset.size else []
+        recorded = split_digests(dset.attrs[ATTR_BLOCK_DIGESTS], SHA256_SIZE) if dset.size else []
         if dset.shape[0] != stop - start:
             return None
         item = column.dtype.itemsize
         got = block_digests(dset, block_rows(column.shape, item), row_nbytes(column.shape, column.dtype))
-    return got if got == recorded else None
+    return got if got.sha256 == recorded else None

@@ -16,18 +16,21 @@ from typing import Any
 from ..atomic import atomic_output
 from ..errors import DatasetFormatError
 from ..schema import FORMAT_VERSION, LAYOUT_SHARDED, MANIFEST
+from .checksum import FAST_DIGEST_SIZE
 from .hdf5 import check_format_version
 
 
 @dataclass(frozen=True)
 class ManifestShard:
-    """Rows ``start:stop`` of a tensor, in ``file`` (``bytes`` long, ``checksum`` over those rows)."""
+    """Rows ``start:stop`` of a tensor, in ``file`` (``bytes`` long, ``checksum`` over those rows), and the
+    xxh3-128 of each of its checksum blocks, hex (NOTE [fast block digests]; absent from earlier versions)."""
 
     file: str
     start: int
     stop: int
     bytes: int
     checksum: str
+    block_xxh3_128: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,29 @@ def _check_rows(path: Path, tensor: ManifestTensor) -> None:
         if not all(isinstance(x, int) for x in (shard.start, shard.stop, shard.bytes)) or shard.start != at:
             raise DatasetFormatError(f"{where}: rows {shard.start!r}:{shard.stop!r}, expected integer rows from {at}")
         at = shard.stop
+        _check_fast_digests(where, shard, tensor.checksum_block_rows)
     if not isinstance(tensor.shape, list) or not tensor.shape or at != tensor.shape[0]:
         raise DatasetFormatError(f"{path}: tensor {tensor.h5_path!r}: shards cover {at} rows, shape is {tensor.shape}")
+
+
+def _check_fast_digests(where: str, shard: ManifestShard, block_rows: object) -> None:
+    """A shard's fast digests, where recorded: one hex xxh3-128 per checksum block of its rows."""
+    found = shard.block_xxh3_128
+    if found is None:
+        return
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise DatasetFormatError(f"{where}: checksum_block_rows {block_rows!r}, expected a positive integer")
+    blocks = -(-(shard.stop - shard.start) // block_rows)
+    hex_digits = set("0123456789abcdef")
+    if (
+        not isinstance(found, list)
+        or len(found) != blocks
+        or not all(isinstance(d, str) and len(d) == 2 * FAST_DIGEST_SIZE and set(d) <= hex_digits for d in found)
+    ):
+        raise DatasetFormatError(
+            f"{where}: block_xxh3_128 is not a list of {blocks} hex digests of {FAST_DIGEST_SIZE} bytes "
+            f"(one per {block_rows} rows); reconvert with `jasper-ray convert --layout sharded --force`"
+        )
 
 
 def write_manifest(shards_dir: Path, manifest: Manifest) -> None:

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ChecksumError
-from ..schema import ATTR_CHECKSUM, ATTR_CHECKSUM_BLOCK_ROWS, ATTR_COMPRESSION, COMPRESSION_NONE
-from .checksum import BlockHasher, combine, row_nbytes
+from ..schema import ATTR_CHECKSUM, ATTR_CHECKSUM_BLOCK_ROWS, ATTR_COMPRESSION, ATTR_FAST_DIGESTS, COMPRESSION_NONE
+from .checksum import BlockDigests, BlockHasher, digests_attr, row_nbytes
 from .hdf5 import open_h5, require_h5py
-from .hdf5_writer import BLOCK_BYTES, create_file
+from .hdf5_writer import BLOCK_BYTES, MAX_BLOCK_DIGESTS, create_file
 
 
 def _datasets(f: Any) -> list[tuple[str, Any]]:
@@ -46,13 +46,14 @@ def _block_rows(dset: Any) -> int:
 
 def _stream(
     dset: Any, where: str, write: Callable[[int, np.ndarray], object] | None, on_bytes: Callable[[int], object] | None
-) -> None:
-    """Read ``dset`` in whole checksum blocks, hand each to ``write``, and check the recorded checksum."""
+) -> BlockDigests | None:
+    """Read ``dset`` in whole checksum blocks, hand each to ``write``, and check the recorded checksum;
+    return the block digests of the rows when there was one to check."""
     recorded = dset.attrs.get(ATTR_CHECKSUM)
     if not dset.shape:  # a scalar: nothing to check, copied whole
         if write is not None:
             write(0, dset[()])
-        return
+        return None
     rows = _block_rows(dset)
     per_block = max(1, BLOCK_BYTES // max(1, rows * row_nbytes(dset.shape, dset.dtype))) * rows
     hasher = BlockHasher(rows, row_nbytes(dset.shape, dset.dtype))
@@ -67,8 +68,18 @@ def _stream(
             write(start, block)
         if on_bytes is not None:
             on_bytes(block.nbytes)
-    if recorded is not None:
-        _check_recorded(where, dset.name, combine(hasher.finish()), recorded)
+    if recorded is None:
+        return None
+    digests = hasher.finish()
+    _check_recorded(where, dset.name, digests.checksum(), recorded)
+    return digests
+
+
+def _add_fast_digests(copy: Any, digests: BlockDigests | None) -> None:
+    """The fast block digests of rows just checked against their sha256 (NOTE [fast block digests]), on a
+    serving copy of a file that records none (an earlier version's): its first touch is then as cheap."""
+    if digests is not None and ATTR_FAST_DIGESTS not in copy.attrs and len(digests.fast) <= MAX_BLOCK_DIGESTS:
+        copy.attrs[ATTR_FAST_DIGESTS] = digests_attr(digests.fast)
 
 
 def _check_recorded(where: str, name: str, got: str, recorded: object) -> None:
@@ -122,7 +133,7 @@ def serving_copy(
                     else:
                         copy[()] = block
 
-                _stream(obj, where, write, on_bytes)
+                _add_fast_digests(copy, _stream(obj, where, write, on_bytes))
 
             _copy_tree(f, out, visit)
     return True
@@ -257,7 +268,7 @@ def _allocate(f: Any, dest: Path) -> list[_Block]:
 JOB_BYTES = 64 << 20
 
 
-def _decode_block(src: Path, dest: Path, block: _Block) -> list[bytes]:
+def _decode_block(src: Path, dest: Path, block: _Block) -> BlockDigests:
     """Decode ``block``'s rows, write them in place in ``dest``, return their checksum block digests."""
     with open_h5(src) as f:
         rows = f[block.name][block.start : block.stop]
@@ -279,7 +290,8 @@ def worker_main() -> None:
         except OSError as exc:
             print(json.dumps({"name": block.name, "start": block.start, "error": str(exc)}), flush=True)
             sys.exit(1)
-        print(json.dumps({"name": block.name, "start": block.start, "digests": [d.hex() for d in digests]}), flush=True)
+        sha256, fast = digests.to_hex()
+        print(json.dumps({"name": block.name, "start": block.start, "digests": sha256, "fast": fast}), flush=True)
 
 
 WORKER = "from jasper_ray.formats.serving import worker_main; worker_main()"
@@ -313,7 +325,7 @@ def _decode_in_place(
     threads = [threading.Thread(target=pump, args=(p,), daemon=True) for p in procs]
     for t in threads:
         t.start()
-    digests: dict[str, list[tuple[int, list[bytes]]]] = {}
+    digests: dict[str, list[tuple[int, BlockDigests]]] = {}
     finished, failure = 0, None
     while finished < len(procs):
         item = done.get()
@@ -326,17 +338,22 @@ def _decode_in_place(
                 f"{where}: tensor /{block.name} cannot be decoded in rows {block.start}:{block.stop} ({item['error']})"
             )
             continue
-        digests.setdefault(block.name, []).append((block.start, [bytes.fromhex(d) for d in item["digests"]]))
+        digests.setdefault(block.name, []).append((block.start, BlockDigests.from_hex(item["digests"], item["fast"])))
         if on_bytes is not None:
             on_bytes((block.stop - block.start) * row_nbytes(block.shape, np.dtype(block.dtype)))
     if failure is not None:
         raise failure
     if any(p.returncode for p in procs) or sum(len(v) for v in digests.values()) != len(blocks):
         raise OSError(f"{where}: a decoding worker failed (exit codes {[p.returncode for p in procs]})")
+    checked = {}
     with open_h5(src) as f:
         for name, parts in digests.items():
             recorded = f[name].attrs.get(ATTR_CHECKSUM)
             if recorded is None:
                 continue
-            value = combine(d for _, part in sorted(parts, key=lambda p: p[0]) for d in part)
-            _check_recorded(where, f"/{name}", value, recorded)
+            whole = sum((part for _, part in sorted(parts, key=lambda p: p[0])), BlockDigests())
+            _check_recorded(where, f"/{name}", whole.checksum(), recorded)
+            checked[name] = whole
+    with require_h5py().File(dest, "r+", locking=False) as out:
+        for name, whole in checked.items():
+            _add_fast_digests(out[name], whole)

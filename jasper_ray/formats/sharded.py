@@ -33,7 +33,7 @@ from ..schema import (
 )
 from .arrays import ConcatRows, LazyShard, RowArray
 from .base import Reader
-from .checksum import RecordedChecksum, row_nbytes
+from .checksum import SHA256_SIZE, RecordedChecksum, row_nbytes, split_digests
 from .hdf5 import CHUNK_CACHE_BYTES, open_h5, serve_dataset
 from .manifest import Manifest, ManifestShard, ManifestTensor, read_manifest, write_manifest
 from .verified import Unit, block_units
@@ -251,19 +251,22 @@ class ShardedHDF5Reader(Reader):
         return [self.shards_dir / MANIFEST] + [self.shards_dir / s.file for t in self.layout.tensors for s in t.shards]
 
     def _units(self, name: str) -> list[Unit] | None:
-        """Per block where a local shard file records its block digests, else per shard (the manifest's)."""
+        """Per block where the manifest records fast digests (this version) or a local shard file its sha256
+        block digests (earlier ones), else per shard (the manifest's checksum)."""
         tensor = self._tensor(TENSOR[name].h5_path)
         if tensor is None:
             return None
         units: list[Unit] = []
+        rows = tensor.checksum_block_rows
         for shard in tensor.shards:
-            handle = self._files.get(shard.file) if self.shard_files is None else None
-            digests = handle[tensor.h5_path].attrs.get(ATTR_BLOCK_DIGESTS) if handle is not None else None
-            if digests is not None:
-                found = [bytes(d) for d in np.asarray(digests).reshape(-1, 32)]
-                units += block_units(shard.stop - shard.start, tensor.checksum_block_rows, found, shard.start)
+            n = shard.stop - shard.start
+            fast = None if shard.block_xxh3_128 is None else [bytes.fromhex(d) for d in shard.block_xxh3_128]
+            handle = self._files.get(shard.file) if self.shard_files is None and fast is None else None
+            recorded = handle[tensor.h5_path].attrs.get(ATTR_BLOCK_DIGESTS) if handle else None
+            sha256 = split_digests(recorded, SHA256_SIZE, -(-n // max(1, rows)))
+            if fast is not None or sha256 is not None:
+                units += block_units(n, rows, sha256, shard.start, fast)
             else:
-                rows = tensor.checksum_block_rows
                 units.append(Unit(shard.start, shard.stop, combined=shard.checksum, block_rows=rows))
         return units
 

@@ -7,12 +7,13 @@ block (~16 MiB of rows) where the file records per-block digests (files this
 version writes, shard files), a whole shard where only the manifest's shard
 checksum is known, or the whole tensor for files of earlier versions that
 record only the tensor's checksum. Before rows are handed out, every unit they
-touch that is not yet checked is read whole, hashed and compared (sha256, the
-same digests ``verify`` recomputes) and, for float tensors, scanned for NaN and
-inf (unless config.json says ``"allow_nonfinite": true``); units are checked on
-all cores at once. So a changed byte is never served: the read that would have
-served it raises ``ChecksumError`` naming the file, tensor and rows. Once every
-unit of a tensor is checked, reads cost one flag test.
+touch that is not yet checked is read whole, hashed and compared (its xxh3-128
+where the file records one, NOTE [fast block digests] in checksum; its sha256
+otherwise) and, for float tensors, scanned for NaN and inf (unless config.json
+says ``"allow_nonfinite": true``), in one pass of cache-sized pieces; units are
+checked on all cores at once. So a changed byte is never served: the read
+that would have served it raises ``ChecksumError`` naming the file, tensor and
+rows. Once every unit of a tensor is checked, reads cost one flag test.
 
 What it does not cover: bytes changed after their unit was checked in this
 process (a file rewritten under a running reader; reopen it), keyword ids and
@@ -33,12 +34,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import xxhash
 
 from ..config import ALLOW_NONFINITE
 from ..errors import ChecksumError, ValidationError
 from ..schema import CONFIG_FILE
 from .arrays import RowArray
-from .checksum import block_digests, combine
+from .checksum import block_digests
 
 VerifyMode = Literal["first-touch", "open", "off"]
 VERIFY_MODES: tuple[str, ...] = ("first-touch", "open", "off")
@@ -50,12 +52,33 @@ def check_verify_mode(verify: object) -> str:
     return str(verify)
 
 
+# Values are scanned, and hashed on first touch, this many bytes of rows at a time: pieces that stay in the
+# core's cache between the hash and the scan, and no temporary the size of a block.
+SCAN_BYTES = 512 << 10
+
+
+def scan_rows(n_rows: int, row_bytes: int) -> range:
+    """Starts of ``SCAN_BYTES`` pieces of ``n_rows`` rows (at least one row each)."""
+    return range(0, n_rows, max(1, SCAN_BYTES // max(1, row_bytes)))
+
+
 def check_finite(
     where: str, block: np.ndarray, first_row: int = 0, lowest: float | None = None, allow_nonfinite: bool = False
 ) -> None:
-    """Every value finite (unless allowed) and not below ``lowest``; the error names the first bad position."""
-    if block.size == 0 or block.dtype.kind != "f":
+    """Every value finite (unless allowed) and not below ``lowest``; the error names the first bad position.
+
+    Scanned in ``SCAN_BYTES`` pieces (a mask of a piece stays in the cache; one of a block would not)."""
+    if block.size == 0 or block.dtype.kind != "f" or (allow_nonfinite and lowest is None):
         return
+    pieces = scan_rows(block.shape[0], block[:1].nbytes)
+    for a in pieces:
+        part = block[a : a + pieces.step]
+        if lowest is None and np.isfinite(part).all():
+            continue
+        _check_values(where, part, first_row + a, lowest, allow_nonfinite)
+
+
+def _check_values(where: str, block: np.ndarray, first_row: int, lowest: float | None, allow_nonfinite: bool) -> None:
     ok = np.ones(block.shape, bool) if allow_nonfinite else np.isfinite(block)
     if lowest is not None:
         ok &= ~(block < lowest)  # NaN compares False: allowed NaNs pass the sign rule
@@ -76,24 +99,39 @@ def check_finite(
 
 @dataclass(frozen=True)
 class Unit:
-    """Rows ``start:stop`` and what they must hash to: ``digest`` (the sha256 of their bytes), or ``combined``
-    (the checksum of their ``block_rows`` blocks, hex), or neither (values are checked only)."""
+    """Rows ``start:stop`` and what they must hash to: ``fast`` (the xxh3-128 of their bytes, checked where
+    recorded), else ``digest`` (their sha256), else ``combined`` (the checksum of their ``block_rows`` blocks,
+    hex), else nothing (values are checked only)."""
 
     start: int
     stop: int
     digest: bytes | None = None
     combined: str | None = None
     block_rows: int = 0
+    fast: bytes | None = None
 
 
-def block_units(n_rows: int, block_rows: int, digests: Sequence[bytes] | None, first_row: int = 0) -> list[Unit]:
-    """One unit per checksum block of rows ``first_row : first_row + n_rows`` (``digests`` in block order)."""
+def block_units(
+    n_rows: int,
+    block_rows: int,
+    digests: Sequence[bytes] | None,
+    first_row: int = 0,
+    fast: Sequence[bytes] | None = None,
+) -> list[Unit]:
+    """One unit per checksum block of rows ``first_row : first_row + n_rows`` (``digests`` (sha256) and
+    ``fast`` (xxh3-128) in block order, either absent)."""
     step = max(1, block_rows)
     starts = range(0, n_rows, step)
-    if digests is not None and len(digests) != len(starts):
-        digests = None  # a record that does not fit the rows: treat as absent, never as a match
+    for found in (digests, fast):
+        if found is not None and len(found) != len(starts):
+            raise ValueError(f"{len(found)} block digests for {len(starts)} blocks of {step} rows")
     return [
-        Unit(first_row + a, first_row + min(a + step, n_rows), None if digests is None else digests[i])
+        Unit(
+            first_row + a,
+            first_row + min(a + step, n_rows),
+            None if digests is None else digests[i],
+            fast=None if fast is None else fast[i],
+        )
         for i, a in enumerate(starts)
     ]
 
@@ -144,17 +182,32 @@ class TouchGuard:
         self.all_done = bool(self.done.all())
 
     def _check_unit(self, rows: RowArray, u: int) -> None:
+        """Hash the unit and scan its values in one pass of ``SCAN_BYTES`` pieces (each read from memory once)."""
         unit = self.units[u]
         block = np.ascontiguousarray(rows[unit.start : unit.stop])
-        if unit.digest is not None:
-            got = hashlib.sha256(block.data.cast("B")).digest()
-            if got != unit.digest:
-                self._changed(unit, f"checksum block {u}")
-        elif unit.combined is not None:
-            if combine(block_digests(block, unit.block_rows, self.row_bytes)) != unit.combined:
+        if unit.fast is None and unit.digest is None and unit.combined is not None:  # an earlier version's file
+            if block_digests(block, unit.block_rows, self.row_bytes).checksum() != unit.combined:
                 self._changed(unit, "these rows")
-        if self.check_values:
-            check_finite(self.where, block, unit.start)
+        hasher = xxhash.xxh3_128() if unit.fast is not None else hashlib.sha256() if unit.digest is not None else None
+        if hasher is None and not self.check_values:
+            return
+        bad_value: ValidationError | None = None  # raised after the hash: changed bytes are named as such
+        pieces = scan_rows(len(block), self.row_bytes)
+        for a in pieces:
+            part = block[a : a + pieces.step]
+            if hasher is not None:
+                hasher.update(part.data.cast("B"))
+            if self.check_values and bad_value is None:
+                try:
+                    check_finite(self.where, part, unit.start + a)
+                except ValidationError as exc:
+                    bad_value = exc
+                    if hasher is None:
+                        break
+        if hasher is not None and hasher.digest() != (unit.fast if unit.fast is not None else unit.digest):
+            self._changed(unit, f"checksum block {u}")
+        if bad_value is not None:
+            raise bad_value
 
     def _changed(self, unit: Unit, what: str) -> None:
         raise ChecksumError(
