@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .formats.base import Reader
-from .schema import STEERING_TENSOR
+from .formats.precision import check_precision
+from .schema import PRECISION_DTYPES, PRECISION_FLOAT32, STEERING_TENSOR, TENSOR
 
 # Upstream's sample dict: key -> (per-sample shape in symbols, dtype).
 SAMPLE_KEYS: dict[str, tuple[tuple[str, ...], np.dtype]] = {
@@ -34,10 +35,38 @@ SAMPLE_KEYS: dict[str, tuple[tuple[str, ...], np.dtype]] = {
 }
 
 
-def sample_fields(dim: int, n_neg: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+# The keys that carry embeddings (rows of the reducible tensors): what a front-end's ``dtype=`` applies to.
+EMBEDDING_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")
+
+
+def sample_dtype(key: str, precision: str = PRECISION_FLOAT32) -> np.dtype:
+    """The dtype of ``key`` in a batch served at ``precision`` (bfloat16: uint16 bits, NOTE [16-bit storage])."""
+    return PRECISION_DTYPES[precision] if key in EMBEDDING_KEYS else SAMPLE_KEYS[key][1]
+
+
+def sample_fields(
+    dim: int, n_neg: int, precision: str = PRECISION_FLOAT32
+) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """Each sample key with its per-sample shape in numbers and its dtype (how a batch slot is laid out)."""
     sizes = {"D": dim, "NEG": n_neg}
-    return [(key, tuple(sizes[s] for s in shape), dtype) for key, (shape, dtype) in SAMPLE_KEYS.items()]
+    return [
+        (key, tuple(sizes[s] for s in shape), sample_dtype(key, precision)) for key, (shape, _) in SAMPLE_KEYS.items()
+    ]
+
+
+def output_precision(dtype: object, stored: str) -> str:
+    """The precision a front-end's ``dtype=`` asks for, given what the dataset ``stored``: "float32" (the
+    default, decoded inside the gather), the stored precision by name (or "stored"), never a conversion
+    between 16-bit kinds. Accepts names, numpy dtypes and torch dtypes."""
+    name = PRECISION_FLOAT32 if dtype is None else str(dtype).removeprefix("torch.")
+    name = stored if name == "stored" else name
+    check_precision(name)
+    if name not in (PRECISION_FLOAT32, stored):
+        raise ValueError(
+            f"dtype={name!r}: the dataset stores its embeddings as {stored}; ask for 'float32' (decoded as it is "
+            f"read) or {stored!r} (as stored), or reconvert with --precision {name}"
+        )
+    return name
 
 
 # The column that names each sample's pair where batches leave the local dataset (Ray Data, shard actors).
@@ -46,6 +75,9 @@ PAIR_ID = "pair_id"
 
 class Source(Protocol):
     """Rows of named tensors, and the array operations assembly needs, on one device."""
+
+    # What the embedding keys are served at (``output_precision``).
+    precision: str
 
     def take(self, name: str, indices: Any, out: Any = None) -> Any: ...
 
@@ -59,13 +91,17 @@ class Source(Protocol):
 
 
 class ReaderSource:
-    """numpy rows straight from a format reader: picklable, opens lazily per process."""
+    """numpy rows straight from a format reader: picklable, opens lazily per process. Embedding rows come
+    at ``precision``: float32 decoded inside the gather, or as stored (bfloat16: uint16 bits)."""
 
-    def __init__(self, reader: Reader):
-        self.reader = reader
+    def __init__(self, reader: Reader, precision: str = PRECISION_FLOAT32):
+        self.reader, self.precision = reader, precision
 
     def take(self, name: str, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self.reader.take(name, np.asarray(indices), out)
+        indices = np.asarray(indices)
+        if out is None and TENSOR[name].reducible:
+            out = np.empty((len(indices), *self.row_shape(name)), dtype=PRECISION_DTYPES[self.precision])
+        return self.reader.take(name, indices, out)
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         return self.reader.shape(name)[1:]
@@ -133,7 +169,9 @@ def assemble_batch(
         elif key == "steering":
             # Made by the source, on its device: batches mixing variants collate.
             if dest is None:
-                steering = source.zeros((n, *source.row_shape("steering_centroid")), SAMPLE_KEYS[key][1])
+                steering = source.zeros(
+                    (n, *source.row_shape("steering_centroid")), sample_dtype(key, source.precision)
+                )
             else:
                 steering = dest
                 steering[...] = 0

@@ -70,6 +70,11 @@ class TensorSpec:
     def rows(self) -> str:
         return self.shape[0]
 
+    @property
+    def reducible(self) -> bool:
+        """Whether a conversion's ``precision`` applies: the float ``[rows, D]`` tensors (tables, steering)."""
+        return self.dtype.kind == "f" and self.shape[-1] == "D"
+
 
 def _spec(name: str, h5_path: str, dtype: str, shape: tuple[str, ...], aliases: tuple[str, ...] = ()) -> TensorSpec:
     return TensorSpec(name, f"{name}{PT_SUFFIX}", h5_path, np.dtype(dtype), shape, aliases)
@@ -156,6 +161,17 @@ STEERING_VARIANTS = ("zero", "centroid", "keyword", "residual")
 STEERING_TENSOR = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
 TIER_RANGE = (1, 4)
 
+# Storage precision of the reducible tensors (``TensorSpec.reducible``): ``convert(precision=...)``,
+# ``--precision``. bfloat16 has no numpy or HDF5 type: its bit patterns are stored as uint16 (the upper
+# half of the float32 bits), and a uint16 float tensor is bfloat16 everywhere in the package.
+PRECISION_FLOAT32, PRECISION_FLOAT16, PRECISION_BFLOAT16 = "float32", "float16", "bfloat16"
+PRECISIONS = (PRECISION_FLOAT32, PRECISION_FLOAT16, PRECISION_BFLOAT16)
+PRECISION_DTYPES: dict[str, np.dtype] = {
+    PRECISION_FLOAT32: np.dtype("float32"),
+    PRECISION_FLOAT16: np.dtype("float16"),
+    PRECISION_BFLOAT16: np.dtype("uint16"),
+}
+
 # HDF5 attribute names (root and per dataset).
 ATTR_FORMAT_VERSION = "jasper_format_version"
 ATTR_CONFIG = "config_json"
@@ -164,6 +180,8 @@ ATTR_CHECKSUM = "sha256"
 ATTR_CHECKSUM_BLOCK_ROWS = "sha256_block_rows"
 ATTR_LAYOUT = "layout"
 ATTR_COMPRESSION = "compression"
+# The storage precision: a root attribute (and the manifest's "precision"), and on each 16-bit dataset.
+ATTR_PRECISION = "precision"
 COMPRESSION_NONE = "none"  # ATTR_COMPRESSION (and the manifest's "compression") of uncompressed data
 LAYOUT_CSR = "csr"  # ATTR_LAYOUT of the keyword-id group we write
 # A piece file's dataset: the block digests of its rows, and which rows of the tensor it holds.

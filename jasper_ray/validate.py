@@ -30,7 +30,7 @@ from .config import allows_nonfinite, check_curriculum, check_probabilities
 from .errors import ValidationError
 from .formats.base import Reader
 from .formats.verified import check_finite
-from .schema import CONFIG_FILE, ENTITY_OF_SYMBOL, TENSORS, TIER_RANGE
+from .schema import CONFIG_FILE, ENTITY_OF_SYMBOL, PRECISION_DTYPES, TENSORS, TIER_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def check_shapes(reader: Reader, sizes: dict[str, int]) -> None:
     for spec in TENSORS:
         where = reader.location(spec.name)
         shape, dtype = reader.shape(spec.name), reader.dtype(spec.name)
-        if dtype != spec.dtype:
-            raise ValidationError(where, f"dtype {dtype}", f"dtype {spec.dtype}")
+        if dtype != spec.dtype and not (spec.reducible and dtype in PRECISION_DTYPES.values()):
+            expected = f"dtype {spec.dtype}" + (" (or float16, or uint16 holding bfloat16)" if spec.reducible else "")
+            raise ValidationError(where, f"dtype {dtype}", expected)
         if len(shape) != len(spec.shape):
             raise ValidationError(
                 where, f"{len(shape)} dimensions {shape}", f"{len(spec.shape)} dimensions {list(spec.shape)}"

@@ -231,7 +231,9 @@ class ReaderTorchDataset(Dataset):
         return out
 
 
-def write_sharded(directory: Path, compression: str | None, piece_bytes: int = 64 << 10) -> Path:
+def write_sharded(
+    directory: Path, compression: str | None, piece_bytes: int = 64 << 10, precision: str = "float32"
+) -> Path:
     """``directory``'s PT files converted to the sharded layout (``dataset.shards/`` beside them) in this
     process, without Ray: the conversion's own plan, pieces and publish, run one after another.
 
@@ -241,7 +243,8 @@ def write_sharded(directory: Path, compression: str | None, piece_bytes: int = 6
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checksum, "BLOCK_BYTES", 64 << 10)
-        plan = plan_conversion(open_dataset(directory, "pt", use_mmap=True), compression, piece_bytes=piece_bytes)
+        source = open_dataset(directory, "pt", use_mmap=True)
+        plan = plan_conversion(source, compression, piece_bytes=piece_bytes, precision=precision)
         output = default_output(Path(directory), LAYOUT_SHARDED)
         with WorkDir(work_dir_for(output), plan) as work:
             results = {task.piece.piece_id: write_piece(task) for task in plan.tasks(work.path)}

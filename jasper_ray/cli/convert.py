@@ -105,11 +105,12 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
     f["output"] = _output(args)
     f["layout"] = args.layout
     f["compression"] = args.compression
+    f["precision"] = args.precision
     if args.dry_run:
         dry_run(args, report)
         return
     if not args.force and not is_uri(args.dir) and not is_uri(f["output"]):  # before Ray starts
-        shuffle, opts = not args.no_shuffle, (args.level, args.layout, _piece_bytes(args))
+        shuffle, opts = not args.no_shuffle, (args.level, args.layout, _piece_bytes(args), args.precision)
         done = nothing_to_do(
             Path(args.dir), Path(f["output"]), _compression(args.compression), opts[0], shuffle, *opts[1:]
         )
@@ -126,6 +127,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
             progress=not args.quiet,
             cache_dir=args.cache_dir,
             force=args.force,
+            precision=args.precision,
         )
     else:
         stop_ray = start_ray(args)
@@ -143,6 +145,7 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
                 progress=not args.quiet,
                 cache_dir=args.cache_dir,
                 force=args.force,
+                precision=args.precision,
             )
         finally:
             if stop_ray is not None:
@@ -206,7 +209,7 @@ def dry_run(args: argparse.Namespace, report: Report) -> None:
     """The plan, printed and reported: nothing is written, Ray is not started."""
     with open_dataset(args.dir, storage_format="pt", use_mmap=True, cache_dir=args.cache_dir) as reader:
         compression, shuffle = _compression(args.compression), not args.no_shuffle
-        plan = plan_conversion(reader, compression, args.level, shuffle, _piece_bytes(args))
+        plan = plan_conversion(reader, compression, args.level, shuffle, _piece_bytes(args), args.precision)
         source_bytes = reader.nbytes_on_disk()
     output, needed = space_needed(plan, report.fields["mode"], args.layout)
     # A URI's output is written to a staging directory in the cache first, then uploaded.

@@ -16,7 +16,7 @@ from ..formats import open_dataset
 from ..formats.base import Reader, is_mapped
 from ..formats.checksum import verify_checksums
 from ..formats.sharded import ShardedHDF5Reader
-from ..schema import LAYOUT_SHARDED, LAYOUT_SINGLE, TENSORS
+from ..schema import LAYOUT_SHARDED, LAYOUT_SINGLE, PRECISION_BFLOAT16, TENSORS
 from ..validate import validate_dataset
 from .report import Report, human_bytes
 
@@ -81,6 +81,7 @@ def _inspect(reader: Reader, report: Report, asked: str) -> None:
     f["served_from"] = served_from  # the node-local cache's copy (a remote or compressed dataset), else null
     f["bytes_on_disk"] = reader.nbytes_on_disk()
     f["n_pairs"] = reader.n_pairs
+    f["precision"] = reader.precision  # of the embedding and steering tensors (NOTE [16-bit storage])
     f["config"] = reader.config
     f["splits"] = {s: len(reader.split(s)) for s in reader.split_names()}
     f["tensors"] = [
@@ -102,6 +103,8 @@ def _inspect(reader: Reader, report: Report, asked: str) -> None:
         f"config    embedding_dim={cfg.get('embedding_dim')} n_neg={cfg.get('n_neg')} "
         f"steering_probabilities={json.dumps(cfg.get('steering_probabilities'))}",
         f"splits    {', '.join(f'{s}={n}' for s, n in f['splits'].items())}",
+        f"precision {f['precision']} (embedding and steering tensors"
+        + ("; bfloat16 bits stored as uint16)" if f["precision"] == PRECISION_BFLOAT16 else ")"),
         f"{'tensor':<27} {'shape':<18} {'dtype':<8} storage",
     ]
     report.lines += [

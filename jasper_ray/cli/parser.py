@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from .. import __version__
-from ..schema import COMPRESSION_NONE, HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, SHARDS_DIR
+from ..schema import COMPRESSION_NONE, HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, PRECISION_FLOAT32, PRECISIONS, SHARDS_DIR
 from ..storage import CACHE_ENV
 from ..tools.synth import parse_size
 from .report import EXIT_USAGE
@@ -167,6 +167,13 @@ def build_parser() -> Parser:
     p.add_argument("--compression", default="gzip", choices=COMPRESSIONS, help="codec (default: gzip)")
     p.add_argument("--level", type=LEVEL, metavar="0-9", default=None, help="gzip level (default: h5py's, 4)")
     p.add_argument("--no-shuffle", action="store_true", help="turn off HDF5's byte-shuffle filter")
+    p.add_argument(
+        "--precision",
+        default=PRECISION_FLOAT32,
+        choices=PRECISIONS,
+        help="what the embedding and steering tensors are stored as; bfloat16 as uint16 bits, readers give "
+        "float32 unless asked (default: float32; docs/formats.md)",
+    )
     p.add_argument(
         "--layout",
         default=LAYOUT_SINGLE,

@@ -29,8 +29,9 @@ from .. import faults
 from ..errors import ConversionError
 from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
+from ..formats.precision import check_precision
 from ..ray_session import connect, require_ray
-from ..schema import LAYOUT_SINGLE, LAYOUTS
+from ..schema import LAYOUT_SINGLE, LAYOUTS, PRECISION_FLOAT32
 from ..validate import validate_dataset
 from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
@@ -148,6 +149,7 @@ def convert(
     filesystem: pafs.FileSystem | None = None,
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
+    precision: str = PRECISION_FLOAT32,
 ) -> ConversionReport:
     """Convert a PT dataset to HDF5 with Ray tasks: ``dataset.h5`` (``layout="single"``) or
     ``dataset.shards/`` + manifest (``layout="sharded"``).
@@ -159,6 +161,8 @@ def convert(
     this piece size, for the sharded layout) is left as it is, without starting Ray (the report says
     ``up_to_date``) unless ``force``. Source and output may be ``pyarrow.fs`` URIs (or paths inside
     ``filesystem``): they are staged in this node's cache (``cache_dir``), see ``conversion.remote``.
+    ``precision`` ("float32", "float16", "bfloat16") is what the embedding and steering tensors are
+    stored as (NOTE [16-bit storage] in ``formats.precision``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'single' or 'sharded', got {layout!r}")
@@ -166,7 +170,7 @@ def convert(
         options: dict[str, Any] = dict(
             compression=compression, compression_opts=compression_opts, shuffle=shuffle, num_workers=num_workers,
             address=address, layout=layout, shard_bytes=shard_bytes, max_retries=max_retries, progress=progress,
-            validate=validate, keep_ray=keep_ray, force=force,
+            validate=validate, keep_ray=keep_ray, force=force, precision=precision,
         )  # fmt: skip
         staged = dict(output=output, filesystem=filesystem, cache_dir=cache_dir)
         return convert_staged(convert, dataset_dir, **staged, **options)
@@ -174,8 +178,10 @@ def convert(
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else default_output(dataset_dir, layout)
     check_options(compression, compression_opts, shuffle)
+    check_precision(precision)
     if not force:
-        done = nothing_to_do(dataset_dir, output, compression, compression_opts, shuffle, layout, shard_bytes)
+        asked = (compression, compression_opts, shuffle, layout, shard_bytes, precision)
+        done = nothing_to_do(dataset_dir, output, *asked)
         if done is not None:
             return done
     started = time.perf_counter()
@@ -183,7 +189,7 @@ def convert(
     log.info("Converting PT format to HDF5 in %s (Ray, layout=%s)", dataset_dir, layout)
     if validate:
         validate_dataset(reader, progress=progress, scan_floats=True)
-    plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes)
+    plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes, precision)
     work = WorkDir(work_dir_for(output), plan)
     in_place = layout == LAYOUT_SINGLE and compression is None  # NOTE [in-place assembly] in pieces
     started_ray = connect_for_conversion(address, num_workers)

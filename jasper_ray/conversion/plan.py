@@ -27,7 +27,7 @@ from ..formats.base import Reader
 from ..formats.checksum import block_rows
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5_writer import Column, columns
-from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, SHARDS_DIR, piece_file, work_dir_name
+from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32, SHARDS_DIR, piece_file, work_dir_name
 
 PIECE_BYTES = 256 << 20
 
@@ -78,6 +78,7 @@ class ConversionPlan:
     source_fingerprint: dict[str, Any]
     columns: list[Column]
     pieces: list[Piece]
+    precision: str = PRECISION_FLOAT32
     key: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -93,7 +94,9 @@ class ConversionPlan:
             for c in self.columns
         ]
         pieces = [{"shard_id": p.piece_id, "h5_path": p.h5_path, "start": p.start, "stop": p.stop} for p in self.pieces]
+        precision = {} if self.precision == PRECISION_FLOAT32 else {"precision": self.precision}
         return {
+            **precision,
             "format_version": FORMAT_VERSION,
             "compression": self.compression,
             "compression_opts": self.compression_opts,
@@ -136,10 +139,11 @@ def plan_conversion(
     compression_opts: CompressionOpts = None,
     shuffle: bool = True,
     piece_bytes: int = PIECE_BYTES,
+    precision: str = PRECISION_FLOAT32,
 ) -> ConversionPlan:
     """A deterministic plan: the same sources and options always give the same pieces and key."""
     check_options(compression, compression_opts, shuffle)
-    found = columns(reader)
+    found = columns(reader, precision)
     pieces: list[Piece] = []
     for column in found:
         for i, (start, stop) in enumerate(piece_ranges(column, piece_bytes)):
@@ -155,6 +159,7 @@ def plan_conversion(
         fingerprint(reader.files()),
         found,
         pieces,
+        precision,
     )
 
 

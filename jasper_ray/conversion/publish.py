@@ -67,7 +67,7 @@ def assemble_single(
 ) -> None:
     """Build ``output`` from the part files by chunk copy, publish it atomically."""
     check_free_space(output, sum((work_dir / p.file_name).stat().st_size for p in plan.pieces))
-    with HDF5Writer(output, plan.compression, plan.compression_opts, plan.shuffle) as writer:
+    with HDF5Writer(output, plan.compression, plan.compression_opts, plan.shuffle, precision=plan.precision) as writer:
         writer.write_config(plan.config, plan.source_fingerprint)
         for column in plan.columns:
             dset = writer.create_dataset(column.h5_path, column.shape, column.dtype)
@@ -146,6 +146,7 @@ def manifest_for(plan: ConversionPlan, work_dir: Path, results: dict[str, PieceR
         config=plan.config,
         source_fingerprint=plan.source_fingerprint,
         tensors=tensors,
+        precision=plan.precision,
     )
 
 

@@ -16,17 +16,21 @@ from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..fingerprint import changed_files
 from ..formats.chunks import CompressionOpts
 from ..formats.hdf5 import json_attr, require_h5py
-from ..formats.hdf5_writer import Column
+from ..formats.hdf5_writer import Column, stored_dtype
 from ..formats.manifest import read_manifest
 from ..formats.pt import PTReader
-from ..schema import ATTR_FINGERPRINT, COMPRESSION_NONE, LAYOUT_SINGLE, MANIFEST, TENSORS
+from ..schema import ATTR_FINGERPRINT, COMPRESSION_NONE, LAYOUT_SINGLE, MANIFEST, PRECISION_FLOAT32, TENSORS
 from .plan import piece_ranges
 
 GZIP_DEFAULT_LEVEL = 4  # what h5py writes when no level is given
 
 
-def _options_differ(dset: Any, compression: str | None, compression_opts: CompressionOpts, shuffle: bool) -> str | None:
-    """How a written dataset's filters differ from the asked options (None: they match)."""
+def _options_differ(
+    dset: Any, compression: str | None, compression_opts: CompressionOpts, shuffle: bool, dtype: Any
+) -> str | None:
+    """How a written dataset's dtype (the precision) or filters differ from the asked options (None: they match)."""
+    if dset.dtype != dtype:
+        return f"{dset.name} stored as {dset.dtype}, not {dtype} (another precision)"
     if 0 in dset.shape:
         return None  # empty tensors are stored contiguous whatever the options
     if dset.compression != compression:
@@ -50,19 +54,23 @@ def why_convert(
     compression_opts: CompressionOpts,
     shuffle: bool,
     piece_bytes: int,
+    precision: str = PRECISION_FLOAT32,
 ) -> str | None:
-    """None when ``output`` is up to date with ``dataset_dir`` and the options; else why it is not."""
+    """None when ``output`` is up to date with ``dataset_dir`` and the options (the precision included); else why
+    it is not."""
     h5py = require_h5py()
     differ: list[str | None] = []
     try:
         sources = PTReader(dataset_dir)
-        tensors = [Column(s.h5_path, sources.shape(s.name), s.dtype, "") for s in TENSORS]
+        tensors = [Column(s.h5_path, sources.shape(s.name), stored_dtype(s.name, precision), "") for s in TENSORS]
         if layout == LAYOUT_SINGLE:
             if not output.is_file():
                 return f"{output} does not exist"
             with h5py.File(output, "r") as f:
                 recorded = json_attr(f, ATTR_FINGERPRINT, output)
-                differ = [_options_differ(f[c.h5_path], compression, compression_opts, shuffle) for c in tensors]
+                differ = [
+                    _options_differ(f[c.h5_path], compression, compression_opts, shuffle, c.dtype) for c in tensors
+                ]
         else:
             if not (output / MANIFEST).is_file():
                 return f"{output / MANIFEST} does not exist"
@@ -76,7 +84,7 @@ def why_convert(
                 if ranges != piece_ranges(c, piece_bytes):
                     return f"{output}: {c.h5_path} is cut into other shards than the asked piece size cuts"
                 with h5py.File(output / shards[c.h5_path][0]["file"], "r") as f:
-                    differ.append(_options_differ(f[c.h5_path], compression, compression_opts, shuffle))
+                    differ.append(_options_differ(f[c.h5_path], compression, compression_opts, shuffle, c.dtype))
     except (OSError, KeyError, DatasetFormatError, DatasetNotFoundError) as exc:
         return f"{output} or its sources are unreadable or incomplete ({type(exc).__name__}: {exc})"
     if any(differ):

@@ -24,8 +24,9 @@ from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import BLOCK_BYTES, GROUP_ORDER, HDF5Writer, columns
+from ..formats.precision import check_precision
 from ..formats.pt import PTReader
-from ..schema import HDF5_FILE, LAYOUT_SINGLE
+from ..schema import HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32
 from ..validate import validate_dataset
 from .plan import PIECE_BYTES
 from .remote import convert_staged, is_remote_job
@@ -118,10 +119,11 @@ def nothing_to_do(
     shuffle: bool,
     layout: str = LAYOUT_SINGLE,
     piece_bytes: int = PIECE_BYTES,
+    precision: str = PRECISION_FLOAT32,
 ) -> ConversionReport | None:
     """The report of a conversion whose output is already up to date (``up_to_date.why_convert``), else None."""
     started = time.perf_counter()
-    reason = why_convert(dataset_dir, output, layout, compression, compression_opts, shuffle, piece_bytes)
+    reason = why_convert(dataset_dir, output, layout, compression, compression_opts, shuffle, piece_bytes, precision)
     if reason is not None:
         log.info("converting: %s", reason)
         return None
@@ -147,6 +149,7 @@ def convert_pt_to_hdf5(
     filesystem: pafs.FileSystem | None = None,
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
+    precision: str = PRECISION_FLOAT32,
 ) -> ConversionReport:
     """Convert a PT dataset directory into ``dataset.h5`` beside it, in one process.
 
@@ -154,10 +157,14 @@ def convert_pt_to_hdf5(
     none), never a partial file. An output already converted from these PT files with these options
     is left as it is (the report says ``up_to_date``) unless ``force``. Source and output may be
     ``pyarrow.fs`` URIs (or paths inside ``filesystem``): they are staged in the node-local cache
-    (``cache_dir``), see ``conversion.remote``.
+    (``cache_dir``), see ``conversion.remote``. ``precision`` ("float32", "float16", "bfloat16") is what
+    the embedding and steering tensors are stored as (NOTE [16-bit storage] in ``formats.precision``).
     """
     if is_remote_job(dataset_dir, output, filesystem):
-        options = dict(compression_opts=compression_opts, shuffle=shuffle, validate=validate, progress=progress)
+        options: dict[str, Any] = dict(
+            compression_opts=compression_opts, shuffle=shuffle, validate=validate, progress=progress
+        )
+        options["precision"] = precision
         return convert_staged(
             convert_pt_to_hdf5, dataset_dir, output=output, filesystem=filesystem, cache_dir=cache_dir,
             compression=compression, block_bytes=block_bytes, force=force, **options,
@@ -166,18 +173,32 @@ def convert_pt_to_hdf5(
     dataset_dir = Path(dataset_dir)
     output = Path(output) if output is not None else dataset_dir / HDF5_FILE
     check_options(compression, compression_opts, shuffle)  # bad options fail before any work
-    if not force and (done := nothing_to_do(dataset_dir, output, compression, compression_opts, shuffle)):
-        return done
+    check_precision(precision)
+    up_to_date = (
+        None
+        if force
+        else nothing_to_do(dataset_dir, output, compression, compression_opts, shuffle, precision=precision)
+    )
+    if up_to_date is not None:
+        return up_to_date
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
     log.info("Converting PT format to HDF5 in %s", dataset_dir)
     if validate:
         validate_dataset(reader, progress=progress, scan_floats=True)
     started = time.perf_counter()
-    found = columns(reader)
+    found = columns(reader, precision)
     check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take
     with (
         _progress(sum(c.nbytes for c in found), progress, "convert") as bar,
-        HDF5Writer(output, compression, compression_opts, shuffle, block_bytes=block_bytes, on_bytes=bar.update) as w,
+        HDF5Writer(
+            output,
+            compression,
+            compression_opts,
+            shuffle,
+            block_bytes=block_bytes,
+            on_bytes=bar.update,
+            precision=precision,
+        ) as w,
     ):
         w.write_config(reader.config, fingerprint(reader.files()))
         group = None

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .precision import decode, is_16bit
+
 
 class RowArray(Protocol):
     """What a reader hands out per tensor: numpy arrays, memmaps, or chunked HDF5 rows."""
@@ -49,8 +51,11 @@ def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = Non
     ``np.take`` (``mode="clip"``: the indices are checked, and ``mode="raise"`` would buffer all of
     ``out``). A mapped tensor that a writer placed at an offset its dtype is not aligned to is
     gathered as rows of bytes: numpy copies unaligned elements one by one, 20-70x slower
-    (``scripts/diag_gathers.py``).
+    (``scripts/diag_gathers.py``). 16-bit rows gathered into a float32 ``out`` are decoded on the
+    way (NOTE [16-bit storage] in ``precision``).
     """
+    if out is not None and out.dtype != arr.dtype and is_16bit(arr.dtype):
+        return _gather_decoded(arr, indices, out)
     into = getattr(arr, "take_rows_into", None)
     if into is not None and out is not None:  # gathers straight into ``out`` (no copy of a copy)
         into(indices, out)
@@ -71,6 +76,27 @@ def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = Non
         np.take(data, indices, axis=0, out=out_bytes.reshape(len(indices), row_bytes), mode="clip")
         return out
     return np.take(data, indices, axis=0, out=out, mode="clip")
+
+
+# 16-bit rows are decoded in runs of about this many stored bytes: the run stays in the core's cache
+# between its gather and its decode.
+DECODE_RUN_BYTES = 256 << 10
+
+
+def _gather_decoded(arr: RowArray, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """16-bit rows ``arr[indices]`` decoded into float32 ``out``: a run of rows at a time for mapped
+    arrays, never a float32 copy of the table; arrays that gather themselves decode per part."""
+    if isinstance(arr, ConcatRows | LazyShard):
+        return arr.take_rows_into(indices, out)
+    if not isinstance(arr, np.ndarray):
+        return decode(gather_rows(arr, indices), out)
+    row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    run = max(1, DECODE_RUN_BYTES // max(1, row_bytes))
+    buffer = np.empty((min(run, len(indices)), *arr.shape[1:]), dtype=arr.dtype)
+    for a in range(0, len(indices), run):
+        b = min(a + run, len(indices))
+        decode(gather_rows(arr, indices[a:b], buffer[: b - a]), out[a:b])
+    return out
 
 
 def advise_huge_pages(arr: np.ndarray) -> None:

@@ -27,10 +27,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..config import allows_nonfinite, read_config_file
-from ..errors import ChecksumError, DatasetNotFoundError
-from ..schema import CONFIG_FILE, TENSOR, TENSORS
+from ..errors import ChecksumError, DatasetFormatError, DatasetNotFoundError
+from ..schema import CONFIG_FILE, PRECISION_DTYPES, PRECISION_FLOAT32, TENSOR, TENSORS
 from .arrays import RowArray, advise_huge_pages, check_indices, gather_rows, is_mapped
 from .checksum import RecordedChecksum, block_rows, row_nbytes, verify_checksums
+from .precision import BFLOAT16_BITS, is_16bit, precision_of
 from .verified import TouchGuard, Unit, VerifyMode, block_units, check_finite
 
 __all__ = [
@@ -129,10 +130,25 @@ class Reader(ABC):
         return tuple(self.array(name).shape)
 
     def dtype(self, name: str) -> np.dtype:
+        """The stored dtype (a 16-bit reducible tensor's: NOTE [16-bit storage] in ``precision``)."""
         return np.dtype(self.array(name).dtype)
 
+    @property
+    def precision(self) -> str:
+        """The precision the reducible tensors are stored at (``schema.PRECISIONS``): one per dataset."""
+        found = {
+            self.dtype(s.name) for s in TENSORS if s.reducible and self.has_tensor(s.name) and self.shape(s.name)[0]
+        }
+        known = [d for d in found if d in PRECISION_DTYPES.values()]
+        if len(known) > 1:
+            raise DatasetFormatError(
+                f"{self.path}: the embedding and steering tensors are stored at several precisions "
+                f"({sorted(precision_of(d) for d in known)}); reconvert with one --precision"
+            )
+        return precision_of(known[0]) if known else PRECISION_FLOAT32
+
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` as an array (a view of the mapping where there is one), checked
+        """Rows ``start:stop`` as stored (a view of the mapping where there is one), checked
         (NOTE [first-touch verification])."""
         arr = self.array(name)
         guard = self._guard(name)
@@ -143,12 +159,15 @@ class Reader(ABC):
 
     def take(self, name: str, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows at ``indices`` (any order, repeats allowed): a new array, or written into ``out``
-        (C-contiguous, of the result's shape) and returned; checked (NOTE [first-touch verification])."""
+        (C-contiguous, of the result's shape) and returned; checked (NOTE [first-touch verification]).
+        16-bit rows come as float32 (the schema's dtype), or as stored into an ``out`` of the stored dtype."""
         arr = self.array(name)
         idx = check_indices(lambda: self.location(name), np.asarray(indices), arr.shape[0])
         guard = self._guard(name)
         if guard is not None:
             guard.touch_rows(arr, idx)
+        if out is None and is_16bit(arr.dtype) and TENSOR[name].reducible:
+            out = np.empty((len(idx), *arr.shape[1:]), dtype=TENSOR[name].dtype)
         return gather_rows(arr, idx, out)
 
     def _guard(self, name: str) -> TouchGuard | None:
@@ -159,7 +178,8 @@ class Reader(ABC):
             arr = self.array(name)
             shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
             units = self._units(name)
-            check_values = dtype.kind == "f" and not self._allows_nonfinite()
+            is_float = dtype.kind == "f" or (dtype == BFLOAT16_BITS and TENSOR[name].reducible)
+            check_values = is_float and not self._allows_nonfinite()
             if units is None and check_values:
                 units = block_units(shape[0], block_rows(shape, dtype.itemsize), None)
             self._guards[name] = (

@@ -42,10 +42,13 @@ from ..schema import (
     ATTR_LAYOUT,
     ATTR_PIECE_START,
     ATTR_PIECE_STOP,
+    ATTR_PRECISION,
     COMPRESSION_NONE,
     FORMAT_VERSION,
     KEYWORD_IDS,
     LAYOUT_CSR,
+    PRECISION_DTYPES,
+    PRECISION_FLOAT32,
     SPLIT_DTYPE,
     SPLIT_H5_GROUP,
     TENSOR,
@@ -66,6 +69,7 @@ from .checksum import (
 )
 from .chunks import CompressionOpts, check_options, dataset_options
 from .hdf5 import map_contiguous, require_h5py
+from .precision import check_precision, encode, precision_of
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
 # for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
@@ -84,6 +88,7 @@ GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H
 # Column sources: which of a reader's arrays fills a dataset.
 TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
 KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
+REDUCIBLE_PATHS = frozenset(s.h5_path for s in TENSORS if s.reducible)
 
 
 def create_file(target: str | os.PathLike | BinaryIO) -> Any:
@@ -100,7 +105,7 @@ class Column:
 
     h5_path: str
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype  # as stored: a reducible tensor's at the conversion's precision
     source: str  # "tensor:<name>", "split:<name>", "keywords:values", "keywords:offsets"
 
     @property
@@ -122,9 +127,18 @@ class Column:
         return values if name == KEYWORD_VALUES else offsets
 
 
-def columns(reader: Reader) -> list[Column]:
-    """Every dataset of the file for ``reader``'s dataset, in upstream's group order."""
-    found = [Column(s.h5_path, reader.shape(s.name), s.dtype, f"{TENSOR_SOURCE}:{s.name}") for s in TENSORS]
+def stored_dtype(name: str, precision: str = PRECISION_FLOAT32) -> np.dtype:
+    """The dtype tensor ``name`` is stored as at ``precision`` (NOTE [16-bit storage] in ``precision``)."""
+    spec = TENSOR[name]
+    return PRECISION_DTYPES[check_precision(precision)] if spec.reducible else spec.dtype
+
+
+def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
+    """Every dataset of the file for ``reader``'s dataset at ``precision``, in upstream's group order."""
+    found = [
+        Column(s.h5_path, reader.shape(s.name), stored_dtype(s.name, precision), f"{TENSOR_SOURCE}:{s.name}")
+        for s in TENSORS
+    ]
     values, offsets = reader.keyword_csr()
     values_source, offsets_source = f"{KEYWORD_SOURCE}:{KEYWORD_VALUES}", f"{KEYWORD_SOURCE}:{KEYWORD_OFFSETS}"
     found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, values_source))
@@ -152,12 +166,17 @@ def write_rows(
     dest_start: int | None = None,
 ) -> int:
     """Copy ``rows[start:stop]`` into ``dset`` (at ``dest_start``, default ``start``) in blocks of whole chunks,
-    each cast to the dataset's dtype and fed to ``hasher``; return the number of rows."""
+    each cast to the dataset's dtype (encoded, for a dataset with a 16-bit ``precision`` attribute) and fed to
+    ``hasher``; return the number of rows."""
     row_bytes = row_nbytes(tuple(dset.shape), dset.dtype)
     align = dset.chunks[0] if dset.chunks else 1
     offset = (start if dest_start is None else dest_start) - start
+    precision = dset.attrs.get(ATTR_PRECISION)
     for a, b in row_blocks(stop - start, row_bytes, align, block_bytes):
-        block = np.ascontiguousarray(rows[start + a : start + b], dtype=dset.dtype)
+        if precision is None:
+            block = np.ascontiguousarray(rows[start + a : start + b], dtype=dset.dtype)
+        else:
+            block = encode(rows[start + a : start + b], str(precision), dset.name.lstrip("/"), start + a)
         if hasher is not None:
             hasher.update(block)
         dset[offset + start + a : offset + start + b] = block
@@ -173,6 +192,8 @@ class HDF5Writer(Writer):
     recover from a write failing mid-file (ENOSPC at close leaves the library in a state that segfaults
     the process later, h5py#914), so a full or failing disk fails there, cleanly. For files bounded in
     size (a conversion's pieces). ``on_bytes`` gets the bytes of each block written (a progress bar).
+    ``precision`` is what ``write_tensor`` and ``write_from`` store the reducible tensors as (NOTE
+    [16-bit storage] in ``precision``); ``write_column`` stores the dtype it is given.
     """
 
     storage_format = "hdf5"
@@ -187,8 +208,10 @@ class HDF5Writer(Writer):
         block_bytes: int = BLOCK_BYTES,
         on_bytes: Callable[[int], object] | None = None,
         in_memory: bool = False,
+        precision: str = PRECISION_FLOAT32,
     ):
         check_options(compression, compression_opts, shuffle)
+        self.precision = check_precision(precision)
         self.path = Path(path)
         self.compression, self.compression_opts, self.shuffle = compression, compression_opts, shuffle
         self.block_bytes, self.on_bytes, self.in_memory = block_bytes, on_bytes, in_memory
@@ -243,16 +266,19 @@ class HDF5Writer(Writer):
 
     # --- the Writer contract ----------------------------------------------------------------
     def write_config(self, config: Mapping[str, Any], source_fingerprint: Mapping[str, Any] | None = None) -> None:
-        """Root attributes: format version, config, source fingerprint, compression; the keyword group's layout."""
+        """Root attributes: format version, config, source fingerprint, compression, precision (16-bit only:
+        float32 files stay byte for byte what earlier versions wrote); the keyword group's layout."""
         f = self.file
         f.attrs[ATTR_FORMAT_VERSION] = FORMAT_VERSION
         f.attrs[ATTR_CONFIG] = json.dumps(dict(config))
         f.attrs[ATTR_FINGERPRINT] = json.dumps(dict(source_fingerprint) if source_fingerprint is not None else None)
         f.attrs[ATTR_COMPRESSION] = self.compression or COMPRESSION_NONE
+        if self.precision != PRECISION_FLOAT32:
+            f.attrs[ATTR_PRECISION] = self.precision
         f.require_group(KEYWORD_IDS.h5_group).attrs[ATTR_LAYOUT] = LAYOUT_CSR
 
     def write_tensor(self, name: str, rows: RowArray) -> None:
-        self.write_column(TENSOR[name].h5_path, rows, TENSOR[name].dtype)
+        self.write_column(TENSOR[name].h5_path, rows, stored_dtype(name, self.precision))
 
     def write_keyword_ids(self, values: RowArray, offsets: np.ndarray) -> None:
         """CSR under the keyword group: ``values``, then ``offsets``."""
@@ -265,7 +291,7 @@ class HDF5Writer(Writer):
     def write_from(self, reader: Reader, source_fingerprint: Mapping[str, Any] | None = None) -> None:
         """All of ``reader``'s dataset, in the file's group order (``columns``)."""
         self.write_config(reader.config, source_fingerprint)
-        for column in columns(reader):
+        for column in columns(reader, self.precision):
             self.write_column(column.h5_path, column.rows(reader), column.dtype)
 
     # --- datasets ------------------------------------------------------------------------------
@@ -278,6 +304,8 @@ class HDF5Writer(Writer):
             opts["maxshape"] = (None,) + shape[1:]
         stored = shape if rows is None else (rows,) + shape[1:]
         dset = self.file.create_dataset(h5_path, shape=stored, dtype=dtype, **opts)
+        if h5_path in REDUCIBLE_PATHS and np.dtype(dtype) != PRECISION_DTYPES[PRECISION_FLOAT32]:
+            dset.attrs[ATTR_PRECISION] = precision_of(dtype)  # NOTE [16-bit storage] in precision
         # The previous dataset stays open until this one exists: closing a dataset flushes its chunk cache,
         # and when that happens decides where HDF5 puts the chunks. Kept so, files stay byte for byte
         # what earlier versions wrote.

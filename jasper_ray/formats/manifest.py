@@ -15,7 +15,7 @@ from typing import Any
 
 from ..atomic import atomic_output
 from ..errors import DatasetFormatError
-from ..schema import FORMAT_VERSION, LAYOUT_SHARDED, MANIFEST
+from ..schema import FORMAT_VERSION, LAYOUT_SHARDED, MANIFEST, PRECISION_FLOAT32
 from .checksum import FAST_DIGEST_SIZE
 from .hdf5 import check_format_version
 
@@ -55,6 +55,8 @@ class Manifest:
     config: dict[str, Any]
     source_fingerprint: dict[str, Any] | None
     tensors: list[ManifestTensor]
+    # The reducible tensors' storage precision (NOTE [16-bit storage] in ``precision``); absent before it.
+    precision: str = PRECISION_FLOAT32
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -41,6 +41,7 @@ from ..errors import ChecksumError, ValidationError
 from ..schema import CONFIG_FILE
 from .arrays import RowArray
 from .checksum import block_digests
+from .precision import BFLOAT16_BITS, decode
 
 VerifyMode = Literal["first-touch", "open", "off"]
 VERIFY_MODES: tuple[str, ...] = ("first-touch", "open", "off")
@@ -67,12 +68,15 @@ def check_finite(
 ) -> None:
     """Every value finite (unless allowed) and not below ``lowest``; the error names the first bad position.
 
-    Scanned in ``SCAN_BYTES`` pieces (a mask of a piece stays in the cache; one of a block would not)."""
-    if block.size == 0 or block.dtype.kind != "f" or (allow_nonfinite and lowest is None):
+    Scanned in ``SCAN_BYTES`` pieces (a mask of a piece stays in the cache; one of a block would not). uint16
+    rows are bfloat16 (NOTE [16-bit storage] in ``precision``), decoded a piece at a time."""
+    bfloat16 = block.dtype == BFLOAT16_BITS
+    if block.size == 0 or (block.dtype.kind != "f" and not bfloat16) or (allow_nonfinite and lowest is None):
         return
     pieces = scan_rows(block.shape[0], block[:1].nbytes)
     for a in pieces:
         part = block[a : a + pieces.step]
+        part = decode(part) if bfloat16 else part
         if lowest is None and np.isfinite(part).all():
             continue
         _check_values(where, part, first_row + a, lowest, allow_nonfinite)

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import default_collate
 
 from ..formats.base import Reader
-from ..schema import TENSORS
+from ..formats.precision import BFLOAT16_BITS
+from ..schema import PRECISION_FLOAT32, TENSORS
 
 
 @contextlib.contextmanager
@@ -28,28 +29,42 @@ def _read_only_ok() -> Iterator[None]:
         yield
 
 
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """uint16 arrays are bfloat16 bits (NOTE [16-bit storage] in ``formats.precision``): a bfloat16 view."""
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if array.dtype == BFLOAT16_BITS else tensor
+
+
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy`` without the read-only warning."""
     with _read_only_ok():
-        return torch.from_numpy(array)
+        return _from_numpy(array)
 
 
 def to_torch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch of numpy arrays as tensors sharing their memory (tensors pass through)."""
     with _read_only_ok():  # once per batch: a third of the cost of once per key
-        return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in batch.items()}
+        return {k: v if isinstance(v, torch.Tensor) else _from_numpy(v) for k, v in batch.items()}
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    return _from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 class TensorSource:
-    """Every tensor placed once on ``device`` (RAM or GPU); batches are index_select on it."""
+    """Every tensor placed once on ``device`` (RAM or GPU) as stored (16-bit tables take half the device
+    memory); batches are index_select on it, embeddings cast to float32 there unless served at the stored
+    ``precision`` (a bf16 model on a GPU gets bf16 rows with no conversion on the CPU)."""
 
-    def __init__(self, reader: Reader, device: torch.device | str = "cpu"):
+    def __init__(self, reader: Reader, device: torch.device | str = "cpu", precision: str = PRECISION_FLOAT32):
         self.device = torch.device(device)
+        self.precision = precision
         self.tensors = {spec.name: as_tensor(np.asarray(reader.read(spec.name))).to(self.device) for spec in TENSORS}
+        self.cast = {
+            spec.name: torch.float32
+            for spec in TENSORS
+            if spec.reducible and precision == PRECISION_FLOAT32 and self.tensors[spec.name].dtype != torch.float32
+        }
 
     def _index(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(indices, np.ndarray):
@@ -57,7 +72,11 @@ class TensorSource:
         return indices.to(self.device, non_blocking=True)
 
     def take(self, name: str, indices: np.ndarray | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.index_select(self.tensors[name], 0, self._index(indices), out=out)
+        cast = self.cast.get(name)
+        if cast is None:
+            return torch.index_select(self.tensors[name], 0, self._index(indices), out=out)
+        rows = torch.index_select(self.tensors[name], 0, self._index(indices))
+        return rows.to(cast) if out is None else out.copy_(rows)
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..assembly import ReaderSource, assemble_batch
+from ..assembly import ReaderSource, assemble_batch, output_precision
 from ..config import read_config_file
 from ..conversion import writer
 from ..conversion.writer import ConversionReport
@@ -48,12 +48,16 @@ Positions = Sequence[int] | np.ndarray | torch.Tensor  # positions in the split 
 class _Core:
     """What the splits of one dataset share: the reader, the placed tensors and the schedule."""
 
-    def __init__(self, reader: Reader, device: torch.device, reopen: Callable[[bool], Reader], validate: bool):
+    def __init__(
+        self, reader: Reader, device: torch.device, reopen: Callable[[bool], Reader], validate: bool, dtype: object
+    ):
         if validate:
             validate_dataset(reader)  # floats: checked by the reader on first touch (NOTE [when values are checked])
         self.reader = reader
         self.reopen = reopen  # (use_mmap) -> the same dataset opened again (a picklable partial)
         self.device = device
+        self.dtype = dtype  # as asked; ``precision`` is what it means for the files now open
+        self.precision = output_precision(dtype, reader.precision)
         self.schedule = SteeringSchedule(reader.config)
         self.source = self._make_source()
         # Bumped by every reload, in shared memory: copies of this core in DataLoader workers (persistent
@@ -63,8 +67,8 @@ class _Core:
 
     def _make_source(self) -> ReaderSource | TensorSource:
         if self.device.type == "cpu" and self.reader.use_mmap:
-            return ReaderSource(self.reader)
-        return TensorSource(self.reader, self.device)
+            return ReaderSource(self.reader, self.precision)
+        return TensorSource(self.reader, self.device, self.precision)
 
     def reload(self, validate: bool) -> None:
         """Reopen the files (they may have been rewritten) and place the tensors again, in every process."""
@@ -85,6 +89,7 @@ class _Core:
         if validate:
             validate_dataset(reader)
         self.reader = reader
+        self.precision = output_precision(self.dtype, reader.precision)
         del self.source  # the old tensors go before the new ones are placed (device memory)
         self.source = self._make_source()
 
@@ -124,7 +129,10 @@ def _tensor_property(name: str) -> property:
 
 
 class JASPERSteeringDataset(Dataset):
-    """One split of a JASPER dataset as a torch ``Dataset`` of upstream's nine-key samples."""
+    """One split of a JASPER dataset as a torch ``Dataset`` of upstream's nine-key samples.
+
+    ``dtype`` (default float32) is what the embedding keys come as from a dataset stored at 16 bits:
+    float32 decoded inside the gather, or the stored "float16" / "bfloat16" (``dataset.dtype``)."""
 
     def __init__(
         self,
@@ -141,6 +149,7 @@ class JASPERSteeringDataset(Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
         verify: VerifyMode = "first-touch",
+        dtype: str | torch.dtype | None = None,
         _core: _Core | None = None,
     ):
         location = locate(dataset_dir, filesystem)
@@ -161,7 +170,7 @@ class JASPERSteeringDataset(Dataset):
             if (slow := chunk_gathers_warning(reader)) is not None:
                 log.warning(slow)
             _check_split(reader, split)  # before validating everything, as upstream
-            _core = _Core(reader, self.device, reopen, validate)
+            _core = _Core(reader, self.device, reopen, validate, dtype)
         _check_split(_core.reader, split)
         self._core: _Core | None = _core
         self.config: dict[str, Any] = _core.reader.config
@@ -190,6 +199,12 @@ class JASPERSteeringDataset(Dataset):
     def storage_format(self) -> str:
         """ "pt" or "hdf5": what is being served now (a reload may fall back from a stale dataset.h5)."""
         return self._live_core().reader.storage_format
+
+    @property
+    def dtype(self) -> str:
+        """What the embedding keys are served as: "float32" (decoded inside the gather, the default), or
+        the stored "float16" / "bfloat16" asked for with ``dtype=`` (torch.float16 / torch.bfloat16 tensors)."""
+        return self._live_core().precision
 
     @property
     def use_mmap(self) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-from ..assembly import SAMPLE_KEYS
+from ..assembly import SAMPLE_KEYS, sample_dtype
 from ..errors import FirstBatchError
 from ..sampling import DEFAULT_SEED
 from ..shm import SlotPool
@@ -181,8 +181,8 @@ def create_loader(
     copy: bool = False,
     **dataset_kwargs: Any,
 ) -> ResumableLoader:
-    """A DataLoader over one split; ``dataset_kwargs`` (``storage_format``, ``use_mmap``, ``device``, ...)
-    go to ``JASPERSteeringDataset``. ``distributed`` shards over the initialised process group.
+    """A DataLoader over one split; ``dataset_kwargs`` (``storage_format``, ``use_mmap``, ``device``,
+    ``dtype``, ...) go to ``JASPERSteeringDataset``. ``distributed`` shards over the initialised process group.
 
     DataLoader arguments default as torch's: ``persistent_workers=False`` (a pass starts its workers and
     pickles the dataset again; ``set_epoch`` reaches them either way). ``pin_memory=True`` is upstream's
@@ -264,7 +264,10 @@ def validate_first_batch(loader: DataLoader) -> bool:
         )
     b = len(batch["steering_variant"])
     sizes = {"D": batch["question_emb"].shape[-1], "NEG": batch["negative_tiers"].shape[-1]}
-    for key, (shape, dtype) in SAMPLE_KEYS.items():
+    dataset = _jasper_dataset(loader)
+    precision = dataset.dtype if dataset is not None else "float32"
+    for key, (shape, _) in SAMPLE_KEYS.items():
+        dtype = sample_dtype(key, precision)
         expected = (b, *(sizes[s] for s in shape))
         if tuple(batch[key].shape) != expected:
             raise FirstBatchError(f"{key} of the first batch", f"shape {tuple(batch[key].shape)}", f"shape {expected}")
@@ -272,7 +275,6 @@ def validate_first_batch(loader: DataLoader) -> bool:
             raise FirstBatchError(f"{key} of the first batch", f"dtype {batch[key].dtype}", f"dtype {dtype}")
     for key in ("question_emb", "target_source_emb", "steering", "negative_embs"):
         _check_rows(batch, key, torch.isfinite(batch[key]), "finite values")
-    dataset = _jasper_dataset(loader)
     if dataset is not None:
         n_clusters = len(dataset.centroid_embs)
         cid = batch["cluster_id"]

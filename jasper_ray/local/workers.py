@@ -286,5 +286,5 @@ def _stop(conns: list[multiprocessing.connection.Connection], procs: list[Any]) 
 
 def slot_pool(dataset: JASPERSteeringDataset, batch_size: int, pin: bool = False) -> SlotPool:
     """A ring for batches of up to ``batch_size`` of ``dataset``'s samples; page-locked when ``pin``."""
-    layout = BatchLayout.of(batch_size, sample_fields(dataset.embedding_dim, dataset.n_neg))
+    layout = BatchLayout.of(batch_size, sample_fields(dataset.embedding_dim, dataset.n_neg, dataset.dtype))
     return SlotPool(layout, pin_with_cuda if pin else None)
