@@ -22,7 +22,7 @@ from pathlib import Path
 from ..atomic import TEMP_MARK, fsync_dir, publish, remove_orphan_temps, writer_tag
 from ..formats.checksum import BlockDigests, block_rows
 from ..formats.hdf5 import open_h5, require_h5py
-from ..formats.hdf5_writer import HDF5Writer
+from ..formats.hdf5_writer import HDF5Writer, mark_precision
 from ..formats.serving import allocate_dataset
 from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_manifest
 from ..schema import COMPRESSION_NONE, LOCK_FILE, PLAN_FILE, old_dir_name
@@ -107,10 +107,11 @@ def allocate_in_place(plan: ConversionPlan, work_dir: Path) -> dict[str, int]:
         record.unlink()
     check_free_space(path, plan.total_bytes, "allocate")
     offsets = {}
-    with HDF5Writer(path, None) as writer:
+    with HDF5Writer(path, None, precision=plan.precision) as writer:
         writer.write_config(plan.config, plan.source_fingerprint)
         for column in plan.columns:
-            offset = allocate_dataset(writer.file, column.h5_path, column.shape, column.dtype).id.get_offset()
+            dset = mark_precision(allocate_dataset(writer.file, column.h5_path, column.shape, column.dtype))
+            offset = dset.id.get_offset()
             offsets[column.h5_path] = int(offset or 0)  # None: an empty tensor, no bytes
     return offsets
 

@@ -69,7 +69,7 @@ from .checksum import (
 )
 from .chunks import CompressionOpts, check_options, dataset_options
 from .hdf5 import map_contiguous, require_h5py
-from .precision import check_precision, encode, precision_of
+from .precision import check_precision, encode, is_16bit, precision_of
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
 # for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
@@ -89,6 +89,13 @@ GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H
 TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
 KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
 REDUCIBLE_PATHS = frozenset(s.h5_path for s in TENSORS if s.reducible)
+
+
+def mark_precision(dset: Any) -> Any:
+    """A 16-bit tensor's dataset gets the ``precision`` attribute (plain h5py users decode bfloat16 by it)."""
+    if dset.name.lstrip("/") in REDUCIBLE_PATHS and dset.dtype != PRECISION_DTYPES[PRECISION_FLOAT32]:
+        dset.attrs[ATTR_PRECISION] = precision_of(dset.dtype)  # NOTE [16-bit storage] in precision
+    return dset
 
 
 def create_file(target: str | os.PathLike | BinaryIO) -> Any:
@@ -166,17 +173,18 @@ def write_rows(
     dest_start: int | None = None,
 ) -> int:
     """Copy ``rows[start:stop]`` into ``dset`` (at ``dest_start``, default ``start``) in blocks of whole chunks,
-    each cast to the dataset's dtype (encoded, for a dataset with a 16-bit ``precision`` attribute) and fed to
-    ``hasher``; return the number of rows."""
+    each cast to the dataset's dtype (float rows into a 16-bit dataset: encoded, NOTE [16-bit storage] in
+    ``precision``) and fed to ``hasher``; return the number of rows."""
     row_bytes = row_nbytes(tuple(dset.shape), dset.dtype)
     align = dset.chunks[0] if dset.chunks else 1
     offset = (start if dest_start is None else dest_start) - start
-    precision = dset.attrs.get(ATTR_PRECISION)
+    precision = precision_of(dset.dtype) if is_16bit(dset.dtype) and np.dtype(rows.dtype).kind == "f" else None
+    where = str(getattr(dset, "name", "") or getattr(dset, "path", "")).lstrip("/")
     for a, b in row_blocks(stop - start, row_bytes, align, block_bytes):
         if precision is None:
             block = np.ascontiguousarray(rows[start + a : start + b], dtype=dset.dtype)
         else:
-            block = encode(rows[start + a : start + b], str(precision), dset.name.lstrip("/"), start + a)
+            block = encode(rows[start + a : start + b], precision, where, start + a)
         if hasher is not None:
             hasher.update(block)
         dset[offset + start + a : offset + start + b] = block
@@ -303,9 +311,7 @@ class HDF5Writer(Writer):
         if rows is not None and opts:
             opts["maxshape"] = (None,) + shape[1:]
         stored = shape if rows is None else (rows,) + shape[1:]
-        dset = self.file.create_dataset(h5_path, shape=stored, dtype=dtype, **opts)
-        if h5_path in REDUCIBLE_PATHS and np.dtype(dtype) != PRECISION_DTYPES[PRECISION_FLOAT32]:
-            dset.attrs[ATTR_PRECISION] = precision_of(dtype)  # NOTE [16-bit storage] in precision
+        dset = mark_precision(self.file.create_dataset(h5_path, shape=stored, dtype=dtype, **opts))
         # The previous dataset stays open until this one exists: closing a dataset flushes its chunk cache,
         # and when that happens decides where HDF5 puts the chunks. Kept so, files stay byte for byte
         # what earlier versions wrote.
