@@ -22,7 +22,8 @@ from pathlib import Path
 from ..atomic import TEMP_MARK, fsync_dir, publish, remove_orphan_temps, writer_tag
 from ..formats.checksum import BlockDigests, block_rows
 from ..formats.hdf5 import open_h5, require_h5py
-from ..formats.hdf5_writer import HDF5Writer, mark_precision
+from ..formats.hdf5_writer import HDF5Writer
+from ..formats.precision import mark_precision
 from ..formats.serving import allocate_dataset
 from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_manifest
 from ..schema import COMPRESSION_NONE, LOCK_FILE, PLAN_FILE, old_dir_name

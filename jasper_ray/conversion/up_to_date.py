@@ -16,8 +16,9 @@ from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..fingerprint import changed_files
 from ..formats.chunks import CompressionOpts
 from ..formats.hdf5 import json_attr, require_h5py
-from ..formats.hdf5_writer import Column, stored_dtype
+from ..formats.hdf5_writer import Column
 from ..formats.manifest import read_manifest
+from ..formats.precision import stored_dtype
 from ..formats.pt import PTReader
 from ..schema import ATTR_FINGERPRINT, COMPRESSION_NONE, LAYOUT_SINGLE, MANIFEST, PRECISION_FLOAT32, TENSORS
 from .plan import piece_ranges

@@ -47,7 +47,6 @@ from ..schema import (
     FORMAT_VERSION,
     KEYWORD_IDS,
     LAYOUT_CSR,
-    PRECISION_DTYPES,
     PRECISION_FLOAT32,
     SPLIT_DTYPE,
     SPLIT_H5_GROUP,
@@ -69,7 +68,7 @@ from .checksum import (
 )
 from .chunks import CompressionOpts, check_options, dataset_options
 from .hdf5 import map_contiguous, require_h5py
-from .precision import check_precision, encode, is_16bit, precision_of
+from .precision import check_precision, encode, is_16bit, mark_precision, precision_of, stored_dtype
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
 # for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
@@ -88,14 +87,6 @@ GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H
 # Column sources: which of a reader's arrays fills a dataset.
 TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
 KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
-REDUCIBLE_PATHS = frozenset(s.h5_path for s in TENSORS if s.reducible)
-
-
-def mark_precision(dset: Any) -> Any:
-    """A 16-bit tensor's dataset gets the ``precision`` attribute (plain h5py users decode bfloat16 by it)."""
-    if dset.name.lstrip("/") in REDUCIBLE_PATHS and dset.dtype != PRECISION_DTYPES[PRECISION_FLOAT32]:
-        dset.attrs[ATTR_PRECISION] = precision_of(dset.dtype)  # NOTE [16-bit storage] in precision
-    return dset
 
 
 def create_file(target: str | os.PathLike | BinaryIO) -> Any:
@@ -132,12 +123,6 @@ class Column:
             return reader.split(name)
         values, offsets = reader.keyword_csr()
         return values if name == KEYWORD_VALUES else offsets
-
-
-def stored_dtype(name: str, precision: str = PRECISION_FLOAT32) -> np.dtype:
-    """The dtype tensor ``name`` is stored as at ``precision`` (NOTE [16-bit storage] in ``precision``)."""
-    spec = TENSOR[name]
-    return PRECISION_DTYPES[check_precision(precision)] if spec.reducible else spec.dtype
 
 
 def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:

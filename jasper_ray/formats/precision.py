@@ -15,10 +15,21 @@ Numpy only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import ValidationError
-from ..schema import PRECISION_BFLOAT16, PRECISION_DTYPES, PRECISION_FLOAT16, PRECISION_FLOAT32, PRECISIONS
+from ..schema import (
+    ATTR_PRECISION,
+    PRECISION_BFLOAT16,
+    PRECISION_DTYPES,
+    PRECISION_FLOAT16,
+    PRECISION_FLOAT32,
+    PRECISIONS,
+    TENSOR,
+    TENSORS,
+)
 
 BFLOAT16_BITS = PRECISION_DTYPES[PRECISION_BFLOAT16]
 # The largest error of a stored value, relative to the float32 value (round to nearest even: half a unit in
@@ -42,6 +53,22 @@ def precision_of(dtype: np.dtype) -> str:
         if dtype == stored:
             return name
     raise ValueError(f"dtype {dtype} is not a storage precision (expected one of {list(PRECISION_DTYPES.values())})")
+
+
+def stored_dtype(name: str, precision: str = PRECISION_FLOAT32) -> np.dtype:
+    """The dtype tensor ``name`` is stored as at ``precision``."""
+    spec = TENSOR[name]
+    return PRECISION_DTYPES[check_precision(precision)] if spec.reducible else spec.dtype
+
+
+REDUCIBLE_PATHS = frozenset(s.h5_path for s in TENSORS if s.reducible)
+
+
+def mark_precision(dset: Any) -> Any:
+    """A 16-bit tensor's HDF5 dataset gets the ``precision`` attribute (plain h5py users decode bfloat16 by it)."""
+    if dset.name.lstrip("/") in REDUCIBLE_PATHS and dset.dtype != PRECISION_DTYPES[PRECISION_FLOAT32]:
+        dset.attrs[ATTR_PRECISION] = precision_of(dset.dtype)
+    return dset
 
 
 def is_16bit(dtype: np.dtype) -> bool:
