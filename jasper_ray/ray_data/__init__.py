@@ -75,6 +75,7 @@ def read_jasper(
     memory: float | None = None,
     runtime_env: dict[str, Any] | None = None,
     ray_remote_args: dict[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> Dataset:
     """One split of a JASPER dataset (a list of paths: their datasets concatenated) as a ``ray.data.Dataset``.
 
@@ -98,6 +99,10 @@ def read_jasper(
     ``cache_limit`` are the node-local cache's (``open_dataset``). Every read
     task reopens the dataset from the path or URI given here, through its own
     node's cache, never from the driver's copy.
+
+    ``dtype``: the embedding columns' from a 16-bit dataset: float32 (None, decoded in the read tasks), or
+    the stored "float16" or "bfloat16" (Arrow has no bfloat16: uint16 columns of its bits; in torch,
+    ``.view(torch.bfloat16)``). docs/formats.md.
 
     Ray's reader arguments, as ``ray.data.read_parquet`` takes them:
     ``concurrency``, ``num_cpus``, ``num_gpus``, ``memory``, ``runtime_env``
@@ -130,6 +135,7 @@ def read_jasper(
             cache_dir=cache_dir,
             cache_limit=cache_limit,
             min_task_bytes=0,  # the number of tasks is decided here: honoured down to MIN_ROWS_PER_TASK rows a task
+            dtype=dtype,
         )
         for path in path_list
     ]

@@ -47,12 +47,11 @@ from ray.data import DataContext, Datasource, ReadTask
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 
 from .. import faults
-from ..assembly import PAIR_ID, ReaderSource, assemble_batch
+from ..assembly import PAIR_ID, ReaderSource, assemble_batch, output_precision
 from ..formats import StorageFormat, open_dataset
 from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
 from ..sampling import DEFAULT_SEED, SteeringSchedule, steering_variants
-from ..schema import TENSOR
 from ..storage import Location, locate
 from ..validate import check_epoch, validate_dataset
 from .plan import COLUMNS, MIN_ROWS_PER_TASK, block_bytes, column_shapes, row_bytes, task_pieces
@@ -135,6 +134,7 @@ class ReadTaskSpec:
     seed: int
     columns: tuple[str, ...]
     rows_per_block: int
+    precision: str = "float32"  # the embedding columns' (assembly.output_precision of dtype=)
 
 
 def pooled_columns(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], n: int) -> dict[str, np.ndarray]:
@@ -158,9 +158,10 @@ def read_blocks(spec: ReadTaskSpec) -> Iterator[Block]:
     """The body of one read task: Arrow blocks of ``spec.rows_per_block`` samples."""
     os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     faults.fail_once("read_jasper", f"injected transient I/O error reading {spec.dataset.path}")
-    source = ReaderSource(open_in_process(spec.dataset))
+    source = ReaderSource(open_in_process(spec.dataset), spec.precision)
     reader = source.reader
-    shapes = column_shapes(spec.columns, int(reader.config["embedding_dim"]), int(reader.config["n_neg"]))
+    dim, n_neg = int(reader.config["embedding_dim"]), int(reader.config["n_neg"])
+    shapes = column_shapes(spec.columns, dim, n_neg, spec.precision)
     keys = [c for c in spec.columns if c != PAIR_ID]
     probs = spec.schedule.probs(spec.epoch)
     for a in range(0, len(spec.ids), spec.rows_per_block):
@@ -192,6 +193,7 @@ class JasperDatasource(Datasource):
         cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
         min_task_bytes: int | None = None,
+        dtype: object = None,
     ):
         self.columns = tuple(COLUMNS if columns is None else columns)
         unknown = [c for c in self.columns if c not in COLUMNS]
@@ -206,6 +208,8 @@ class JasperDatasource(Datasource):
             config = reader.config
             self.ids = np.sort(np.asarray(reader.split(split), dtype=np.int64))
             self.n_pairs = reader.n_pairs
+            self.precision = output_precision(dtype, reader.precision)
+            stored_itemsize = reader.dtype("steering_centroid").itemsize  # chunks are cut by stored bytes
         finally:
             reader.close()  # the driver keeps names only; tasks open their own
         self.schedule = SteeringSchedule(config)
@@ -214,10 +218,10 @@ class JasperDatasource(Datasource):
         self.passes = 0  # executions started so far (NOTE [passes over one read_jasper Dataset])
         self._lock = threading.Lock()
         self.dim, self.n_neg = int(config["embedding_dim"]), int(config["n_neg"])
-        self.row_bytes = row_bytes(self.columns, self.dim, self.n_neg)
+        self.row_bytes = row_bytes(self.columns, self.dim, self.n_neg, self.precision)
         self.block_bytes = block_bytes()
         self.rows_per_block = rows_per_block or max(1, self.block_bytes // max(1, self.row_bytes))
-        self.align = rows_per_chunk((self.n_pairs, self.dim), TENSOR["steering_centroid"].dtype.itemsize)
+        self.align = rows_per_chunk((self.n_pairs, self.dim), stored_itemsize)
         self.unit_rows = self.align * max(1, -(-MIN_ROWS_PER_TASK // self.align))
         task_bytes = self.block_bytes if min_task_bytes is None else int(min_task_bytes)
         self.min_task_rows = max(MIN_ROWS_PER_TASK, task_bytes // max(1, self.row_bytes))
@@ -227,7 +231,7 @@ class JasperDatasource(Datasource):
     @property
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per column: one row's shape and dtype."""
-        return column_shapes(self.columns, self.dim, self.n_neg)
+        return column_shapes(self.columns, self.dim, self.n_neg, self.precision)
 
     @property
     def next_epoch(self) -> int:
@@ -277,7 +281,9 @@ class JasperDatasource(Datasource):
             extra["per_task_row_limit"] = per_task_row_limit
         tasks = []
         for ids in pieces:
-            spec = ReadTaskSpec(self.dataset, self.schedule, ids, epoch, self.seed, self.columns, self.rows_per_block)
+            spec = ReadTaskSpec(
+                self.dataset, self.schedule, ids, epoch, self.seed, self.columns, self.rows_per_block, self.precision
+            )
             metadata = BlockMetadata(
                 num_rows=len(ids), size_bytes=len(ids) * self.row_bytes, input_files=None, exec_stats=None
             )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from ray.data import DataContext
 
-from ..assembly import PAIR_ID, SAMPLE_KEYS
+from ..assembly import PAIR_ID, SAMPLE_KEYS, sample_dtype
 from ..sampling import uniform_hash
 
 COLUMNS = (*SAMPLE_KEYS, PAIR_ID)
@@ -46,22 +46,24 @@ def block_bytes() -> int:
     return int(DataContext.get_current().target_max_block_size or DEFAULT_BLOCK_BYTES)
 
 
-def column_shapes(columns: tuple[str, ...], dim: int, n_neg: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per column: the shape of one row and its dtype (what the read tasks yield)."""
+def column_shapes(
+    columns: tuple[str, ...], dim: int, n_neg: int, precision: str = "float32"
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per column: the shape of one row and its dtype (what the read tasks yield; embeddings at ``precision``)."""
     sizes = {"D": dim, "NEG": n_neg}
     out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     for col in columns:
         if col == PAIR_ID:
             out[col] = ((), np.dtype(np.int64))
         else:
-            shape, dtype = SAMPLE_KEYS[col]
-            out[col] = (tuple(sizes[s] for s in shape), np.dtype(dtype))
+            shape = SAMPLE_KEYS[col][0]
+            out[col] = (tuple(sizes[s] for s in shape), sample_dtype(col, precision))
     return out
 
 
-def row_bytes(columns: tuple[str, ...], dim: int, n_neg: int) -> int:
+def row_bytes(columns: tuple[str, ...], dim: int, n_neg: int, precision: str = "float32") -> int:
     """Bytes of one row of ``columns`` as numpy columns (Ray's size estimates)."""
-    shapes = column_shapes(columns, dim, n_neg)
+    shapes = column_shapes(columns, dim, n_neg, precision)
     return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in shapes.values())
 
 

@@ -147,7 +147,9 @@ class Failover:
         """A batch part built in this process, as an actor would build it (new arrays, or into ``out``)."""
         if self._local is None:
             fleet = self.fleet
-            self._local = ShardServer(fleet.path, fleet.storage_format, 0, 1 << 62, fleet.seed, "client", fleet.cache)
+            self._local = ShardServer(
+                fleet.path, fleet.storage_format, 0, 1 << 62, fleet.seed, "client", fleet.cache, fleet.precision
+            )
         return self._local.get_batch(ids, epoch, out)
 
     def __getstate__(self) -> dict[str, object]:

@@ -17,6 +17,7 @@ import ray
 from ray.actor import ActorHandle, ActorProxy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..assembly import output_precision
 from ..formats import StorageFormat
 from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
@@ -49,6 +50,7 @@ class Fleet:
     actors: list[ActorHandle[ShardServer]]  # per shard: its ``ShardServer`` actor
     layout: BatchLayout  # where each key of a batch lives in a shared-memory slot
     cache: dict[str, Any]  # open_dataset's cache_dir / cache_limit, for every process that opens the dataset
+    precision: str = "float32"  # what the embedding keys are served as (assembly.output_precision of dtype=)
     starts: np.ndarray = field(init=False, repr=False)  # per shard: its first pair row (for routing)
 
     def __post_init__(self) -> None:
@@ -71,7 +73,9 @@ def shard_ranges(reader: Reader, num_shards: int | None) -> list[tuple[int, int]
     if isinstance(reader, ShardedHDF5Reader) and num_shards is None:
         return [(s.start, s.stop) for s in _steering_shards(reader)]
     num_shards = max(1, min(num_shards or os.cpu_count() or 1, n or 1))
-    align = rows_per_chunk((max(n, 1), *reader.shape("steering_centroid")[1:]), 4)
+    align = rows_per_chunk(
+        (max(n, 1), *reader.shape("steering_centroid")[1:]), reader.dtype("steering_centroid").itemsize
+    )
     bounds = sorted({0, n, *(-(-(k * n // num_shards) // align) * align for k in range(1, num_shards))})
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, n)]
 
@@ -115,6 +119,7 @@ def start_fleet(path: str | Location, reader: Reader, settings: ServeSettings) -
     names = [f"shard {i} (pair rows {a}:{b} of {uri})" for i, (a, b) in enumerate(ranges)]
     cache = {"cache_dir": settings.cache_dir, "cache_limit": settings.cache_limit}
     storage_format = _format_of(reader)
+    precision = output_precision(settings.dtype, reader.precision)
     server = ray.remote(ShardServer)
     actors = [
         _handle(
@@ -124,14 +129,14 @@ def start_fleet(path: str | Location, reader: Reader, settings: ServeSettings) -
                 max_concurrency=MAX_CLIENTS,
                 num_cpus=settings.num_cpus,
                 scheduling_strategy=strategy,
-            ).remote(path, storage_format, a, b, int(settings.seed), name, cache)
+            ).remote(path, storage_format, a, b, int(settings.seed), name, cache, precision)
         )
         for (a, b), name, strategy in zip(ranges, names, placements(reader, ranges))
     ]
     ray.get([actor.pid.remote() for actor in actors])  # up and mapped before the first batch
     config = reader.config
-    layout = batch_layout(settings.batch_size, int(config["embedding_dim"]), int(config["n_neg"]))
-    return Fleet(path, storage_format, int(settings.seed), ranges, names, actors, layout, cache)
+    layout = batch_layout(settings.batch_size, int(config["embedding_dim"]), int(config["n_neg"]), precision)
+    return Fleet(path, storage_format, int(settings.seed), ranges, names, actors, layout, cache, precision)
 
 
 def _format_of(reader: Reader) -> StorageFormat:

@@ -67,6 +67,7 @@ class ShardServer:
         seed: int,
         name: str,
         cache: Mapping[str, Any] | None = None,
+        precision: str = "float32",
     ):
         os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
         # ``cache``: open_dataset's cache_dir / cache_limit. A remote dataset fills this node's cache with
@@ -74,7 +75,7 @@ class ShardServer:
         self.reader = open_dataset(path, storage_format, use_mmap=True, **(cache or {}))
         for spec in TENSORS:  # map everything now: a restarted actor is ready when it answers
             self.reader.array(spec.name)
-        self.source = ReaderSource(self.reader)
+        self.source = ReaderSource(self.reader, precision)  # what the client resolved from dtype=
         self.schedule = SteeringSchedule(self.reader.config)
         self.start, self.stop, self.seed, self.name = start, stop, seed, name
         self.batches_served = 0

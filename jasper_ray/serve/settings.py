@@ -34,6 +34,7 @@ class ServeSettings:
     num_cpus: float = 1.0  # CPUs each actor reserves in Ray
     cache_dir: str | None = None  # node-local cache of a remote (or compressed) dataset; None: $JASPER_RAY_CACHE
     cache_limit: int | None = None  # bytes the cache may hold (pair-row shards evicted least recently used)
+    dtype: str | None = None  # embedding keys: float32 (None, decoded in the actors), or a 16-bit file's "stored" dtype
 
     def with_overrides(
         self, overrides: ServeOverrides, *, caller: str = "with_overrides()", also: tuple[str, ...] = ()
@@ -70,3 +71,4 @@ class ServeOverrides(TypedDict, total=False):
     num_cpus: float
     cache_dir: str | None
     cache_limit: int | None
+    dtype: str | None

@@ -26,9 +26,9 @@ from ..shm import SHM_DIR, BatchLayout, SharedMutex, map_segment, unlink
 __all__ = ["SHM_DIR", "PacingTable", "batch_layout"]
 
 
-def batch_layout(rows: int, dim: int, n_neg: int) -> BatchLayout:
-    """A slot of ``rows`` samples and their pair ids."""
-    return BatchLayout.of(rows, [*sample_fields(dim, n_neg), (PAIR_ID, (), np.dtype("int64"))])
+def batch_layout(rows: int, dim: int, n_neg: int, precision: str = "float32") -> BatchLayout:
+    """A slot of ``rows`` samples (embeddings at ``precision``) and their pair ids."""
+    return BatchLayout.of(rows, [*sample_fields(dim, n_neg, precision), (PAIR_ID, (), np.dtype("int64"))])
 
 
 class PacingTable:

@@ -476,6 +476,7 @@ DEFAULTS_BEFORE = {
     "num_cpus": 1.0,
     "cache_dir": None,
     "cache_limit": None,
+    "dtype": None,  # added with 16-bit storage: None serves float32, as before
 }
 
 
