@@ -5,7 +5,7 @@
     python scripts/bench_convert.py --quick          # 200MB, for trying the script
 
 Synthesises one upstream-layout PT dataset (``--size``, D=768, n_neg=12) and,
-for gzip, lzf and none, converts it four ways, each in a fresh interpreter:
+for gzip, lzf and none (``--codecs``), converts it four ways, each in a fresh interpreter:
 
 (a) upstream-style: ``torch.load`` each tensor whole, ``create_dataset(data=...,
     compression=c)`` without shuffle, keyword ids as one int32 dataset per pair
@@ -63,7 +63,9 @@ METHODS = {
     "rayN": "(d) Ray, all cores",
 }
 SPEEDUP_TARGET = 1.7
-ASSEMBLY_SHARE_TARGET = 0.15
+# Assembly's share of the wall time: compressed, one process moves every chunk; uncompressed, the pieces wrote
+# their rows in place and assembly is metadata only (NOTE [in-place assembly] in conversion/pieces).
+ASSEMBLY_SHARE_TARGET = {"gzip": 0.15, "lzf": 0.15, "none": 0.05}
 # A worker's peak over an idle one: its shard's source pages + the shard's compressed image, the keyword
 # lists (upstream's pickle cannot be read in part: the keyword tasks load it whole) and this much for code
 # paged in by the first task and the allocator's retained heap.
@@ -286,6 +288,7 @@ class Bench:
         self.n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
         self.shard_bytes = parse_size(args.shard_size)
         self.runs: dict[tuple[str | None, str], dict[str, Any]] = {}
+        self.compressions = [c for c in COMPRESSIONS if codec(c) in args.codecs.split(",")]
 
     def synth(self) -> None:
         log.info("synthesising %d pairs (D=%d, n_neg=%d) into %s", self.n_pairs, DIM, N_NEG, self.src)
@@ -293,7 +296,7 @@ class Bench:
         log.info("synthesised in %.1f s", r["seconds"])
 
     def convert_all(self) -> None:
-        for compression in COMPRESSIONS:
+        for compression in self.compressions:
             for method in METHODS:
                 output = self.work / f"{method}.{codec(compression)}.h5"
                 log.info("%s, %s ...", METHODS[method], codec(compression))
@@ -321,7 +324,7 @@ class Bench:
 
     def print_tables(self) -> None:
         rows = []
-        for compression in COMPRESSIONS:
+        for compression in self.compressions:
             base = self.runs[(compression, "upstream")]["seconds"]
             for method, label in METHODS.items():
                 r = self.runs[(compression, method)]
@@ -373,6 +376,8 @@ class Bench:
             notes=self.target_notes(),
             align="llrrrrrrrrrr",
         )
+        if "gzip" not in self.compressions:  # the model is of the gzip runs
+            return
         model_rows, model_notes = scaling_rows(self.runs[("gzip", "ray1")], self.runs[("gzip", "upstream")]["seconds"])
         print_table(
             "Scaling model (gzip): predicted wall time and speedup",
@@ -391,22 +396,24 @@ class Bench:
             "driver peak RSS = VmHWM of the converting process; worker peak RSS = ru_maxrss of the busiest worker "
             "(file-backed pages of the memory-mapped PT sources included)",
         ]
-        gz_a, gz_d = self.runs[("gzip", "upstream")], self.runs[("gzip", "rayN")]
-        speedup = gz_a["seconds"] / gz_d["seconds"]
-        notes.append(
-            f"target: Ray with all cores >= {SPEEDUP_TARGET}x (a) for gzip: {fmt_ratio(speedup)} "
-            f"({gz_a['seconds']:.1f} s -> {gz_d['seconds']:.1f} s): {verdict(speedup >= SPEEDUP_TARGET)}"
-        )
-        for compression in COMPRESSIONS:
-            r = self.runs[(compression, "rayN")]
-            share = r["assembly"] / r["seconds"]
+        if "gzip" in self.compressions:
+            gz_a, gz_d = self.runs[("gzip", "upstream")], self.runs[("gzip", "rayN")]
+            speedup = gz_a["seconds"] / gz_d["seconds"]
             notes.append(
-                f"target: assembly < {ASSEMBLY_SHARE_TARGET:.0%} of the total ({codec(compression)}, all cores): "
+                f"target: Ray with all cores >= {SPEEDUP_TARGET}x (a) for gzip: {fmt_ratio(speedup)} "
+                f"({gz_a['seconds']:.1f} s -> {gz_d['seconds']:.1f} s): {verdict(speedup >= SPEEDUP_TARGET)}"
+            )
+        for compression in self.compressions:
+            r = self.runs[(compression, "rayN")]
+            share, target = r["assembly"] / r["seconds"], ASSEMBLY_SHARE_TARGET[codec(compression)]
+            how = "set checksums, rename (in place)" if compression is None else "chunk copy"
+            notes.append(
+                f"target: assembly ({how}) < {target:.0%} of the total ({codec(compression)}, all cores): "
                 f"{r['assembly']:.2f} s of {r['seconds']:.2f} s = {fmt_pct(100 * share)} (of the conversion "
                 f"without ray.init: {fmt_pct(100 * r['assembly'] / r['convert_seconds'])}): "
-                f"{verdict(share < ASSEMBLY_SHARE_TARGET)}"
+                f"{verdict(share < target)}"
             )
-        worst = max((self.runs[(c, m)] for c in COMPRESSIONS for m in ("ray1", "rayN")), key=worker_growth)
+        worst = max((self.runs[(c, m)] for c in self.compressions for m in ("ray1", "rayN")), key=worker_growth)
         growth = worker_growth(worst)
         bound = WORKER_RSS_SHARDS * worst["shard_raw_bytes"] + worst["keyword_list_bytes"] + WORKER_RSS_ALLOWANCE
         notes.append(
@@ -427,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/jr-bench", help="where to put the data (a per-run subdirectory)")
     p.add_argument("--quick", action="store_true", help="small, fast run for trying the script")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--codecs", default="gzip,lzf,none", help="the codecs to convert with (default: gzip,lzf,none)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.size = args.size or ("200MB" if args.quick else "2GB")
