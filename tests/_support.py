@@ -12,8 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,3 +273,91 @@ def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def h5_objects(path: Path) -> dict[str, Any]:
+    """Every group and dataset of a file: name -> (kind, attrs, layout, raw values)."""
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = ("group", dict(f.attrs), None, None)
+
+        def visit(name: str, obj: Any) -> None:
+            attrs = {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                layout = (obj.dtype.str, obj.shape, obj.chunks, obj.compression, obj.compression_opts, obj.shuffle)
+                out[name] = ("dataset", attrs, layout, obj[...].tobytes())
+            else:
+                out[name] = ("group", attrs, None, None)
+
+        f.visititems(visit)
+    return out
+
+
+# The start of a conversion driver script that a test kills mid-run: every piece task first sleeps (the function
+# is pickled by value into the workers), so the driver is still running when the first pieces are done.
+SLOW_PIECES = """
+import sys, time
+from jasper_ray import convert
+from jasper_ray.conversion import parallel
+
+real = parallel._piece_task
+def slow(task):
+    time.sleep(0.5)
+    return real(task)
+parallel._piece_task = slow
+"""
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``: a child started with start_new_session and its descendants."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a child and everything it started (its Ray: GCS, raylet, workers), and wait until all are gone."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while pids := session_processes(proc.pid):
+        assert time.monotonic() < deadline, f"processes of the killed conversion survive: {pids}"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def kill_driver_after(
+    argv: list[str], finished: Callable[[], int], env: dict[str, str], deadline_s: float = 180
+) -> None:
+    """Run ``python -c argv...`` (a conversion driver) in a session of its own, and kill the session (its Ray
+    included) once ``finished()`` counts 2 pieces done; fail when it ends first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its Ray (GCS, raylet, workers) shares the session: killed with it
+    )
+    try:
+        deadline = time.monotonic() + deadline_s
+        while finished() < 2:
+            if proc.poll() is not None:
+                pytest.fail(f"the conversion ended (rc={proc.returncode}) before it was killed: {proc.stdout.read()}")
+            assert time.monotonic() < deadline, "no piece finished"
+            time.sleep(0.02)
+    finally:
+        kill_session(proc)
+        proc.stdout.close()

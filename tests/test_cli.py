@@ -528,6 +528,9 @@ def test_dry_run_cuts_large_tensors_into_pieces(
     assert single["pieces"] == 1 and {t["pieces"] for t in single["tensors"]} == {1}
     assert single["bytes_needed"] == single["output_bytes_max"] and single["piece_bytes"] is None
 
+    in_place = run_json(["convert", str(dataset_copy), "--dry-run", "--workers", "2", "--compression", "none"], capsys)
+    assert in_place["mode"] == "ray" and in_place["bytes_needed"] == in_place["output_bytes_max"], "no part files"
+
 
 def test_dry_run_that_does_not_fit_exits_1(dataset_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr("jasper_ray.cli.convert.free_bytes", lambda path: 1000)

@@ -198,10 +198,11 @@ def space_needed(plan: ConversionPlan, mode: str, layout: str) -> tuple[int, int
     """(bytes the output takes at most, bytes the disk must have free at the peak).
 
     The output holds every column's bytes, uncompressed at most (compression only shrinks them). On
-    Ray with one file, the part files stay until the file is assembled from them: twice that at the peak.
+    Ray with one compressed file, the part files stay until the file is assembled from them: twice that at
+    the peak; uncompressed, the pieces write into the file in place (NOTE [in-place assembly]): once.
     """
     output = plan.total_bytes + ASSEMBLY_MARGIN
-    both = mode == MODE_RAY and layout == LAYOUT_SINGLE
+    both = mode == MODE_RAY and layout == LAYOUT_SINGLE and plan.compression is not None
     return output, 2 * output if both else output
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -31,12 +33,15 @@ from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.precision import check_precision
 from ..ray_session import connect, require_ray
-from ..schema import LAYOUT_SINGLE, LAYOUTS, PRECISION_FLOAT32
+from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS_DIR
+from ..storage import Location, locate
+from ..storage.fetch import delete
 from ..validate import validate_dataset
 from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
-from .publish import allocate_in_place, assemble_single, finish_in_place, publish_sharded
-from .remote import convert_staged, is_remote_job
+from .publish import allocate_in_place, assemble_single, finish_in_place, publish_sharded, publish_to_bucket
+from .ranged import RemoteOutput, RemoteSource, prepare_source, validate_skeleton
+from .remote import is_remote_job, output_location, staged_output, staging_for
 from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
 
 if TYPE_CHECKING:
@@ -160,38 +165,84 @@ def convert(
     complete or not at all; an output already converted from these PT files with these options (and
     this piece size, for the sharded layout) is left as it is, without starting Ray (the report says
     ``up_to_date``) unless ``force``. Source and output may be ``pyarrow.fs`` URIs (or paths inside
-    ``filesystem``): they are staged in this node's cache (``cache_dir``), see ``conversion.remote``.
+    ``filesystem``): the tasks read a remote source's rows by byte ranges and upload the shards of a remote
+    sharded output themselves (``conversion.ranged``); a remote ``dataset.h5`` is assembled in this node's
+    cache (``cache_dir``) and uploaded whole.
     ``precision`` ("float32", "float16", "bfloat16") is what the embedding and steering tensors are
     stored as (NOTE [16-bit storage] in ``formats.precision``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'single' or 'sharded', got {layout!r}")
-    if is_remote_job(dataset_dir, output, filesystem):
-        options: dict[str, Any] = dict(
-            compression=compression, compression_opts=compression_opts, shuffle=shuffle, num_workers=num_workers,
-            address=address, layout=layout, shard_bytes=shard_bytes, max_retries=max_retries, progress=progress,
-            validate=validate, keep_ray=keep_ray, force=force, precision=precision,
-        )  # fmt: skip
-        staged = dict(output=output, filesystem=filesystem, cache_dir=cache_dir)
-        return convert_staged(convert, dataset_dir, **staged, **options)
-    ray = _require_ray()
-    dataset_dir = Path(dataset_dir)
-    output = Path(output) if output is not None else default_output(dataset_dir, layout)
     check_options(compression, compression_opts, shuffle)
     check_precision(precision)
-    if not force:
+    options: dict[str, Any] = dict(
+        compression=compression, compression_opts=compression_opts, shuffle=shuffle, num_workers=num_workers,
+        address=address, layout=layout, shard_bytes=shard_bytes, max_retries=max_retries, progress=progress,
+        validate=validate, keep_ray=keep_ray, force=force, precision=precision,
+    )  # fmt: skip
+    if not is_remote_job(dataset_dir, output, filesystem):
+        dataset_dir = Path(dataset_dir)
+        local = Path(output) if output is not None else default_output(dataset_dir, layout)
+        return _convert(dataset_dir, local, **options)
+    location = locate(dataset_dir, filesystem)
+    source = prepare_source(location, cache_dir) if location.is_remote else None
+    source_dir = source.local_dir if source is not None else Path(location.path)
+    target = output_location(location, output, filesystem, layout)
+    if target is None:
+        return _convert(source_dir, Path(output or default_output(source_dir, layout)), source=source, **options)
+    if layout == LAYOUT_SINGLE:  # assembled here, uploaded whole (NOTE [pieces in the bucket] in ranged)
+        with staged_output(target, cache_dir, layout) as staged:
+            report = _convert(source_dir, staged, source=source, **options)
+    else:
+        staging = staging_for(target, cache_dir)
+        report = _convert(source_dir, staging / SHARDS_DIR, source=source, target=target, **options)
+        shutil.rmtree(staging, ignore_errors=True)
+    report.output = target.uri
+    return report
+
+
+def _convert(
+    dataset_dir: Path,
+    output: Path,
+    *,
+    compression: str | None,
+    compression_opts: CompressionOpts,
+    shuffle: bool,
+    num_workers: int | None,
+    address: str | None,
+    layout: str,
+    shard_bytes: int,
+    max_retries: int,
+    progress: bool,
+    validate: bool,
+    keep_ray: bool,
+    force: bool,
+    precision: str,
+    source: RemoteSource | None = None,
+    target: Location | None = None,
+) -> ConversionReport:
+    """``convert`` of local PT files (or a remote source's skeleton) into ``output`` (or the tasks' uploads to
+    ``target``, a remote sharded layout; ``output`` then only holds the work directory and the manifest)."""
+    ray = _require_ray()
+    if not force and source is None and target is None:
         asked = (compression, compression_opts, shuffle, layout, shard_bytes, precision)
         done = nothing_to_do(dataset_dir, output, *asked)
         if done is not None:
             return done
     started = time.perf_counter()
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
-    log.info("Converting PT format to HDF5 in %s (Ray, layout=%s)", dataset_dir, layout)
-    if validate:
+    log.info(
+        "Converting PT format to HDF5 in %s (Ray, layout=%s)", source.location.uri if source else dataset_dir, layout
+    )
+    if validate and source is not None:
+        validate_skeleton(reader)  # the tensors' values stay in the bucket (NOTE [ranged sources] in ranged)
+    elif validate:
         validate_dataset(reader, progress=progress, scan_floats=True)
-    plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes, precision)
+    fingerprint = source.fingerprint if source is not None else None
+    plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes, precision, fingerprint)
     work = WorkDir(work_dir_for(output), plan)
     in_place = layout == LAYOUT_SINGLE and compression is None  # NOTE [in-place assembly] in pieces
+    upload = RemoteOutput.beside(target, plan.key) if target is not None else None
     started_ray = connect_for_conversion(address, num_workers)
     try:
         with work:
@@ -204,24 +255,29 @@ def convert(
                         reused,
                         len(plan.pieces),
                     )
+                tasks = plan.tasks(work.path, offsets)
+                if source is not None:
+                    ranged = source.ranged
+                    tasks = [replace(t, source=source.location, ranged=ranged.get(t.column.source)) for t in tasks]
+                if upload is not None:
+                    delete(upload.target.child(MANIFEST))  # from here on a reader sees no dataset, never a mix
+                    tasks = [replace(t, upload=upload) for t in tasks]
                 results = run_pieces(
-                    ray,
-                    plan.tasks(work.path, offsets),
-                    max_retries=max_retries,
-                    progress=progress,
-                    total_bytes=plan.total_bytes,
+                    ray, tasks, max_retries=max_retries, progress=progress, total_bytes=plan.total_bytes
                 )
                 pieces_done = time.perf_counter()
                 if in_place:
                     finish_in_place(plan, work.path, output, results)
                 elif layout == LAYOUT_SINGLE:
                     assemble_single(plan, work.path, output, results)
+                elif upload is not None:
+                    publish_to_bucket(plan, work.path, upload.target, results)
             except Exception:
                 # A failure leaves nothing behind (the disk may be full). An interrupt or a crash
                 # (KeyboardInterrupt, SIGKILL) keeps the finished pieces for a re-run to reuse.
                 work.remove()
                 raise
-        if layout == LAYOUT_SINGLE:
+        if layout == LAYOUT_SINGLE or upload is not None:
             work.remove()
         else:
             publish_sharded(plan, work.path, output, results)
@@ -232,7 +288,7 @@ def convert(
     report = ConversionReport(
         output,
         reader.nbytes_on_disk(),
-        output_bytes(output),
+        output_bytes(output) if upload is None else sum(r.file_bytes for r in results.values()),
         assembled - started,
         compression,
         len(plan.pieces),

@@ -26,26 +26,32 @@ work directory (locked, its lock naming host.pid.start), never a half
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import resource
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import TEMP_MARK, atomic_output, writer_tag
 from ..faults import fail_once
 from ..formats import open_dataset
+from ..formats.arrays import RowArray
 from ..formats.base import Reader
 from ..formats.checksum import BlockDigests, BlockHasher, block_digests, block_rows, row_nbytes
 from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import part_digests, write_part, write_rows
 from ..formats.serving import Contiguous
 from ..schema import HDF5_FILE, HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
+from ..storage.fetch import fetched_bytes
 from .plan import ConversionPlan, PieceTask
+from .ranged import recorded_piece, remote_rows, upload_piece
 
 # The preallocated file of an in-place conversion, in the work directory, and a finished piece's record beside it.
 IN_PLACE_FILE = HDF5_FILE
@@ -70,6 +76,7 @@ class PieceResult:
     worker_pid: int
     worker_peak_rss: int
     fast_digests: list[str] = field(default_factory=list)  # hex xxh3-128 per block (NOTE [fast block digests])
+    fetched_bytes: int = 0  # read from object storage by the task (a remote source's rows)
 
     def block_digests(self) -> BlockDigests:
         return BlockDigests.from_hex(self.digests, self.fast_digests)
@@ -86,6 +93,17 @@ def _source(dataset_dir: str) -> Reader:
     worker ever touched would stay in its RSS. Mapping a file again costs milliseconds.
     """
     return open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
+
+
+@contextlib.contextmanager
+def _rows(task: PieceTask) -> Iterator[RowArray]:
+    """The whole source array of the task's column (read lazily): mapped PT files, or ranged GETs."""
+    if task.source is not None:
+        with remote_rows(task.source, task.column, task.ranged) as rows:
+            yield rows
+        return
+    with _source(task.dataset_dir) as source:
+        yield task.column.rows(source)
 
 
 def _peak_rss() -> int:
@@ -131,8 +149,8 @@ def write_in_place(task: PieceTask) -> BlockDigests:
     piece, column = task.piece, task.column
     target = in_place_target(task)
     hasher = BlockHasher.for_tensor(column.shape, column.dtype)
-    with _source(task.dataset_dir) as source:
-        write_rows(target, column.rows(source), piece.start, piece.stop, hasher, dest_start=0)
+    with _rows(task) as rows:
+        write_rows(target, rows, piece.start, piece.stop, hasher, dest_start=0)
     target.sync()
     digests = hasher.finish()
     with atomic_output(Path(task.work_dir) / record_file(piece.piece_id)) as temp:
@@ -141,10 +159,33 @@ def write_in_place(task: PieceTask) -> BlockDigests:
 
 
 def write_piece(task: PieceTask) -> PieceResult:
-    """Write (or reuse, if it verifies) one piece: its part file, published atomically under ``work_dir``,
-    or its rows in place (``task.in_place_offset``, NOTE [in-place assembly])."""
+    """Write (or reuse, if it verifies) one piece: its part file, published atomically under ``work_dir``, its
+    rows in place (``task.in_place_offset``, NOTE [in-place assembly]), or its shard uploaded (``task.upload``)."""
     started = time.perf_counter()
+    fetched = fetched_bytes()
     require_h5py()  # before any work, when h5py is missing
+    if task.upload is not None:
+        with tempfile.TemporaryDirectory(prefix="jasper-piece-") as tmp:
+            digests, reused, nbytes = _bucket_piece(task, Path(tmp) / task.piece.file_name)
+    else:
+        digests, reused, nbytes = _local_piece(task)
+    sha256, fast = digests.to_hex()
+    return PieceResult(
+        task.piece.piece_id,
+        task.piece.stop - task.piece.start,
+        sha256,
+        nbytes,
+        time.perf_counter() - started,
+        reused,
+        os.getpid(),
+        _peak_rss(),
+        fast_digests=fast,
+        fetched_bytes=fetched_bytes() - fetched,
+    )
+
+
+def _local_piece(task: PieceTask) -> tuple[BlockDigests, bool, int]:
+    """(digests, reused, bytes) of a piece written here: a part file or rows in place."""
     piece = task.piece
     in_place = task.in_place_offset is not None
     path = Path(task.work_dir) / piece.file_name
@@ -159,24 +200,28 @@ def write_piece(task: PieceTask) -> PieceResult:
         fail_once(piece.piece_id, f"injected failure writing piece {piece.piece_id}")
         digests = write_in_place(task) if in_place else _write_part_file(task, path)
     nbytes = (piece.stop - piece.start) * row_nbytes(task.column.shape, task.column.dtype)
-    sha256, fast = digests.to_hex()
-    return PieceResult(
-        piece.piece_id,
-        piece.stop - piece.start,
-        sha256,
-        nbytes if in_place else path.stat().st_size,
-        time.perf_counter() - started,
-        reused,
-        os.getpid(),
-        _peak_rss(),
-        fast_digests=fast,
-    )
+    return digests, reused, nbytes if in_place else path.stat().st_size
+
+
+def _bucket_piece(task: PieceTask, path: Path) -> tuple[BlockDigests, bool, int]:
+    """(digests, reused, bytes) of a shard in object storage (NOTE [pieces in the bucket] in ranged)."""
+    assert task.upload is not None
+    piece = task.piece
+    recorded = recorded_piece(task.upload, piece.piece_id, piece.file_name, path)
+    if recorded is not None:
+        found = piece_digests(path, task)
+        if found is not None and found.to_hex()[0] == recorded:
+            return found, True, path.stat().st_size
+        log.warning("shard %s in the bucket does not verify; rewriting it", piece.file_name)
+    fail_once(piece.piece_id, f"injected failure writing piece {piece.piece_id}")
+    digests = _write_part_file(task, path)
+    upload_piece(task.upload, piece.piece_id, path, digests.to_hex()[0])
+    return digests, False, path.stat().st_size
 
 
 def _write_part_file(task: PieceTask, path: Path) -> BlockDigests:
     piece = task.piece
-    with _source(task.dataset_dir) as source:
-        rows = task.column.rows(source)
+    with _rows(task) as rows:
         return write_part(
             path, task.column, rows, piece.start, piece.stop, task.compression, task.compression_opts, task.shuffle
         )

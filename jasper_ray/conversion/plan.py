@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fingerprint import fingerprint
 from ..formats.base import Reader
@@ -28,6 +28,10 @@ from ..formats.checksum import block_rows
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5_writer import Column, columns
 from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32, SHARDS_DIR, piece_file, work_dir_name
+
+if TYPE_CHECKING:
+    from ..storage import Location
+    from .ranged import RangedTensor, RemoteOutput
 
 PIECE_BYTES = 256 << 20
 
@@ -65,6 +69,11 @@ class PieceTask:
     # Where the column's bytes begin in the work directory's preallocated file, when the piece writes its rows
     # there in place (NOTE [in-place assembly] in pieces); None: the piece writes a part file of its own.
     in_place_offset: int | None = None
+    # A remote PT source: its directory, and this column's byte ranges there when it is a tensor
+    # (NOTE [ranged sources] in ranged); a remote sharded output: where the shard and its record go.
+    source: Location | None = None
+    ranged: RangedTensor | None = None
+    upload: RemoteOutput | None = None
 
 
 @dataclass
@@ -140,8 +149,10 @@ def plan_conversion(
     shuffle: bool = True,
     piece_bytes: int = PIECE_BYTES,
     precision: str = PRECISION_FLOAT32,
+    source_fingerprint: dict[str, Any] | None = None,
 ) -> ConversionPlan:
-    """A deterministic plan: the same sources and options always give the same pieces and key."""
+    """A deterministic plan: the same sources and options always give the same pieces and key.
+    ``source_fingerprint``: given for sources that are not local files (the objects' identities)."""
     check_options(compression, compression_opts, shuffle)
     found = columns(reader, precision)
     pieces: list[Piece] = []
@@ -156,7 +167,7 @@ def plan_conversion(
         shuffle,
         int(piece_bytes),
         reader.config,
-        fingerprint(reader.files()),
+        fingerprint(reader.files()) if source_fingerprint is None else source_fingerprint,
         found,
         pieces,
         precision,

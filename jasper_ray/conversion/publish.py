@@ -26,9 +26,12 @@ from ..formats.hdf5_writer import HDF5Writer
 from ..formats.precision import mark_precision
 from ..formats.serving import allocate_dataset
 from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_manifest
-from ..schema import COMPRESSION_NONE, LOCK_FILE, PLAN_FILE, old_dir_name
+from ..schema import COMPRESSION_NONE, LOCK_FILE, MANIFEST, PLAN_FILE, old_dir_name
+from ..storage import Location
+from ..storage.fetch import delete, upload_file
 from .pieces import IN_PLACE_FILE, RECORD_SUFFIX, PieceResult
 from .plan import ConversionPlan, Piece
+from .ranged import RemoteOutput
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ def finish_in_place(plan: ConversionPlan, work_dir: Path, output: Path, results:
 # --- the sharded layout ------------------------------------------------------------------------
 
 
-def manifest_for(plan: ConversionPlan, work_dir: Path, results: dict[str, PieceResult]) -> Manifest:
+def manifest_for(plan: ConversionPlan, results: dict[str, PieceResult]) -> Manifest:
     """The manifest of the work directory's part files as shards."""
     tensors = []
     for column in plan.columns:
@@ -138,7 +141,7 @@ def manifest_for(plan: ConversionPlan, work_dir: Path, results: dict[str, PieceR
         shards = []
         for p in pieces:
             digests = _digests(results, [p])
-            size = (work_dir / p.file_name).stat().st_size
+            size = results[p.piece_id].file_bytes
             shards.append(ManifestShard(p.file_name, p.start, p.stop, size, digests.checksum(), digests.to_hex()[1]))
         checksum = _digests(results, pieces).checksum()
         rows = block_rows(column.shape, column.dtype.itemsize)
@@ -154,7 +157,7 @@ def manifest_for(plan: ConversionPlan, work_dir: Path, results: dict[str, PieceR
 
 def publish_sharded(plan: ConversionPlan, work_dir: Path, final_dir: Path, results: dict[str, PieceResult]) -> None:
     """Turn the work directory into ``final_dir`` (shards + manifest) with directory renames."""
-    manifest = manifest_for(plan, work_dir, results)
+    manifest = manifest_for(plan, results)
     for leftover in (PLAN_FILE, LOCK_FILE):
         (work_dir / leftover).unlink(missing_ok=True)
     write_manifest(work_dir, manifest)
@@ -165,3 +168,11 @@ def publish_sharded(plan: ConversionPlan, work_dir: Path, final_dir: Path, resul
     fsync_dir(final_dir.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def publish_to_bucket(plan: ConversionPlan, work_dir: Path, target: Location, results: dict[str, PieceResult]) -> None:
+    """The tasks uploaded the shards: the manifest goes last (readers see the whole dataset from then on),
+    then the pieces' records are deleted (NOTE [pieces in the bucket] in ranged)."""
+    write_manifest(work_dir, manifest_for(plan, results))
+    upload_file(work_dir / MANIFEST, target.child(MANIFEST))
+    delete(RemoteOutput.beside(target, plan.key).records, recursive=True)

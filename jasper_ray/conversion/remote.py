@@ -8,8 +8,9 @@ files first and ``manifest.json`` last, so a reader sees the whole new dataset
 or the old one. Staging is keyed by the output URI, so a re-run after a crash
 finds the finished pieces of the last one beside it and reuses them.
 
-Pieces run where the staged files are (this node); tasks that fetch their own
-byte ranges from object storage are a later step.
+The single-process writer converts so. Ray conversions stage only a remote
+``dataset.h5`` output: their tasks read a remote source by byte ranges and
+upload the shards of a remote sharded output (``conversion.ranged``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from ..formats import open_dataset
 from ..schema import HDF5_FILE, LAYOUT_SINGLE, MANIFEST, SHARDS_DIR
 from ..storage import Location, NodeCache, locate
-from ..storage.location import remote_error
+from ..storage.fetch import upload_file
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -40,7 +41,6 @@ class _Report(Protocol):
 
 Report = TypeVar("Report", bound=_Report)
 
-UPLOAD_BYTES = 64 << 20
 STAGING_DIR = "outputs"
 
 
@@ -66,11 +66,17 @@ def output_location(
     return target if target.is_remote else None
 
 
+def staging_for(target: Location, cache_dir: str | os.PathLike | None) -> Path:
+    """This node's staging directory for the output ``target`` (kept across runs: a re-run resumes there)."""
+    staging = NodeCache.at(cache_dir).root / STAGING_DIR / hashlib.sha256(target.uri.encode()).hexdigest()[:16]
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
 @contextlib.contextmanager
 def staged_output(target: Location, cache_dir: str | os.PathLike | None, layout: str) -> Iterator[Path]:
     """A local path to convert into; on success its files are uploaded to ``target`` and the staging goes."""
-    staging = NodeCache.at(cache_dir).root / STAGING_DIR / hashlib.sha256(target.uri.encode()).hexdigest()[:16]
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = staging_for(target, cache_dir)
     local = staging / (HDF5_FILE if layout == LAYOUT_SINGLE else SHARDS_DIR)
     yield local
     upload(local, target)
@@ -83,17 +89,7 @@ def upload(local: Path, target: Location) -> None:
     for path in files:
         where = target if local.is_file() else target.child(path.name)
         log.info("uploading %s to %s", path, where.uri)
-        _put(path, where)
-
-
-def _put(path: Path, where: Location) -> None:
-    assert where.filesystem is not None
-    try:
-        with open(path, "rb") as src, where.filesystem.open_output_stream(where.path) as out:
-            while chunk := src.read(UPLOAD_BYTES):
-                out.write(chunk)
-    except OSError as exc:
-        raise remote_error(exc, where.uri) from exc
+        upload_file(path, where)
 
 
 def is_remote_job(

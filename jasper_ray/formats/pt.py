@@ -15,10 +15,12 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 import types
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -72,6 +74,28 @@ def load_pt(path: Path, *, mmap: bool) -> Any:
             log.warning("%s cannot be memory-mapped (legacy format); loading it whole", path)
             return load_pt(path, mmap=False)
         raise DatasetFormatError(f"{path}: not a readable torch file ({exc})") from exc
+
+
+def zip_records(f: IO[bytes], where: str) -> dict[str, tuple[int, int]]:
+    """Where each record of a torch file (a zip archive, ``f`` seekable) lies: its name inside the archive's folder
+    (``data.pkl``, ``data/0``, ...) -> (byte offset of its data, bytes). torch stores records uncompressed, so a
+    saved tensor's rows are one byte range of the file: what a reader of object storage fetches."""
+    records = {}
+    try:
+        with zipfile.ZipFile(f) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise DatasetFormatError(f"{where}: record {info.filename} is compressed; torch stores them as is")
+                f.seek(info.header_offset)
+                header = f.read(30)
+                if header[:4] != b"PK\x03\x04":
+                    raise DatasetFormatError(f"{where}: no zip header at byte {info.header_offset} ({info.filename})")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                data_at = info.header_offset + 30 + name_len + extra_len
+                records[info.filename.split("/", 1)[-1]] = (data_at, info.file_size)
+    except zipfile.BadZipFile as exc:
+        raise DatasetFormatError(f"{where}: not a torch zip file ({exc}). {REBUILD}") from exc
+    return records
 
 
 def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:

@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import DatasetNotFoundError
 from ..schema import COMPRESSION_NONE, CONFIG_FILE, HDF5_FILE, HDF5_SUFFIXES, MANIFEST, PT_SUFFIX, SHARDS_DIR, TENSORS
 from ..storage import Location, NodeCache, download, remote_identity
-from ..storage.fetch import discard_part
-from ..storage.location import remote_error
+from ..storage.fetch import discard_part, listing
 from .hdf5 import open_h5
 from .hdf5_writer import create_file
 from .manifest import ManifestShard
@@ -177,18 +176,6 @@ class ShardFiles:
         return self.cache.get(self.dataset_dir, rel, identity, build, nbytes=2 * nbytes)
 
 
-def _listing(location: Location) -> dict[str, Any]:
-    """Names in the remote dataset directory -> FileInfo (one LIST)."""
-    import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for remote datasets
-
-    assert location.filesystem is not None
-    try:
-        infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=False))
-    except OSError as exc:
-        raise remote_error(exc, location.uri) from exc
-    return {info.base_name: info for info in infos}
-
-
 def localize(
     location: Location,
     cache: NodeCache,
@@ -208,7 +195,7 @@ def localize(
     if not location.is_remote:
         return _localize_compressed(location, cache, dataset_dir, options, progress)
     try:
-        names = _listing(location)
+        names = listing(location)
     except DatasetNotFoundError as exc:  # (refused credentials pass through as RemoteAccessError)
         raise DatasetNotFoundError(f"Dataset not found: {asked} ({exc})") from exc
     if not names:

@@ -12,6 +12,7 @@ the byte range. pyarrow releases the GIL while reading, so threads suffice.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -134,7 +135,7 @@ def download(
         def fetch(k: int) -> None:
             start = k * range_bytes
             length = min(range_bytes, size - start)
-            data = _read_range(location, start, length)
+            data = read_range(location, start, length)
             try:
                 os.pwrite(fd, data, start)
                 os.fdatasync(fd)
@@ -164,9 +165,19 @@ def download(
     return part
 
 
-def _read_range(location: Location, start: int, length: int) -> bytes:
+_fetched = [0]  # bytes this process has read with read_range
+
+
+def fetched_bytes() -> int:
+    """Bytes this process has read from object storage with ``read_range`` (what a conversion task reports)."""
+    return _fetched[0]
+
+
+def read_range(location: Location, start: int, length: int) -> bytes:
     """One ranged GET, retried with backoff; an error naming the URI and range when all attempts fail."""
     assert location.filesystem is not None
+    if length <= 0:
+        return b""
     last: BaseException | None = None
     for attempt in range(RETRIES):
         try:
@@ -174,6 +185,7 @@ def _read_range(location: Location, start: int, length: int) -> bytes:
                 data = f.read_at(length, start)
             if len(data) != length:
                 raise OSError(f"short read: {len(data)} of {length} bytes")
+            _fetched[0] += length
             return bytes(data)
         except FileNotFoundError as exc:
             raise remote_error(exc, location.uri) from exc
@@ -187,3 +199,103 @@ def _read_range(location: Location, start: int, length: int) -> bytes:
         f"could not read {location.uri} bytes {start}-{start + length} after {RETRIES} attempts: {last}. "
         "The endpoint went away or refused; run again to resume the download where it stopped."
     )
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable file over a remote object: reads inside the windows fetched up front are served
+    from them, others are ranged GETs. For parsers that look at a few places of a large object (a zip
+    directory at its end, headers at its start) without downloading it."""
+
+    def __init__(self, location: Location, size: int, windows: dict[int, bytes]):
+        super().__init__()
+        self.location, self.size, self.windows, self._pos = location, size, windows, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        stop = self.size if n is None or n < 0 else min(self.size, self._pos + n)
+        start, self._pos = self._pos, max(self._pos, stop)
+        for at, data in self.windows.items():
+            if at <= start and stop <= at + len(data):
+                return data[start - at : stop - at]
+        return read_range(self.location, start, stop - start)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def upload_file(path: Path, where: Location, chunk_bytes: int = 64 << 20) -> None:
+    """The local file ``path`` to the object ``where`` (one PUT stream: an object appears whole or not at all)."""
+    assert where.filesystem is not None
+    try:
+        with open(path, "rb") as src, where.filesystem.open_output_stream(where.path) as out:
+            while chunk := src.read(chunk_bytes):
+                out.write(chunk)
+    except OSError as exc:
+        raise remote_error(exc, where.uri) from exc
+
+
+def write_object(where: Location, data: bytes) -> None:
+    """Small bytes (a record, a manifest) as the object ``where``."""
+    assert where.filesystem is not None
+    try:
+        with where.filesystem.open_output_stream(where.path) as out:
+            out.write(data)
+    except OSError as exc:
+        raise remote_error(exc, where.uri) from exc
+
+
+def read_object(where: Location) -> bytes | None:
+    """The whole of a small object, or None when there is none."""
+    assert where.filesystem is not None
+    try:
+        with where.filesystem.open_input_stream(where.path) as f:
+            return bytes(f.read())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if "does not exist" in str(exc) or "NoSuchKey" in str(exc):
+            return None
+        raise remote_error(exc, where.uri) from exc
+
+
+def listing(location: Location) -> dict[str, Any]:
+    """Names in the remote directory ``location`` -> pyarrow FileInfo (one LIST; empty when there is none)."""
+    import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for remote datasets
+
+    assert location.filesystem is not None
+    try:
+        infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=False))
+    except OSError as exc:
+        raise remote_error(exc, location.uri) from exc
+    return {info.base_name: info for info in infos}
+
+
+def delete(where: Location, recursive: bool = False) -> None:
+    """Delete the object (or, ``recursive``, the prefix) ``where``; nothing there is not an error."""
+    assert where.filesystem is not None
+    try:
+        if recursive:
+            where.filesystem.delete_dir(where.path)
+        else:
+            where.filesystem.delete_file(where.path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if "does not exist" in str(exc) or "NoSuchKey" in str(exc) or "not found" in str(exc).lower():
+            return
+        raise remote_error(exc, where.uri) from exc

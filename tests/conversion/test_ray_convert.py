@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _support import mounted_tmpfs
+from _support import SLOW_PIECES, h5_objects, kill_driver_after, mounted_tmpfs
 
 from jasper_ray import (
     ConversionError,
@@ -63,24 +63,6 @@ DEADLINE_S = 120
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def h5_objects(path: Path) -> dict[str, Any]:
-    """Every group and dataset of a file: name -> (kind, attrs, layout, raw values)."""
-    out: dict[str, Any] = {}
-    with h5py.File(path, "r") as f:
-        out["/"] = ("group", dict(f.attrs), None, None)
-
-        def visit(name: str, obj: Any) -> None:
-            attrs = {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
-            if isinstance(obj, h5py.Dataset):
-                layout = (obj.dtype.str, obj.shape, obj.chunks, obj.compression, obj.compression_opts, obj.shuffle)
-                out[name] = ("dataset", attrs, layout, obj[...].tobytes())
-            else:
-                out[name] = ("group", attrs, None, None)
-
-        f.visititems(visit)
-    return out
 
 
 def raw_chunks(dset: Any) -> list[tuple[tuple[int, ...], int, bytes]]:
@@ -154,37 +136,6 @@ def config_only_dir(src: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     shutil.copy(src / CONFIG_FILE, dest / CONFIG_FILE)
     return dest
-
-
-def session_processes(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``: a child started with start_new_session and its descendants."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL a child and everything it started (its Ray: GCS, raylet, workers), and wait until all are gone."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while pids := session_processes(proc.pid):
-        assert time.monotonic() < deadline, f"processes of the killed conversion survive: {pids}"
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
 
 
 # --- datasets and references -------------------------------------------------------------------
@@ -335,34 +286,13 @@ print("finished", flush=True)
 """
 
 
-def kill_driver_after(script: str, data: Path, finished: Callable[[], int], env: dict[str, str]) -> None:
-    """Run ``script`` (a conversion of ``data`` with BIG_SHARD pieces) in a session of its own, and kill the
-    session (its Ray included) once ``finished()`` counts 2 pieces done."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(data), str(BIG_SHARD)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its Ray (GCS, raylet, workers) shares the session: killed with it
-    )
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        while finished() < 2:
-            if proc.poll() is not None:
-                pytest.fail(f"the conversion ended (rc={proc.returncode}) before it was killed: {proc.stdout.read()}")
-            assert time.monotonic() < deadline, "no piece finished"
-            time.sleep(0.01)
-    finally:
-        kill_session(proc)
-
-
 def test_driver_killed_mid_run_leaves_nothing_detectable_and_rerun_resumes(
     tmp_path: Path, big: Path, big_checksums: dict[str, str], ray_subprocess_env: Callable[..., dict]
 ) -> None:
     data = Path(shutil.copytree(big, tmp_path / "ds"))
     output = data / "dataset.h5"
     work = work_dir_for(output)
-    kill_driver_after(DRIVER, data, lambda: len(piece_files(work)), ray_subprocess_env())
+    kill_driver_after([DRIVER, str(data), str(BIG_SHARD)], lambda: len(piece_files(work)), ray_subprocess_env())
 
     assert not output.exists(), "a killed driver never publishes dataset.h5"
     assert [p.name for p in data.iterdir() if "dataset" in p.name and not p.name.startswith(".")] == []
@@ -402,19 +332,13 @@ def test_in_place_pieces_equal_the_single_process_writer(tmp_path: Path, big: Pa
     assert leftovers(tmp_path) == []
 
 
-IN_PLACE_DRIVER = """
-import sys, time
-from jasper_ray import convert
-from jasper_ray.conversion import parallel
-
-real = parallel._piece_task
-def slow(task):  # pickled by value into the workers: every piece takes a while, so the driver dies mid-run
-    time.sleep(0.4)
-    return real(task)
-parallel._piece_task = slow
+IN_PLACE_DRIVER = (
+    SLOW_PIECES
+    + """
 convert(sys.argv[1], compression=None, num_workers=2, shard_bytes=int(sys.argv[2]), progress=False)
 print("finished", flush=True)
 """
+)
 
 
 def test_in_place_driver_killed_leaves_nothing_detectable_and_rerun_reuses_the_rows(
@@ -423,7 +347,9 @@ def test_in_place_driver_killed_leaves_nothing_detectable_and_rerun_reuses_the_r
     data = Path(shutil.copytree(big, tmp_path / "ds"))
     output = data / "dataset.h5"
     work = work_dir_for(output)
-    kill_driver_after(IN_PLACE_DRIVER, data, lambda: len(list(work.glob("*.done"))), ray_subprocess_env())
+    kill_driver_after(
+        [IN_PLACE_DRIVER, str(data), str(BIG_SHARD)], lambda: len(list(work.glob("*.done"))), ray_subprocess_env()
+    )
 
     assert not output.exists(), "a killed driver never publishes dataset.h5"
     assert open_dataset(data).storage_format == "pt", "auto-detection serves the PT files"

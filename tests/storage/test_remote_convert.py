@@ -1,18 +1,29 @@
-"""Conversions and CLI commands on s3:// URIs: sources fetched into the cache, outputs uploaded whole."""
+"""Conversions and CLI commands on s3:// URIs.
+
+The single-process writer stages a remote source in the cache and uploads its output whole. Ray
+conversions read a remote source by byte ranges in the tasks and the tasks upload the shards of a
+remote sharded output (NOTE [ranged sources], NOTE [pieces in the bucket] in conversion/ranged).
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
+import pytest
 from _s3 import S3Endpoint
-from _support import subprocess_env
+from _support import SLOW_PIECES, h5_objects, kill_driver_after, subprocess_env
 
-from jasper_ray import convert, convert_pt_to_hdf5, open_dataset
-from jasper_ray.schema import TENSORS
+from jasper_ray import convert, convert_pt_to_hdf5, open_dataset, synth_dataset
+from jasper_ray.conversion.plan import plan_conversion
+from jasper_ray.formats.checksum import row_nbytes
+from jasper_ray.schema import ATTR_FINGERPRINT, MANIFEST, TENSORS
 
 
 def _assert_same_tensors(got_uri: str, small_dir: Path, cache: Path) -> None:
@@ -74,3 +85,122 @@ def test_verify_of_an_s3_sharded_dataset_fetches_and_checks_every_shard(
     doc = json.loads(verified.stdout)
     assert doc["ok"] and doc["checksums"]["mismatched"] == 0 and doc["checksums"]["recorded"] > 10
     assert doc["layout"] == "sharded"
+
+
+# --- Ray: tasks read byte ranges, upload their shards --------------------------------------------------------
+
+RANGED = {"n_pairs": 9000, "dim": 512, "n_neg": 4, "seed": 5}  # steering tensors 18 MB: two 16 MiB blocks each
+ONE_BLOCK = 1  # shard_bytes: every piece is one checksum block, so large tensors span several pieces
+
+
+@pytest.fixture(scope="module")
+def ranged_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth_dataset(tmp_path_factory.mktemp("ranged") / "ds", **RANGED)
+
+
+@pytest.fixture(scope="module")
+def ranged_local(tmp_path_factory: pytest.TempPathFactory, ranged_src: Path, ray_session: object) -> Path:
+    """The local Ray conversion of ``ranged_src`` (gzip, sharded): what the bucket must hold, bit for bit."""
+    out = tmp_path_factory.mktemp("ranged-local") / "dataset.shards"
+    convert(ranged_src, layout="sharded", compression="gzip", shard_bytes=ONE_BLOCK, output=out, progress=False)
+    return out
+
+
+def _download(s3: S3Endpoint, uri: str, dest: Path) -> Path:
+    """The object or prefix ``uri`` as the local file or directory ``dest``."""
+    path = uri[len("s3://") :]
+    is_dir = s3.admin.get_file_info(path).type == pafs.FileType.Directory
+    (dest if is_dir else dest.parent).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(dest), source_filesystem=s3.admin)
+    return dest
+
+
+def assert_same_shards(got: Path, want: Path) -> None:
+    """Every shard's datasets and attributes bit for bit; the manifests equal but for the sources' fingerprint
+    (a bucket's objects are fingerprinted by ETag and modification time, local files by their bytes)."""
+    names = sorted(p.name for p in want.iterdir())
+    assert sorted(p.name for p in got.iterdir()) == names
+    for name in names:
+        if name == MANIFEST:
+            a, b = json.loads((got / name).read_text()), json.loads((want / name).read_text())
+            a.pop("source_fingerprint"), b.pop("source_fingerprint")
+            assert a == b
+        else:
+            assert h5_objects(got / name) == h5_objects(want / name), name
+
+
+def test_ray_s3_to_s3_sharded_equals_local_and_tasks_fetch_only_their_rows(
+    s3: S3Endpoint, ranged_src: Path, ranged_local: Path, tmp_path: Path
+) -> None:
+    uri = s3.upload(ranged_src, s3.bucket(), "ds")
+    report = convert(
+        uri, layout="sharded", compression="gzip", shard_bytes=ONE_BLOCK, progress=False, cache_dir=tmp_path
+    )
+    assert report.output == f"{uri}/dataset.shards" and report.shards_reused == 0
+    assert_same_shards(_download(s3, report.output, tmp_path / "got"), ranged_local)
+    assert [i.base_name for i in s3.admin.get_file_info(pafs.FileSelector(uri[5:]))].count(".dataset.shards.work") == 0
+
+    plan = plan_conversion(open_dataset(ranged_src, "pt"), "gzip", piece_bytes=ONE_BLOCK)
+    column_of = {c.h5_path: c for c in plan.columns}
+    split = 0
+    for piece in plan.pieces:
+        column = column_of[piece.h5_path]
+        if not column.source.startswith("tensor:"):
+            continue  # keyword ids and splits are fetched whole (a pickle, small arrays)
+        split += piece.start > 0
+        rows_bytes = (piece.stop - piece.start) * row_nbytes(column.shape, column.dtype)
+        assert report.results[piece.piece_id].fetched_bytes == rows_bytes, f"{piece.piece_id}: only its rows"
+    assert split >= 3, "the steering tensors span several pieces, each fetching its own rows"
+
+
+def test_ray_s3_source_into_a_local_and_an_s3_dataset_h5(s3: S3Endpoint, ranged_src: Path, tmp_path: Path) -> None:
+    """A single dataset.h5: written here (in place, uncompressed) from ranged reads, or assembled here and uploaded."""
+    uri = s3.upload(ranged_src, s3.bucket(), "ds")
+    want = tmp_path / "want" / "dataset.h5"
+    want.parent.mkdir()
+    convert_pt_to_hdf5(ranged_src, None, output=want, progress=False)
+    local = tmp_path / "here" / "dataset.h5"
+    local.parent.mkdir()
+    convert(uri, compression=None, shard_bytes=ONE_BLOCK, output=local, progress=False, cache_dir=tmp_path / "c")
+    remote = convert(uri, compression=None, shard_bytes=ONE_BLOCK, progress=False, cache_dir=tmp_path / "c")
+    assert remote.output == f"{uri}/dataset.h5"
+    got = _download(s3, remote.output, tmp_path / "got.h5")
+    expected = h5_objects(want)
+    expected["/"][1].pop(ATTR_FINGERPRINT)
+    for path in (local, got):
+        objects = h5_objects(path)
+        objects["/"][1].pop(ATTR_FINGERPRINT)
+        assert objects == expected, path
+
+
+KILLED_DRIVER = (
+    SLOW_PIECES
+    + """
+convert(sys.argv[1], layout="sharded", compression="gzip", shard_bytes=1, progress=False, cache_dir=sys.argv[2])
+print("finished", flush=True)
+"""
+)
+
+
+def test_ray_s3_output_killed_driver_then_rerun_reuses_the_shards_in_the_bucket(
+    s3: S3Endpoint, ranged_src: Path, ranged_local: Path, tmp_path: Path, ray_subprocess_env: Callable[..., dict]
+) -> None:
+    uri = s3.upload(ranged_src, s3.bucket(), "ds")
+    records = f"{uri[5:]}/.dataset.shards.work"
+
+    def recorded() -> int:
+        return len(s3.admin.get_file_info(pafs.FileSelector(records, allow_not_found=True)))
+
+    kill_driver_after([KILLED_DRIVER, uri, str(tmp_path / "cache")], recorded, ray_subprocess_env(**s3.env))
+    time.sleep(1)  # a task that was uploading when its worker died has stopped
+    done = recorded()
+    assert not s3.admin.get_file_info(f"{uri[5:]}/dataset.shards/{MANIFEST}").is_file, "no manifest: no dataset"
+
+    report = convert(
+        uri, layout="sharded", compression="gzip", shard_bytes=ONE_BLOCK, progress=False, cache_dir=tmp_path / "cache"
+    )
+    assert report.shards_reused == done, "every shard recorded in the bucket verifies and is reused"
+    assert sum(not r.reused for r in report.results.values()) == report.shards - done
+    assert_same_shards(_download(s3, report.output, tmp_path / "got"), ranged_local)
+    with open_dataset(uri, cache_dir=tmp_path / "read") as reader:
+        assert reader.verify_checksums() == []

@@ -1,0 +1,249 @@
+"""PT sources in object storage read by the tasks themselves, and sharded outputs written there by them.
+
+Sources (NOTE [ranged sources]): a torch file is a zip archive whose records
+are stored uncompressed, so a tensor's rows are one byte range of its object
+(``formats.pt.zip_records``). The driver fetches each tensor object's head and
+tail (its small records and the zip directory) into a sparse local *skeleton*
+of the same size, which opens as a PT dataset for the plan (shapes, dtypes,
+config; keyword ids and splits are fetched whole); the tensors' data stay holes
+there, never read. Each task reads the rows of its piece with ranged GETs
+(``RangedRows``); keyword ids and splits are fetched whole by the tasks that
+convert them. The sources' fingerprint is the objects' identities (size, ETag,
+modification time): an object replaced since gives another plan.
+
+Outputs (NOTE [pieces in the bucket]): for the sharded layout each task uploads
+the shard it made, then a record of it (plan key, block digests) under a hidden
+prefix beside the output; the driver deletes the old manifest before the first
+shard and uploads the new one last, so a reader sees the whole dataset or none.
+A re-run reuses a shard whose record is of this plan and whose rows, fetched
+back, hash to the recorded digests. A single ``dataset.h5`` is assembled by the
+driver in its cache and uploaded whole (``remote.staged_output``): an object
+cannot be written at offsets by several writers, and a multipart upload whose
+parts are the pieces would need each piece's final bytes and offset before
+assembly (pyarrow exposes no part uploads either); for a cluster whose nodes
+share no filesystem, the sharded layout is the one the tasks write.
+
+The driver checks what the skeleton holds (config, shapes, splits); the
+tensors' values are converted as the objects hold them, and ``verify`` of the
+output checks them. No Ray here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_output
+from ..errors import DatasetFormatError, DatasetNotFoundError
+from ..formats.arrays import RowArray
+from ..formats.base import Reader
+from ..formats.checksum import row_nbytes
+from ..formats.hdf5_writer import KEYWORD_SOURCE, SPLIT_SOURCE, TENSOR_SOURCE, Column
+from ..formats.pt import PTReader, load_pt_tensor, zip_records
+from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_SUFFIX, TENSORS, split_pt_file, work_dir_name
+from ..storage import Location, NodeCache, download, remote_identity
+from ..storage.fetch import RemoteFile, listing, read_object, read_range, upload_file, write_object
+from ..validate import check_config, check_shapes, check_splits, symbol_sizes
+
+log = logging.getLogger(__name__)
+
+SKELETON_DIR = "sources"  # in the node cache: one skeleton per source URI
+WINDOW_BYTES = 1 << 20  # of each tensor object, fetched from its start and its end
+RECORD_SUFFIX = ".done"
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RangedTensor:
+    """A tensor's rows in a remote PT object: its data record starts at byte ``offset``, C-ordered."""
+
+    location: Location
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class RangedRows:
+    """A ``RowArray`` over a ``RangedTensor``: ``rows[a:b]`` is one ranged GET of exactly those rows."""
+
+    def __init__(self, tensor: RangedTensor):
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.tensor.dtype
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError(f"{self.tensor.location.uri}: ranged rows are read by slices, got {type(rows).__name__}")
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"{self.tensor.location.uri}: ranged rows are read by contiguous slices")
+        row_bytes = row_nbytes(self.shape, self.dtype)
+        first = self.tensor.offset + start * row_bytes
+        data = read_range(self.tensor.location, first, max(0, stop - start) * row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((-1, *self.shape[1:]))
+
+
+@dataclass
+class RemoteSource:
+    """A remote PT directory, prepared for a conversion: a local skeleton to plan from, the tensors' ranges."""
+
+    location: Location
+    local_dir: Path
+    ranged: dict[str, RangedTensor]  # by column source ("tensor:<name>")
+    fingerprint: dict[str, Any]
+
+
+def source_file(column: Column) -> str:
+    """The PT file a column's rows come from."""
+    kind, _, name = column.source.partition(":")
+    if kind == TENSOR_SOURCE:
+        return next(s.pt_file for s in TENSORS if s.name == name)
+    if kind == SPLIT_SOURCE:
+        return split_pt_file(name)
+    assert kind == KEYWORD_SOURCE
+    return KEYWORD_IDS.pt_file
+
+
+def _fetch_whole(location: Location, path: Path) -> None:
+    identity = remote_identity(location)
+    part = download(location, path.with_name(path.name + ".part"), identity.size, identity.as_dict())
+    os.replace(part, path)
+
+
+def _skeleton_file(location: Location, size: int, path: Path) -> tuple[int, int]:
+    """``path``: a sparse copy of the torch object at ``location`` holding every record but its tensor data;
+    returns where that data lies in the object (offset, bytes)."""
+    head = read_range(location, 0, min(WINDOW_BYTES, size))
+    tail_at = max(len(head), size - WINDOW_BYTES)
+    windows = {0: head, tail_at: read_range(location, tail_at, size - tail_at)}
+    records = zip_records(RemoteFile(location, size, windows), location.uri)  # type: ignore[arg-type]
+    data = [(offset, n) for name, (offset, n) in records.items() if name.startswith("data/")]
+    if len(data) != 1:
+        raise DatasetFormatError(f"{location.uri}: {len(data)} tensor storages; a PT tensor file holds one")
+    offset, nbytes = data[0]
+    with atomic_output(path) as temp:
+        with open(temp, "wb") as f:
+            f.truncate(size)
+            for at, chunk in windows.items():
+                f.seek(at)
+                f.write(chunk)
+            for name, (at, n) in records.items():  # small records outside both windows (not torch's layout)
+                fetched = any(w <= at and at + n <= w + len(c) for w, c in windows.items())
+                if not name.startswith("data/") and not fetched:
+                    f.seek(at)
+                    f.write(read_range(location, at, n))
+    return offset, nbytes
+
+
+def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> RemoteSource:
+    """The skeleton of the remote PT directory ``location`` in this node's cache, and its tensors' ranges."""
+    local = NodeCache.at(cache_dir).root / SKELETON_DIR / hashlib.sha256(location.uri.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    names = sorted(n for n in listing(location) if n == CONFIG_FILE or n.endswith(PT_SUFFIX))
+    if CONFIG_FILE not in names:
+        raise DatasetNotFoundError(f"{location.uri}: no {CONFIG_FILE} there (found {names or 'nothing'})")
+    tensor_of = {s.pt_file: s.name for s in TENSORS}
+    fingerprint: dict[str, Any] = {}
+    ranged: dict[str, RangedTensor] = {}
+    for name in names:
+        where = location.child(name)
+        identity = remote_identity(where)
+        fingerprint[name] = identity.as_dict()
+        if name not in tensor_of:
+            _fetch_whole(where, local / name)
+            continue
+        offset, nbytes = _skeleton_file(where, identity.size, local / name)
+        array = load_pt_tensor(local / name, mmap=True)  # the holes are mapped, never read
+        if not array.flags.c_contiguous or array.nbytes != nbytes:
+            raise DatasetFormatError(
+                f"{where.uri}: the tensor is a view ({array.nbytes} of its storage's {nbytes} bytes, or strided); "
+                "save it with torch.save(t.contiguous().clone(), path)"
+            )
+        ranged[f"{TENSOR_SOURCE}:{tensor_of[name]}"] = RangedTensor(where, offset, tuple(array.shape), array.dtype)
+    return RemoteSource(location, local, ranged, fingerprint)
+
+
+def validate_skeleton(reader: Reader) -> None:
+    """What the driver checks of a remote source without fetching the tensors: the config, every shape, the
+    splits. The tensors' values are converted as the objects hold them; ``verify`` of the output checks them."""
+    check_config(reader.config)
+    check_shapes(reader, symbol_sizes(reader))
+    check_splits(reader)
+
+
+@contextlib.contextmanager
+def remote_rows(source: Location, column: Column, ranged: RangedTensor | None) -> Iterator[RowArray]:
+    """The rows of ``column`` from the remote PT directory ``source``: ranged, or its file fetched whole here."""
+    if ranged is not None:
+        yield RangedRows(ranged)
+        return
+    with tempfile.TemporaryDirectory(prefix="jasper-source-") as tmp:
+        for name in (CONFIG_FILE, source_file(column)):
+            _fetch_whole(source.child(name), Path(tmp) / name)
+        with PTReader(tmp, use_mmap=True) as reader:  # only these files: no detection
+            yield column.rows(reader)
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteOutput:
+    """Where a task uploads its shard (``target``: the sharded layout's directory) and its record."""
+
+    target: Location
+    records: Location
+    plan_key: str
+
+    @classmethod
+    def beside(cls, target: Location, plan_key: str) -> RemoteOutput:
+        """Records under a hidden prefix beside ``target`` (``.dataset.shards.work/``): never a reader's."""
+        return cls(target, target.parent().child(work_dir_name(target.name())), plan_key)
+
+    def record(self, piece_id: str) -> Location:
+        return self.records.child(f"{piece_id}{RECORD_SUFFIX}")
+
+
+def recorded_piece(out: RemoteOutput, piece_id: str, file_name: str, path: Path) -> list[str] | None:
+    """The digests recorded for a shard of this plan already in the bucket, its bytes fetched to ``path``;
+    None when there is none (or its record is of another plan). The caller checks the rows against them."""
+    raw = read_object(out.record(piece_id))
+    if raw is None:
+        return None
+    record = json.loads(raw)
+    if record.get("plan") != out.plan_key:
+        return None
+    where = out.target.child(file_name)
+    try:
+        identity = remote_identity(where)
+    except DatasetNotFoundError:
+        return None
+    download(where, path, identity.size, identity.as_dict())
+    return list(record["digests"])
+
+
+def upload_piece(out: RemoteOutput, piece_id: str, path: Path, digests: list[str]) -> None:
+    """The shard, then its record: a record names only a shard that is whole in the bucket."""
+    upload_file(path, out.target.child(path.name))
+    write_object(out.record(piece_id), json.dumps({"plan": out.plan_key, "digests": digests}).encode())
