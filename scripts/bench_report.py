@@ -1,7 +1,9 @@
 """``jasper-ray bench``: run the benchmark scripts, write a markdown report with their tables and PNG plots.
 
 The six scripts under ``<repo>/scripts`` (``bench_formats.py``, ``bench_loader.py``,
-``bench_convert.py``, ``bench_ray_data.py``, ``bench_actors.py``, ``bench_remote.py``) each run as a
+``bench_convert.py``, ``bench_ray_data.py``, ``bench_actors.py``, ``bench_remote.py``), and
+``bench_scale.py`` when ``--only`` names it (``scale``: a dataset larger than RAM, hours and
+~65 GB of disk; never in the default set), each run as a
 subprocess with ``JASPER_BENCH_JSON`` naming a file: besides their markdown
 tables on stdout (captured) they leave every table and their raw numbers there
 (``scripts/_bench_common.record``). Their stderr (progress) passes through.
@@ -42,13 +44,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = ("formats", "loader", "convert", "ray_data", "actors", "remote")
+SCRIPTS = ("formats", "loader", "convert", "ray_data", "actors", "remote")  # the default set
+# Run only when named in --only: bench_scale takes hours and ~65 GB of disk at its size (more than RAM).
+OPT_IN = ("scale",)
+KNOWN = SCRIPTS + OPT_IN
 JSON_ENV = "JASPER_BENCH_JSON"
 SCALES = ("full", "quick", "tiny")
 
 # Each script's default dataset size at each scale ("full": no flag; "quick": --quick).
 SIZES = {
-    "full": {"formats": "2GB", "loader": "1GB", "convert": "2GB", "ray_data": "1GB", "actors": "1GB", "remote": "1GB"},
+    "full": {
+        "formats": "2GB",
+        "loader": "1GB",
+        "convert": "2GB",
+        "ray_data": "1GB",
+        "actors": "1GB",
+        "remote": "1GB",
+        "scale": "30GB",
+    },
     "quick": {
         "formats": "100MB",
         "loader": "100MB",
@@ -56,6 +69,7 @@ SIZES = {
         "ray_data": "100MB",
         "actors": "100MB",
         "remote": "100MB",
+        "scale": "2GB",
     },
     "tiny": {
         "formats": "24MB",
@@ -64,6 +78,7 @@ SIZES = {
         "ray_data": "16MB",
         "actors": "16MB",
         "remote": "16MB",
+        "scale": "24MB",
     },
 }
 # "tiny" (for the test suite: every script end to end, numbers meaningless) = --quick, the sizes above and fewer
@@ -75,6 +90,7 @@ TINY_ARGS = {
     "ray_data": ["--rounds", "1"],
     "actors": ["--rounds", "1"],
     "remote": ["--warm", "1"],
+    "scale": ["--baseline-size", "8MB", "--interval", "0.1"],
 }
 PLOTS = {
     "conversion": "conversion_scaling.png",
@@ -89,7 +105,7 @@ PLOTS = {
 def scripts_dir() -> Path:
     """``<repo>/scripts`` beside the package; a clear error when this is not a source checkout."""
     directory = Path(__file__).resolve().parent
-    missing = [f"bench_{name}.py" for name in SCRIPTS if not (directory / f"bench_{name}.py").is_file()]
+    missing = [f"bench_{name}.py" for name in KNOWN if not (directory / f"bench_{name}.py").is_file()]
     if missing:
         raise FileNotFoundError(
             f"benchmark scripts not found: {directory} lacks {', '.join(missing)} "
@@ -102,10 +118,10 @@ def parse_only(text: str | None) -> list[str]:
     if not text:
         return list(SCRIPTS)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SCRIPTS]
+    unknown = [n for n in names if n not in KNOWN]
     if unknown or not names:
-        raise ValueError(f"--only {text!r}: expected a comma-separated subset of {','.join(SCRIPTS)}")
-    return [n for n in SCRIPTS if n in names]  # the report's order
+        raise ValueError(f"--only {text!r}: expected a comma-separated subset of {','.join(KNOWN)}")
+    return [n for n in KNOWN if n in names]  # the report's order
 
 
 def _size_text(nbytes: float) -> str:

@@ -38,6 +38,7 @@ TABLES = {
     "ray_data": ["Ray Data rows/s"],
     "actors": ["One epoch of", "A killed actor", "Memory after the runs"],
     "remote": ["Remote gzip dataset through the node-local cache"],
+    "scale": ["Scale: "],
 }
 # Raw records each script leaves: name -> how many.
 RECORDS = {
@@ -47,6 +48,7 @@ RECORDS = {
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
     "remote": {"remote": 1},
+    "scale": {"scale": 7, "scale_speedup": 1},
 }
 
 
@@ -87,6 +89,39 @@ def test_bench_tiny_writes_every_table_and_plot(tmp_path: Path, capsys) -> None:
     assert not list((tmp_path / "work").iterdir())  # the scripts' data is gone
 
 
+def test_bench_scale_is_opt_in_and_runs_tiny(tmp_path: Path, capsys) -> None:
+    """bench_scale (a dataset larger than RAM at its size) runs only when --only names it; tiny, end to end."""
+    assert "scale" not in bench.parse_only(None) and bench.parse_only("convert,scale") == ["convert", "scale"]
+    assert bench.script_args("scale", "quick") == ["--quick"]  # its --quick size: 2GB, not its 30GB
+    out = tmp_path / "report"
+    rc = main(["bench", "--tiny", "--only", "scale", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    (run,) = doc["runs"]
+    assert run["script"] == "bench_scale.py" and run["returncode"] == 0
+    assert [t["title"][: len(TABLES["scale"][0])] for t in run["tables"]] == TABLES["scale"]
+    counts: dict[str, int] = {}
+    for r in run["records"]:
+        counts[r["name"]] = counts.get(r["name"], 0) + 1
+    assert counts == RECORDS["scale"]
+    steps = {r["values"]["step"]: r["values"] for r in run["records"] if r["name"] == "scale"}
+    assert steps["convert_gzip"]["processes"] > 2, "Ray's processes are in the sampled tree"
+    assert all(s["peak_owned_bytes"] > 0 and s["seconds"] > 0 for s in steps.values())
+    assert not list((tmp_path / "work").iterdir())
+
+
+def test_bench_scale_stops_when_the_disk_is_too_small(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_scale.py"), "--size", "100000TB", "--out", str(tmp_path)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Nothing was run" in proc.stderr and "free" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the pieces, without the real scripts ---------------------------------------------------------
 
 FAKE_SCRIPT = """
@@ -116,7 +151,7 @@ sys.exit(3)
 def fake_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "scripts"
     directory.mkdir()
-    for name in bench.SCRIPTS:
+    for name in bench.KNOWN:
         body = FAKE_BODIES.get(name, "")
         (directory / f"bench_{name}.py").write_text(FAKE_SCRIPT.format(scripts=str(REPO / "scripts"), body=body))
     monkeypatch.setattr(bench, "scripts_dir", lambda: directory)
@@ -154,7 +189,7 @@ def test_bad_input_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert main(["bench", "--only", "loader,nope", "--out", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err.strip() == (
         "jasper-ray bench: error: --only 'loader,nope': expected a comma-separated subset of "
-        "formats,loader,convert,ray_data,actors,remote"
+        "formats,loader,convert,ray_data,actors,remote,scale"
     )
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "jasper_ray" / "cli.py"))
     assert main(["bench", "--tiny", "--out", str(tmp_path / "r")]) == 1

@@ -244,7 +244,10 @@ def build_parser() -> Parser:
     scale.add_argument("--quick", action="store_true", help="each script's --quick sizes (about 5 minutes)")
     scale.add_argument("--tiny", action="store_true", help="the test suite's scale: end to end, numbers meaningless")
     p.add_argument(
-        "--only", default=None, help="a comma-separated subset of formats,loader,convert,ray_data,actors,remote"
+        "--only",
+        default=None,
+        help="a comma-separated subset of formats,loader,convert,ray_data,actors,remote (default: all six), "
+        "or scale (opt-in: a dataset larger than RAM, ~65 GB of disk)",
     )
     p.add_argument(
         "--size-scale", type=float, default=1.0, help="multiply each script's dataset size (of the scale) by this"
