@@ -23,6 +23,11 @@ class ValidationError(ValueError):
         detail = f"{where}{at}: found {found}, expected {expected}"
         # ``summary`` keeps upstream's wording ("pair_index references question 999, ...") in front.
         super().__init__(f"{summary} ({detail})" if summary else detail)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        """Pickled with its own arguments: raised in a Ray task (a conversion piece), it reaches the driver."""
+        return type(self), (self.where, self.found, self.expected, self.position, self.summary)
 
 
 class FirstBatchError(ValidationError, AssertionError):

@@ -40,7 +40,7 @@ from ..validate import validate_dataset
 from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import allocate_in_place, assemble_single, finish_in_place, publish_sharded, publish_to_bucket
-from .ranged import RemoteOutput, RemoteSource, prepare_source, validate_skeleton
+from .ranged import RemoteOutput, RemoteSource, prepare_source
 from .remote import is_remote_job, output_location, staged_output, staging_for
 from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
 
@@ -230,14 +230,12 @@ def _convert(
         if done is not None:
             return done
     started = time.perf_counter()
-    reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
+    reader = source.reader() if source is not None else open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
     log.info(
         "Converting PT format to HDF5 in %s (Ray, layout=%s)", source.location.uri if source else dataset_dir, layout
     )
-    if validate and source is not None:
-        validate_skeleton(reader)  # the tensors' values stay in the bucket (NOTE [ranged sources] in ranged)
-    elif validate:
-        validate_dataset(reader, progress=progress, scan_floats=True)
+    if validate:  # a remote source's float tables: checked by the tasks (NOTE [ranged sources] in ranged)
+        validate_dataset(reader, progress=progress, scan_floats=source is None)
     fingerprint = source.fingerprint if source is not None else None
     plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes, precision, fingerprint)
     work = WorkDir(work_dir_for(output), plan)

@@ -23,9 +23,11 @@ parts are the pieces would need each piece's final bytes and offset before
 assembly (pyarrow exposes no part uploads either); for a cluster whose nodes
 share no filesystem, the sharded layout is the one the tasks write.
 
-The driver checks what the skeleton holds (config, shapes, splits); the
-tensors' values are converted as the objects hold them, and ``verify`` of the
-output checks them. No Ray here.
+Validation is split as the serving readers split it: the driver validates the
+dataset through ranged reads of the ids and pair scores (``RangedPTReader``:
+``validate_dataset`` without the float tables, ~2% of the bytes), and each
+task checks the float-table rows it reads for NaN and inf
+(``RangedTensor.scan``). No Ray here.
 """
 
 from __future__ import annotations
@@ -44,16 +46,17 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_output
+from ..config import allows_nonfinite, read_config_file
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..formats.arrays import RowArray
-from ..formats.base import Reader
 from ..formats.checksum import row_nbytes
 from ..formats.hdf5_writer import KEYWORD_SOURCE, SPLIT_SOURCE, TENSOR_SOURCE, Column
 from ..formats.pt import PTReader, load_pt_tensor, zip_records
+from ..formats.verified import check_finite
 from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_SUFFIX, TENSORS, split_pt_file, work_dir_name
 from ..storage import Location, NodeCache, download, remote_identity
 from ..storage.fetch import RemoteFile, listing, read_object, read_range, upload_file, write_object
-from ..validate import check_config, check_shapes, check_splits, symbol_sizes
+from ..validate import FLOAT_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class RangedTensor:
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    scan: bool = False  # every row read is checked for NaN and inf (a float table; the driver checks the rest)
 
 
 class RangedRows:
@@ -101,7 +105,23 @@ class RangedRows:
         row_bytes = row_nbytes(self.shape, self.dtype)
         first = self.tensor.offset + start * row_bytes
         data = read_range(self.tensor.location, first, max(0, stop - start) * row_bytes)
-        return np.frombuffer(data, dtype=self.dtype).reshape((-1, *self.shape[1:]))
+        rows = np.frombuffer(data, dtype=self.dtype).reshape((-1, *self.shape[1:]))
+        if self.tensor.scan:
+            check_finite(self.tensor.location.uri, rows, start)
+        return rows
+
+
+class RangedPTReader(PTReader):
+    """A remote PT directory's skeleton whose tensors read by byte ranges from the objects: what the driver
+    plans and validates from (the ids and pair scores, ~2% of the bytes; the float tables are the tasks')."""
+
+    def __init__(self, directory: Path, ranged: dict[str, RangedTensor]):
+        super().__init__(directory, use_mmap=True)
+        self.ranged = ranged
+
+    def _load_array(self, name: str) -> RowArray:  # type: ignore[override]  # any RowArray (base.Reader)
+        found = self.ranged.get(f"{TENSOR_SOURCE}:{name}")
+        return RangedRows(found) if found is not None else super()._load_array(name)
 
 
 @dataclass
@@ -112,6 +132,9 @@ class RemoteSource:
     local_dir: Path
     ranged: dict[str, RangedTensor]  # by column source ("tensor:<name>")
     fingerprint: dict[str, Any]
+
+    def reader(self) -> RangedPTReader:
+        return RangedPTReader(self.local_dir, self.ranged)
 
 
 def source_file(column: Column) -> str:
@@ -164,12 +187,16 @@ def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> R
     if CONFIG_FILE not in names:
         raise DatasetNotFoundError(f"{location.uri}: no {CONFIG_FILE} there (found {names or 'nothing'})")
     tensor_of = {s.pt_file: s.name for s in TENSORS}
+    _fetch_whole(location.child(CONFIG_FILE), local / CONFIG_FILE)
+    scan = set() if allows_nonfinite(read_config_file(local) or {}) else set(FLOAT_TABLES)
     fingerprint: dict[str, Any] = {}
     ranged: dict[str, RangedTensor] = {}
     for name in names:
         where = location.child(name)
         identity = remote_identity(where)
         fingerprint[name] = identity.as_dict()
+        if name == CONFIG_FILE:
+            continue
         if name not in tensor_of:
             _fetch_whole(where, local / name)
             continue
@@ -180,16 +207,11 @@ def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> R
                 f"{where.uri}: the tensor is a view ({array.nbytes} of its storage's {nbytes} bytes, or strided); "
                 "save it with torch.save(t.contiguous().clone(), path)"
             )
-        ranged[f"{TENSOR_SOURCE}:{tensor_of[name]}"] = RangedTensor(where, offset, tuple(array.shape), array.dtype)
+        tensor = tensor_of[name]
+        ranged[f"{TENSOR_SOURCE}:{tensor}"] = RangedTensor(
+            where, offset, tuple(array.shape), array.dtype, scan=tensor in scan
+        )
     return RemoteSource(location, local, ranged, fingerprint)
-
-
-def validate_skeleton(reader: Reader) -> None:
-    """What the driver checks of a remote source without fetching the tensors: the config, every shape, the
-    splits. The tensors' values are converted as the objects hold them; ``verify`` of the output checks them."""
-    check_config(reader.config)
-    check_shapes(reader, symbol_sizes(reader))
-    check_splits(reader)
 
 
 @contextlib.contextmanager

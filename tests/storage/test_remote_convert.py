@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 from _s3 import S3Endpoint
-from _support import SLOW_PIECES, h5_objects, kill_driver_after, subprocess_env
+from _support import SLOW_PIECES, h5_objects, kill_driver_after, save_pt, subprocess_env
 
-from jasper_ray import convert, convert_pt_to_hdf5, open_dataset, synth_dataset
+from jasper_ray import ConversionError, ValidationError, convert, convert_pt_to_hdf5, open_dataset, synth_dataset
 from jasper_ray.conversion.plan import plan_conversion
 from jasper_ray.formats.checksum import row_nbytes
 from jasper_ray.schema import ATTR_FINGERPRINT, MANIFEST, TENSORS
@@ -204,3 +205,27 @@ def test_ray_s3_output_killed_driver_then_rerun_reuses_the_shards_in_the_bucket(
     assert_same_shards(_download(s3, report.output, tmp_path / "got"), ranged_local)
     with open_dataset(uri, cache_dir=tmp_path / "read") as reader:
         assert reader.verify_checksums() == []
+
+
+def test_ray_s3_source_values_are_validated_by_the_driver_and_the_tasks(
+    s3: S3Endpoint, dataset_copy: Path, tmp_path: Path
+) -> None:
+    """Ids and pair scores: the driver, through ranged reads, before any task; float tables: each task, on the
+    rows it reads. Either error names the object and the position."""
+    negatives = torch.load(dataset_copy / "hard_negatives.pt", weights_only=True)
+    bad = negatives.clone()
+    bad[5, 2] = 10**6
+    save_pt(dataset_copy, "hard_negatives.pt", bad)
+    uri = s3.upload(dataset_copy, s3.bucket(), "bad-ids")
+    out = tmp_path / "out" / "dataset.h5"
+    with pytest.raises(ValidationError, match=r"hard_negatives\.pt.*\(5, 2\)"):
+        convert(uri, compression="gzip", output=out, progress=False, cache_dir=tmp_path / "c")
+
+    save_pt(dataset_copy, "hard_negatives.pt", negatives)
+    residual = torch.load(dataset_copy / "steering_residual.pt", weights_only=True)
+    residual[123, 4] = float("nan")
+    save_pt(dataset_copy, "steering_residual.pt", residual)
+    uri = s3.upload(dataset_copy, s3.bucket(), "bad-floats")
+    with pytest.raises(ConversionError, match=r"steering_residual\.pt.*\(123, 4\)"):
+        convert(uri, compression="gzip", output=out, progress=False, cache_dir=tmp_path / "c", max_retries=0)
+    assert not out.exists()
