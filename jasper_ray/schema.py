@@ -188,5 +188,7 @@ LAYOUT_CSR = "csr"  # ATTR_LAYOUT of the keyword-id group we write
 ATTR_BLOCK_DIGESTS = "block_digests"
 # Beside them, each block's xxh3-128: what first-touch reads check (NOTE [fast block digests] in checksum).
 ATTR_FAST_DIGESTS = "block_xxh3_128"
+# Set (1) on a float dataset whose writer found every value finite: rows matching their digest need no scan.
+ATTR_FINITE = "all_finite"
 ATTR_PIECE_START = "start"
 ATTR_PIECE_STOP = "stop"

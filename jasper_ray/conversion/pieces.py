@@ -77,9 +77,10 @@ class PieceResult:
     worker_peak_rss: int
     fast_digests: list[str] = field(default_factory=list)  # hex xxh3-128 per block (NOTE [fast block digests])
     fetched_bytes: int = 0  # read from object storage by the task (a remote source's rows)
+    finite: bool | None = None  # every value finite (floats)
 
     def block_digests(self) -> BlockDigests:
-        return BlockDigests.from_hex(self.digests, self.fast_digests)
+        return BlockDigests.from_hex(self.digests, self.fast_digests, self.finite)
 
 
 # --- one piece ------------------------------------------------------------------------------
@@ -181,6 +182,7 @@ def write_piece(task: PieceTask) -> PieceResult:
         _peak_rss(),
         fast_digests=fast,
         fetched_bytes=fetched_bytes() - fetched,
+        finite=digests.finite,
     )
 
 

@@ -142,7 +142,8 @@ def manifest_for(plan: ConversionPlan, results: dict[str, PieceResult]) -> Manif
         for p in pieces:
             digests = _digests(results, [p])
             size = results[p.piece_id].file_bytes
-            shards.append(ManifestShard(p.file_name, p.start, p.stop, size, digests.checksum(), digests.to_hex()[1]))
+            fast = digests.to_hex()[1]
+            shards.append(ManifestShard(p.file_name, p.start, p.stop, size, digests.checksum(), fast, digests.finite))
         checksum = _digests(results, pieces).checksum()
         rows = block_rows(column.shape, column.dtype.itemsize)
         tensors.append(ManifestTensor(column.h5_path, list(column.shape), column.dtype.str, checksum, rows, shards))

@@ -34,6 +34,7 @@ from ..schema import (
     ATTR_CONFIG,
     ATTR_FAST_DIGESTS,
     ATTR_FINGERPRINT,
+    ATTR_FINITE,
     ATTR_FORMAT_VERSION,
     ATTR_LAYOUT,
     FORMAT_VERSION,
@@ -364,7 +365,7 @@ class HDF5Reader(Reader):
         sha256 = split_digests(dset.attrs.get(ATTR_BLOCK_DIGESTS), SHA256_SIZE, blocks)
         fast = split_digests(dset.attrs.get(ATTR_FAST_DIGESTS), FAST_DIGEST_SIZE, blocks)
         if sha256 is not None or fast is not None:
-            return block_units(dset.shape[0], rows, sha256, fast=fast)
+            return block_units(dset.shape[0], rows, sha256, fast=fast, finite=bool(dset.attrs.get(ATTR_FINITE, 0)))
         return [Unit(0, dset.shape[0], combined=str(recorded), block_rows=rows)]
 
     def recorded_checksums(self) -> list[RecordedChecksum]:

@@ -38,6 +38,7 @@ from ..schema import (
     ATTR_CONFIG,
     ATTR_FAST_DIGESTS,
     ATTR_FINGERPRINT,
+    ATTR_FINITE,
     ATTR_FORMAT_VERSION,
     ATTR_LAYOUT,
     ATTR_PIECE_START,
@@ -371,10 +372,13 @@ def write_part(
 
 
 def set_block_digests(dset: Any, digests: BlockDigests) -> None:
-    """Both kinds of block digests as attributes of ``dset`` (the fast ones where there are any)."""
+    """Both kinds of block digests as attributes of ``dset`` (the fast ones where there are any), and whether
+    every value hashed was finite."""
     dset.attrs[ATTR_BLOCK_DIGESTS] = digests_attr(digests.sha256)
     if digests.fast:
         dset.attrs[ATTR_FAST_DIGESTS] = digests_attr(digests.fast)
+    if digests.finite:
+        dset.attrs[ATTR_FINITE] = np.uint8(1)
 
 
 def part_digests(path: Path, column: Column, start: int, stop: int) -> BlockDigests | None:

@@ -22,8 +22,9 @@ from .hdf5 import check_format_version
 
 @dataclass(frozen=True)
 class ManifestShard:
-    """Rows ``start:stop`` of a tensor, in ``file`` (``bytes`` long, ``checksum`` over those rows), and the
-    xxh3-128 of each of its checksum blocks, hex (NOTE [fast block digests]; absent from earlier versions)."""
+    """Rows ``start:stop`` of a tensor, in ``file`` (``bytes`` long, ``checksum`` over those rows), the
+    xxh3-128 of each of its checksum blocks, hex, and whether all its values are finite (NOTE [fast block
+    digests]; both absent from earlier versions)."""
 
     file: str
     start: int
@@ -31,6 +32,7 @@ class ManifestShard:
     bytes: int
     checksum: str
     block_xxh3_128: list[str] | None = None
+    all_finite: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def _check_rows(path: Path, tensor: ManifestTensor) -> None:
 
 def _check_fast_digests(where: str, shard: ManifestShard, block_rows: object) -> None:
     """A shard's fast digests, where recorded: one hex xxh3-128 per checksum block of its rows."""
+    if shard.all_finite not in (None, True, False):
+        raise DatasetFormatError(f"{where}: all_finite {shard.all_finite!r}, expected true, false or null")
     found = shard.block_xxh3_128
     if found is None:
         return

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ChecksumError
-from ..schema import ATTR_CHECKSUM, ATTR_CHECKSUM_BLOCK_ROWS, ATTR_COMPRESSION, ATTR_FAST_DIGESTS, COMPRESSION_NONE
+from ..schema import (
+    ATTR_CHECKSUM,
+    ATTR_CHECKSUM_BLOCK_ROWS,
+    ATTR_COMPRESSION,
+    ATTR_FAST_DIGESTS,
+    ATTR_FINITE,
+    COMPRESSION_NONE,
+)
 from .checksum import BlockDigests, BlockHasher, digests_attr, row_nbytes
 from .hdf5 import open_h5, require_h5py
 from .hdf5_writer import BLOCK_BYTES, MAX_BLOCK_DIGESTS, create_file
@@ -80,6 +87,8 @@ def _add_fast_digests(copy: Any, digests: BlockDigests | None) -> None:
     serving copy of a file that records none (an earlier version's): its first touch is then as cheap."""
     if digests is not None and ATTR_FAST_DIGESTS not in copy.attrs and len(digests.fast) <= MAX_BLOCK_DIGESTS:
         copy.attrs[ATTR_FAST_DIGESTS] = digests_attr(digests.fast)
+        if digests.finite:
+            copy.attrs[ATTR_FINITE] = np.uint8(1)
 
 
 def _check_recorded(where: str, name: str, got: str, recorded: object) -> None:
@@ -291,7 +300,8 @@ def worker_main() -> None:
             print(json.dumps({"name": block.name, "start": block.start, "error": str(exc)}), flush=True)
             sys.exit(1)
         sha256, fast = digests.to_hex()
-        print(json.dumps({"name": block.name, "start": block.start, "digests": sha256, "fast": fast}), flush=True)
+        line = {"name": block.name, "start": block.start, "digests": sha256, "fast": fast, "finite": digests.finite}
+        print(json.dumps(line), flush=True)
 
 
 WORKER = "from jasper_ray.formats.serving import worker_main; worker_main()"
@@ -338,7 +348,9 @@ def _decode_in_place(
                 f"{where}: tensor /{block.name} cannot be decoded in rows {block.start}:{block.stop} ({item['error']})"
             )
             continue
-        digests.setdefault(block.name, []).append((block.start, BlockDigests.from_hex(item["digests"], item["fast"])))
+        digests.setdefault(block.name, []).append(
+            (block.start, BlockDigests.from_hex(item["digests"], item["fast"], item["finite"]))
+        )
         if on_bytes is not None:
             on_bytes((block.stop - block.start) * row_nbytes(block.shape, np.dtype(block.dtype)))
     if failure is not None:

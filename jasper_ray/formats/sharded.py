@@ -265,7 +265,7 @@ class ShardedHDF5Reader(Reader):
             recorded = handle[tensor.h5_path].attrs.get(ATTR_BLOCK_DIGESTS) if handle else None
             sha256 = split_digests(recorded, SHA256_SIZE, -(-n // max(1, rows)))
             if fast is not None or sha256 is not None:
-                units += block_units(n, rows, sha256, shard.start, fast)
+                units += block_units(n, rows, sha256, shard.start, fast, shard.all_finite is True)
             else:
                 units.append(Unit(shard.start, shard.stop, combined=shard.checksum, block_rows=rows))
         return units

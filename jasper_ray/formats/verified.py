@@ -40,7 +40,7 @@ from ..config import ALLOW_NONFINITE
 from ..errors import ChecksumError, ValidationError
 from ..schema import CONFIG_FILE
 from .arrays import RowArray
-from .checksum import block_digests
+from .checksum import block_digests, scan_rows
 from .precision import BFLOAT16_BITS, decode
 
 VerifyMode = Literal["first-touch", "open", "off"]
@@ -51,16 +51,6 @@ def check_verify_mode(verify: object) -> str:
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
     return str(verify)
-
-
-# Values are scanned, and hashed on first touch, this many bytes of rows at a time: pieces that stay in the
-# core's cache between the hash and the scan, and no temporary the size of a block.
-SCAN_BYTES = 512 << 10
-
-
-def scan_rows(n_rows: int, row_bytes: int) -> range:
-    """Starts of ``SCAN_BYTES`` pieces of ``n_rows`` rows (at least one row each)."""
-    return range(0, n_rows, max(1, SCAN_BYTES // max(1, row_bytes)))
 
 
 def check_finite(
@@ -113,6 +103,7 @@ class Unit:
     combined: str | None = None
     block_rows: int = 0
     fast: bytes | None = None
+    finite: bool = False  # the writer found every value finite: rows matching a digest need no scan
 
 
 def block_units(
@@ -121,9 +112,10 @@ def block_units(
     digests: Sequence[bytes] | None,
     first_row: int = 0,
     fast: Sequence[bytes] | None = None,
+    finite: bool = False,
 ) -> list[Unit]:
     """One unit per checksum block of rows ``first_row : first_row + n_rows`` (``digests`` (sha256) and
-    ``fast`` (xxh3-128) in block order, either absent)."""
+    ``fast`` (xxh3-128) in block order, either absent; ``finite``: the writer found every value finite)."""
     step = max(1, block_rows)
     starts = range(0, n_rows, step)
     for found in (digests, fast):
@@ -135,6 +127,7 @@ def block_units(
             first_row + min(a + step, n_rows),
             None if digests is None else digests[i],
             fast=None if fast is None else fast[i],
+            finite=finite and (digests is not None or fast is not None),
         )
         for i, a in enumerate(starts)
     ]
@@ -190,10 +183,15 @@ class TouchGuard:
         unit = self.units[u]
         block = np.ascontiguousarray(rows[unit.start : unit.stop])
         if unit.fast is None and unit.digest is None and unit.combined is not None:  # an earlier version's file
-            if block_digests(block, unit.block_rows, self.row_bytes).checksum() != unit.combined:
+            got = block_digests(block, unit.block_rows, self.row_bytes)
+            if got.checksum() != unit.combined:
                 self._changed(unit, "these rows")
+            if self.check_values and got.finite is False:
+                check_finite(self.where, block, unit.start)  # names the first bad value
+            return
         hasher = xxhash.xxh3_128() if unit.fast is not None else hashlib.sha256() if unit.digest is not None else None
-        if hasher is None and not self.check_values:
+        check_values = self.check_values and not unit.finite  # values already seen finite, if the bytes match
+        if hasher is None and not check_values:
             return
         bad_value: ValidationError | None = None  # raised after the hash: changed bytes are named as such
         pieces = scan_rows(len(block), self.row_bytes)
@@ -201,7 +199,7 @@ class TouchGuard:
             part = block[a : a + pieces.step]
             if hasher is not None:
                 hasher.update(part.data.cast("B"))
-            if self.check_values and bad_value is None:
+            if check_values and bad_value is None:
                 try:
                     check_finite(self.where, part, unit.start + a)
                 except ValidationError as exc:

@@ -24,6 +24,7 @@ from jasper_ray.schema import (
     ATTR_BLOCK_DIGESTS,
     ATTR_CHECKSUM_BLOCK_ROWS,
     ATTR_FAST_DIGESTS,
+    ATTR_FINITE,
     HDF5_FILE,
     MANIFEST,
     SHARDS_DIR,
@@ -98,6 +99,7 @@ def test_sharded_manifest_records_the_fast_digests_of_each_shard(written, small_
         for shard in tensor["shards"]:
             blocks = blocks_of(rows[shard["start"] : shard["stop"]], tensor["checksum_block_rows"])
             assert shard["block_xxh3_128"] == [xxhash.xxh3_128_digest(b).hex() for b in blocks]
+            assert shard["all_finite"] is (True if spec.dtype.kind == "f" else None)
             with h5py.File(written["sharded-lzf"] / SHARDS_DIR / shard["file"], "r") as f:
                 assert f[spec.h5_path].attrs[ATTR_FAST_DIGESTS].tobytes().hex() == "".join(shard["block_xxh3_128"])
             n_shards += 1
@@ -137,7 +139,11 @@ def test_sharded_reads_check_the_manifests_fast_digests(written, tmp_path: Path)
         path.write_text(json.dumps(manifest))
         with pytest.raises(DatasetFormatError, match=r"shard 1: block_xxh3_128 is not a list of \d+ hex digests"):
             open_dataset(d).take("steering_residual", [0])
-    del shard["block_xxh3_128"]  # an earlier version's manifest: the shard file's sha256 digests are checked
+    shard["block_xxh3_128"], shard["all_finite"] = [digest], "yes"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DatasetFormatError, match=r"shard 1: all_finite 'yes', expected true, false or null"):
+        open_dataset(d)
+    del shard["block_xxh3_128"], shard["all_finite"]  # an earlier version's manifest: the shard file's sha256 digests are checked
     path.write_text(json.dumps(manifest))
     assert len(open_dataset(d).take("steering_residual", [shard["start"]])) == 1
 
@@ -164,3 +170,49 @@ def test_serving_copy_of_an_earlier_file_gains_fast_digests(written, tmp_path: P
     every = np.arange(2000)
     want = open_dataset(src.parent).take("steering_residual", every)
     np.testing.assert_array_equal(open_dataset(dest.parent).take("steering_residual", every), want)
+
+
+def test_rows_a_writer_found_finite_are_not_scanned_again(written, tmp_path: Path, monkeypatch) -> None:
+    """A float tensor whose writer found every value finite records it: first touch hashes its blocks and skips
+    the NaN/inf scan (the bytes matching the digest are the values the writer saw). Without the record, it
+    scans."""
+    from jasper_ray.formats import verified
+
+    scanned: list[str] = []
+    real = verified.check_finite
+    monkeypatch.setattr(verified, "check_finite", lambda where, *a, **k: (scanned.append(where), real(where, *a, **k)))
+    d = Path(shutil.copytree(written["single-none"], tmp_path / "ds"))
+    with h5py.File(d / HDF5_FILE, "r") as f:
+        assert all(f[s.h5_path].attrs.get(ATTR_FINITE) == 1 for s in TENSORS if s.dtype.kind == "f")
+        assert all(ATTR_FINITE not in f[s.h5_path].attrs for s in TENSORS if s.dtype.kind != "f")
+    open_dataset(d).take("steering_residual", np.arange(2000))
+    assert scanned == []
+    with h5py.File(d / HDF5_FILE, "r+") as f:
+        del f["steering/residual"].attrs[ATTR_FINITE]
+    open_dataset(d).take("steering_residual", np.arange(2000))
+    assert len(scanned) == 4  # its 4 blocks of 64 KiB, each one scan piece
+
+
+def test_a_tensor_written_with_nan_is_scanned_when_nan_is_no_longer_allowed(small_dir: Path, tmp_path: Path) -> None:
+    """Written while config.json allowed NaN, a tensor records no all_finite; when the config stops allowing
+    NaN, first touch refuses the value (its digest matches: the scan is what finds it)."""
+    from _support import edit_config, load_pt, save_pt
+
+    from jasper_ray import ValidationError
+    from jasper_ray.schema import TENSOR
+
+    d = Path(shutil.copytree(small_dir, tmp_path / "ds"))
+    spec = TENSOR["steering_keyword_weighted"]
+    array = load_pt(d / spec.pt_file).numpy().copy()
+    array[1234, 5] = np.nan
+    save_pt(d, spec.pt_file, array)
+    edit_config(d, allow_nonfinite=True)
+    convert_pt_to_hdf5(d, compression=None, progress=False)
+    with h5py.File(d / HDF5_FILE, "r") as f:
+        assert ATTR_FINITE not in f[spec.h5_path].attrs and f["steering/centroid"].attrs[ATTR_FINITE] == 1
+    for pt in d.glob("*.pt"):
+        pt.unlink()
+    assert np.isnan(open_dataset(d).take(spec.name, [1234])[0, 5])  # allowed
+    edit_config(d, allow_nonfinite=False)
+    with pytest.raises(ValidationError, match=r"steering/keyword_weighted.* at position \(1234, 5\): found value nan"):
+        open_dataset(d).take(spec.name, [1234])
