@@ -428,6 +428,69 @@ def test_dataloader_workers_refuse_a_changed_byte(small_block_layouts, tmp_path:
             pass
 
 
+def _changed_question(directory: Path) -> tuple[int, np.ndarray]:
+    """Flip a byte of the question of a train pair; return the pair and the question's stored (changed) row."""
+    from _support import flip_byte
+
+    with open_dataset(directory, verify="off") as reader:
+        pair = int(reader.split("train")[0])
+        question = int(reader.take("pair_index", [pair])[0, 0])
+    flip_byte(*_stored_file(directory, "embeddings/questions", question))
+    with open_dataset(directory, verify="off") as reader:
+        return pair, reader.take("question_embs", [question])[0]
+
+
+@pytest.mark.parametrize("verify", ["first-touch", "open", "off"])
+def test_read_jasper_verify(small_block_layouts, tmp_path: Path, ray_session, verify: str) -> None:
+    """A changed byte through read_jasper: ChecksumError (from a read task with first-touch, from read_jasper
+    itself with open), or served with off."""
+    from jasper_ray import read_jasper
+    from jasper_ray.errors import ChecksumError
+
+    d = Path(shutil.copytree(small_block_layouts["single-none"], tmp_path / "ds"))
+    pair, changed = _changed_question(d)
+    question_rows = r"embeddings/questions: rows \d+:\d+ \(checksum block \d+\) do not match"
+    args = {"columns": ["pair_id", "question_emb"], "verify": verify, "ray_remote_args": {"max_retries": 0}}
+    if verify == "open":
+        with pytest.raises(ChecksumError, match=r"embeddings/questions: checksum .* does not match"):
+            read_jasper(d, "train", **args)
+        return
+    ds = read_jasper(d, "train", **args)
+    if verify == "first-touch":
+        with pytest.raises(ChecksumError, match=question_rows):
+            ds.take_all()
+        return
+    rows = ds.take_all()
+    served = next(r["question_emb"] for r in rows if r["pair_id"] == pair)
+    assert served.tobytes() == changed.tobytes()
+    with pytest.raises(ValueError, match=r"verify must be one of \['first-touch', 'open', 'off'\], got 'no'"):
+        read_jasper(d, "train", verify="no")
+
+
+@pytest.mark.parametrize("verify", ["first-touch", "open", "off"])
+def test_sharded_jasper_verify(small_block_layouts, tmp_path: Path, ray_session, verify: str) -> None:
+    """The same through ShardedJasper: an actor's ChecksumError with first-touch, the client's with open."""
+    from jasper_ray.errors import ChecksumError
+    from jasper_ray.serve.client import ShardedJasper
+
+    d = Path(shutil.copytree(small_block_layouts["single-none"], tmp_path / "ds"))
+    pair, changed = _changed_question(d)
+    args = {"batch_size": 256, "num_shards": 2, "num_cpus": 0.25, "verify": verify, "shuffle": False}
+    if verify == "open":
+        with pytest.raises(ChecksumError, match=r"embeddings/questions: checksum .* does not match"):
+            ShardedJasper(d, "train", **args)
+        return
+    with ShardedJasper(d, "train", **args) as service:
+        if verify == "first-touch":
+            with pytest.raises(ChecksumError, match=r"embeddings/questions: rows \d+:\d+ \(checksum block"):
+                list(service.iter_numpy())
+            return
+        served = [b["question_emb"][b["pair_id"] == pair].copy() for b in service.iter_numpy()]
+    assert np.concatenate(served)[0].tobytes() == changed.tobytes()
+    with pytest.raises(ValueError, match=r"verify must be one of"):
+        ShardedJasper(d, "train", verify="no")
+
+
 # --- PT files: truncated, empty, bfloat16, sparse -----------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from ray.data import Dataset
 
 from .. import faults
 from ..formats import StorageFormat
+from ..formats.verified import VerifyMode
 from ..sampling import DEFAULT_SEED
 from .datasource import DatasetRef, JasperDatasource, ReadTaskSpec, read_blocks
 from .plan import COLUMNS, MIN_ROWS_PER_TASK, row_bytes, shuffle_units, task_ranges
@@ -65,6 +66,7 @@ def read_jasper(
     shuffle: bool = False,
     use_mmap: bool = True,
     validate: bool = True,
+    verify: VerifyMode = "first-touch",
     filesystem: pafs.FileSystem | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_limit: int | None = None,
@@ -94,7 +96,11 @@ def read_jasper(
     n-1 rows per epoch to keep shards equal.
 
     The dataset is validated once, here (``validate_dataset``; the local
-    dataset's checks), unless ``validate=False``. Paths may be ``pyarrow.fs``
+    dataset's checks), unless ``validate=False``. ``verify`` is the local
+    dataset's: ``"first-touch"`` (each read task checks every checksum block
+    its reads touch, once per worker process), ``"open"`` (everything checked
+    once, here in the driver, before any task runs), ``"off"`` (NOTE
+    [first-touch verification]); a changed byte raises ``ChecksumError``. Paths may be ``pyarrow.fs``
     URIs (``s3://...``) or paths inside ``filesystem``; ``cache_dir`` and
     ``cache_limit`` are the node-local cache's (``open_dataset``). Every read
     task reopens the dataset from the path or URI given here, through its own
@@ -131,6 +137,7 @@ def read_jasper(
             shuffle=shuffle,
             use_mmap=use_mmap,
             validate=validate,
+            verify=verify,
             filesystem=filesystem,
             cache_dir=cache_dir,
             cache_limit=cache_limit,

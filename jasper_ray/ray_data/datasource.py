@@ -51,6 +51,7 @@ from ..assembly import PAIR_ID, ReaderSource, assemble_batch, output_precision
 from ..formats import StorageFormat, open_dataset
 from ..formats.base import Reader
 from ..formats.chunks import rows_per_chunk
+from ..formats.verified import VerifyMode, check_verify_mode
 from ..sampling import DEFAULT_SEED, SteeringSchedule, steering_variants
 from ..storage import Location, locate
 from ..validate import check_epoch, validate_dataset
@@ -73,6 +74,7 @@ class DatasetRef:
     use_mmap: bool = True
     cache_dir: str | None = None
     cache_limit: int | None = None
+    verify: VerifyMode = "first-touch"  # what read tasks check (NOTE [first-touch verification])
 
     @property
     def path(self) -> str:
@@ -82,11 +84,17 @@ class DatasetRef:
     def key(self) -> tuple[object, ...]:
         """What tells two refs apart (the filesystem object itself is not hashable; the URI names it)."""
         where = self.location
-        return (where.uri, where.path, self.storage_format, self.use_mmap, self.cache_dir, self.cache_limit)
+        options = (self.storage_format, self.use_mmap, self.cache_dir, self.cache_limit, self.verify)
+        return (where.uri, where.path, *options)
 
-    def open(self) -> Reader:
+    def open(self, verify: VerifyMode | None = None) -> Reader:
         return open_dataset(
-            self.location, self.storage_format, self.use_mmap, cache_dir=self.cache_dir, cache_limit=self.cache_limit
+            self.location,
+            self.storage_format,
+            self.use_mmap,
+            cache_dir=self.cache_dir,
+            cache_limit=self.cache_limit,
+            verify=self.verify if verify is None else verify,
         )
 
 
@@ -194,14 +202,18 @@ class JasperDatasource(Datasource):
         cache_limit: int | None = None,
         min_task_bytes: int | None = None,
         dtype: object = None,
+        verify: VerifyMode = "first-touch",
     ):
         self.columns = tuple(COLUMNS if columns is None else columns)
         unknown = [c for c in self.columns if c not in COLUMNS]
         if unknown:
             raise ValueError(f"unknown column(s) {unknown}; read_jasper columns are {list(COLUMNS)}")
         cache = None if cache_dir is None else os.fspath(cache_dir)
-        self.dataset = DatasetRef(locate(path, filesystem), storage_format, bool(use_mmap), cache, cache_limit)
-        reader = self.dataset.open()
+        # "open" checks everything here, in the driver, once; read tasks then check nothing more.
+        tasks_verify: VerifyMode = "off" if check_verify_mode(verify) == "open" else verify
+        where = locate(path, filesystem)
+        self.dataset = DatasetRef(where, storage_format, bool(use_mmap), cache, cache_limit, tasks_verify)
+        reader = self.dataset.open(verify)
         try:
             if validate:
                 validate_dataset(reader)  # once, here in the driver: the tasks then read known-good files

@@ -96,7 +96,14 @@ class ShardedJasper(IterableDataset):
         connect(address)  # a local Ray unless an address (or RAY_ADDRESS) names a cluster
         location = locate(path, filesystem)
         cache_dir, cache_limit = settings.cache_dir, settings.cache_limit
-        reader = open_dataset(location, settings.storage_format, True, cache_dir=cache_dir, cache_limit=cache_limit)
+        reader = open_dataset(
+            location,
+            settings.storage_format,
+            True,
+            cache_dir=cache_dir,
+            cache_limit=cache_limit,
+            verify=settings.verify,
+        )
         try:
             if validate:
                 validate_dataset(reader)  # once, in the client: the actors then map known-good files

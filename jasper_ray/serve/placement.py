@@ -49,7 +49,7 @@ class Fleet:
     names: list[str]  # per shard: how errors and logs name it
     actors: list[ActorHandle[ShardServer]]  # per shard: its ``ShardServer`` actor
     layout: BatchLayout  # where each key of a batch lives in a shared-memory slot
-    cache: dict[str, Any]  # open_dataset's cache_dir / cache_limit, for every process that opens the dataset
+    cache: dict[str, Any]  # open_dataset's cache_dir / cache_limit / verify, for every process that opens the dataset
     precision: str = "float32"  # what the embedding keys are served as (assembly.output_precision of dtype=)
     starts: np.ndarray = field(init=False, repr=False)  # per shard: its first pair row (for routing)
 
@@ -117,7 +117,9 @@ def start_fleet(path: str | Location, reader: Reader, settings: ServeSettings) -
     ranges = shard_ranges(reader, settings.num_shards)
     uri = path.uri if isinstance(path, Location) else path
     names = [f"shard {i} (pair rows {a}:{b} of {uri})" for i, (a, b) in enumerate(ranges)]
-    cache = {"cache_dir": settings.cache_dir, "cache_limit": settings.cache_limit}
+    # verify="open" was done by the client, once: the actors check nothing more.
+    verify = "off" if settings.verify == "open" else settings.verify
+    cache = {"cache_dir": settings.cache_dir, "cache_limit": settings.cache_limit, "verify": verify}
     storage_format = _format_of(reader)
     precision = output_precision(settings.dtype, reader.precision)
     server = ray.remote(ShardServer)

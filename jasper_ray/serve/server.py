@@ -70,7 +70,7 @@ class ShardServer:
         precision: str = "float32",
     ):
         os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-        # ``cache``: open_dataset's cache_dir / cache_limit. A remote dataset fills this node's cache with
+        # ``cache``: open_dataset's cache_dir / cache_limit / verify. A remote dataset fills this node's cache with
         # the tables and this actor's own pair rows only (shards are fetched on first use).
         self.reader = open_dataset(path, storage_format, use_mmap=True, **(cache or {}))
         for spec in TENSORS:  # map everything now: a restarted actor is ready when it answers

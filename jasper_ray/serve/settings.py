@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TypedDict
 
-from ..formats import StorageFormat
+from ..formats import StorageFormat, VerifyMode
 from ..sampling import DEFAULT_SEED
 
 
@@ -35,6 +35,9 @@ class ServeSettings:
     cache_dir: str | None = None  # node-local cache of a remote (or compressed) dataset; None: $JASPER_RAY_CACHE
     cache_limit: int | None = None  # bytes the cache may hold (pair-row shards evicted least recently used)
     dtype: str | None = None  # embedding keys: float32 (None, decoded in the actors), or a 16-bit file's "stored" dtype
+    # "first-touch": each actor checks the checksum blocks its reads touch; "open": the client checks everything
+    # once, before the actors start; "off" (NOTE [first-touch verification])
+    verify: VerifyMode = "first-touch"
 
     def with_overrides(
         self, overrides: ServeOverrides, *, caller: str = "with_overrides()", also: tuple[str, ...] = ()
@@ -72,3 +75,4 @@ class ServeOverrides(TypedDict, total=False):
     cache_dir: str | None
     cache_limit: int | None
     dtype: str | None
+    verify: VerifyMode

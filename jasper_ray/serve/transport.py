@@ -31,7 +31,7 @@ import numpy as np
 import ray
 from ray import ObjectRef
 
-from ..errors import ShardUnavailableError
+from ..errors import ChecksumError, ShardUnavailableError, ValidationError
 from ..shm import Slot, SlotPool
 from .failover import ACTOR_LOST, DEATH_POLL_S, Failover, Patience
 from .placement import CLOSE_TIMEOUT_S, Fleet, Routed
@@ -141,6 +141,8 @@ class PacedTransport(Transport):
                         ray.get(ref)
                     except ACTOR_LOST:
                         pass
+                    except (ChecksumError, ValidationError):
+                        raise  # the stored data is wrong, not the shard: the reader's own error
                     except Exception as exc:
                         raise failover.unavailable(shard, "(its call failed)", exc) from exc
                     if table.is_done(shard, seq):
