@@ -477,6 +477,7 @@ DEFAULTS_BEFORE = {
     "cache_dir": None,
     "cache_limit": None,
     "dtype": None,  # added with 16-bit storage: None serves float32, as before
+    "verify": "first-touch",  # added with verify=: what the actors already did
 }
 
 
