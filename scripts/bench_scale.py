@@ -20,7 +20,8 @@ types it (``python -m jasper_ray synth|convert|verify``; the pass is a short
 4. ``convert --compression none`` on Ray: one contiguous ``dataset.h5``
    written in place by the tasks (about 2x the data with the sources);
 5. one pass of random batches over the train split (``create_loader``,
-   shuffled, batch 1024, dataset validation off: ``verify`` did it).
+   shuffled, batch 1024, dataset validation off: ``verify`` did it; mapped,
+   as ``use_mmap=None`` chooses above 10 GiB: below, it loads the dataset).
 
 For each step: wall time, MB/s of the dataset's PT bytes, and the peak owned
 memory (RssAnon: heap and copies, not page cache) summed over the step's whole
@@ -59,7 +60,7 @@ BATCH = 1024
 PASS = """
 import sys, time
 from jasper_ray import create_loader
-loader = create_loader(sys.argv[1], "train", batch_size=int(sys.argv[2]), shuffle=True, validate=False)
+loader = create_loader(sys.argv[1], "train", batch_size=int(sys.argv[2]), shuffle=True, validate=False, use_mmap=True)
 n = 0
 for batch in loader:
     n += int(next(iter(batch.values())).shape[0])
