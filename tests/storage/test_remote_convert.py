@@ -154,6 +154,19 @@ def test_ray_s3_to_s3_sharded_equals_local_and_tasks_fetch_only_their_rows(
     assert split >= 3, "the steering tensors span several pieces, each fetching its own rows"
 
 
+def test_ray_local_source_into_an_s3_sharded_layout(
+    s3: S3Endpoint, ranged_src: Path, ranged_local: Path, tmp_path: Path
+) -> None:
+    """The README's `convert data/demo --layout sharded --output s3://...`: the tasks upload the shards."""
+    target = f"s3://{s3.bucket()}/demo/dataset.shards"
+    options = dict(layout="sharded", compression="gzip", shard_bytes=ONE_BLOCK, progress=False)
+    report = convert(ranged_src, output=target, cache_dir=tmp_path / "c", **options)
+    assert report.output == target and report.output_bytes == sum(r.file_bytes for r in report.results.values())
+    got = _download(s3, target, tmp_path / "got")
+    assert_same_shards(got, ranged_local)
+    assert json.loads((got / MANIFEST).read_text()) == json.loads((ranged_local / MANIFEST).read_text())
+
+
 def test_ray_s3_source_into_a_local_and_an_s3_dataset_h5(s3: S3Endpoint, ranged_src: Path, tmp_path: Path) -> None:
     """A single dataset.h5: written here (in place, uncompressed) from ranged reads, or assembled here and uploaded."""
     uri = s3.upload(ranged_src, s3.bucket(), "ds")
