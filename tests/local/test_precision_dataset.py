@@ -79,3 +79,18 @@ def test_loader_batches_match_in_every_worker_mode(small_dir: Path, stored: dict
     assert len(got) == len(reference)
     for i, (batch, want) in enumerate(zip(got, reference)):
         assert_same(batch, expected(want, "bfloat16", native=True), f"batch {i}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", list(TORCH))
+def test_cuda_device_holds_16bit_tables_and_casts_there(
+    small_dir: Path, stored: dict[str, Path], precision: str
+) -> None:
+    positions = np.arange(0, 300, 7)
+    reference = JASPERSteeringDataset(small_dir, "train", epoch=1).get_batch(positions)
+    for dtype, native in ((None, False), (precision, True)):
+        ds = JASPERSteeringDataset(stored[precision], "train", epoch=1, device="cuda", dtype=dtype)
+        assert ds.question_embs.dtype == TORCH[precision] and ds.question_embs.is_cuda  # placed as stored
+        batch = ds.get_batch(positions)
+        assert all(v.is_cuda for v in batch.values())
+        assert_same({k: v.cpu() for k, v in batch.items()}, expected(reference, precision, native), f"cuda {dtype}")
