@@ -57,6 +57,25 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def section_alone(description: str, **extra: int) -> tuple[Any, int]:
+    """The arguments of a benchmark section run on its own (``--size``, ``--out``, ``--rounds`` and ``extra``
+    integer options with their defaults), logging set up, and the pairs of ``--size`` at D=768, n_neg=12."""
+    import argparse
+
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's jasper_ray
+    from jasper_ray.tools.synth import pairs_for_size, parse_size
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", default="1GB")
+    parser.add_argument("--out", default="/tmp")
+    parser.add_argument("--rounds", type=int, default=2)
+    for name, default in extra.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args()
+    setup_logging()
+    return args, pairs_for_size(parse_size(args.size), 768, 12)
+
+
 # --- memory ----------------------------------------------------------------------------
 
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")

@@ -134,23 +134,14 @@ def loader_epoch(directory: Path, storage_format: str, batch: int, workers: int)
 
 def main() -> None:
     """Only the verification tables of bench_loader.py and bench_formats.py, on one dataset of ``--size``."""
-    import argparse
     import shutil
-    import sys
 
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's jasper_ray
-    from _bench_common import setup_logging
+    from _bench_common import section_alone
 
+    args, n_pairs = section_alone(str(main.__doc__))
     import jasper_ray
-    from jasper_ray.tools.synth import pairs_for_size, parse_size, synth_dataset
+    from jasper_ray.tools.synth import synth_dataset
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--size", default="1GB")
-    parser.add_argument("--out", default="/tmp")
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    setup_logging()
-    n_pairs = pairs_for_size(parse_size(args.size), 768, 12)
     root = Path(args.out) / f"bench-verify-{n_pairs}"
     pt, contiguous = root / "pt", root / "contiguous"
     try:

@@ -16,7 +16,10 @@ progress goes to stderr):
 3. 512-random-row gathers through ``reader.take`` against a raw ``np.memmap``
    of the same bytes;
 4. reading every pair's keyword ids: our CSR against upstream's per-pair datasets;
-5. memory (RssAnon / RssFile / VmRSS) of a full pass over the train split.
+5. memory (RssAnon / RssFile / VmRSS) of a full pass over the train split;
+6. read verification's cost (``_bench_verify``);
+7. storage precision (``_bench_precision``): dataset.h5 size per precision and codec (small dataset), and
+   memory-mapped batched samples/s of float32 storage against float16 / bfloat16 (big dataset).
 
 Every table carries its baseline row, measured in the same run. Data lives in
 ``--out/bench-formats-<pid>`` and is removed at the end unless ``--keep``.
@@ -840,6 +843,28 @@ def verify_table(big: Path, args: argparse.Namespace, rounds: int = 2) -> None:
     )
 
 
+def precision_tables(bench: Bench, rounds: int = 2) -> None:
+    """Half-precision storage (issue 19): sizes on the small dataset (ratios do not depend on size), batched
+    samples/s on the big one's uncompressed conversions at each precision."""
+    import _bench_precision as bp
+
+    label = f"{bench.pairs[bench.small]} pairs ({bench.label[bench.small]} of PT files)"
+    bp.size_table("formats_precision_size", bench.small, bench.work / "precision-sizes", label)
+    files = bp.contiguous_files(bench.big, bench.work / "precision")
+    bp.rate_table(
+        "formats_precision",
+        f"Storage precision: batched samples/s memory-mapped, batches of {bench.args.batch} assembled from the "
+        f"reader, {bench.pairs[bench.big]} pairs ({bench.label[bench.big]})",
+        bp.rates(files, bp.assembly_epoch, bench.args.batch, rounds),
+        [
+            "float16 served as float32 decodes with numpy's cast here (no torch imported, as in read_jasper's tasks "
+            "and the shard actors); through the local loader torch's (bench_loader's precision table)"
+        ],
+    )
+    for directory in files.values():
+        shutil.rmtree(directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", default=None, help="size of the big dataset (default 2GB; 100MB with --quick)")
@@ -860,8 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--sections",
-        default="convert,open,gather,keywords,pass,verify",
-        help="comma-separated subset of convert,open,gather,keywords,pass,verify (convert always runs)",
+        default="convert,open,gather,keywords,pass,verify,precision",
+        help="comma-separated subset of convert,open,gather,keywords,pass,verify,precision (convert always runs)",
     )
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -880,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     size = parse_size(args.size)
     # PT + 3 of ours + upstream gzip (+ its lzf/none while measured) for big; PT + 2 for small.
-    need = int(size * 7.2 + 3.2 * size / args.small_div)
+    need = int(size * 8.2 + 3.2 * size / args.small_div)  # + the precision section's conversions
     free = shutil.disk_usage(out).free
     if free < need:
         log.error("%s has %s free; this run needs about %s", out, fmt_bytes(free), fmt_bytes(need))
@@ -904,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.full_pass()
         if "verify" in sections:
             verify_table(bench.big, args)
+        if "precision" in sections:
+            precision_tables(bench)
     finally:
         if args.keep:
             log.info("kept the data in %s", work)

@@ -21,6 +21,9 @@ accelerator's step) over HDF5 contiguous (mmap), and for each step it reports th
 (0 workers: load and step in series), torch's workers (1 and 2; a plain DataLoader, each batch copied
 into a fresh shared-memory segment), ``create_loader``'s slot workers (1 and 2; batches built in a
 ring of shared-memory slots) and the overlap ceiling min(in-process rate, batch / step).
+
+Then read verification's cost (``_bench_verify``), and storage precision (``_bench_precision``): the
+in-process loader over uncompressed float32, float16 and bfloat16 conversions, served as float32 and as stored.
 """
 
 from __future__ import annotations
@@ -227,6 +230,20 @@ def verify_table(contiguous_dir: Path, pt_dir: Path, rounds: int = 2) -> None:
     )
 
 
+def precision_table(pt_dir: Path, work: Path, n_pairs: int, rounds: int) -> None:
+    """Half-precision storage (issue 19): create_loader over uncompressed conversions at each precision."""
+    import _bench_precision as bp
+
+    files = bp.contiguous_files(pt_dir, work)
+    bp.rate_table(
+        "loader_precision",
+        f"Storage precision through create_loader (batch {BATCH}, 0 workers), {n_pairs} pairs, D=768, n_neg=12",
+        bp.rates(files, bp.loader_epoch, BATCH, rounds),
+        ["float16 served as float32 decodes with torch's vectorised cast (NOTE [float16 casts] in formats.precision)"],
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def ceiling(directory: Path, max_batches: int) -> float:
     """assemble_batch on tensors already in RAM, fed random batches directly: no DataLoader, no file."""
     reader = open_dataset(directory, "pt", use_mmap=False)
@@ -337,6 +354,7 @@ def main() -> None:
         )
         overlap_table(contiguous_dir, args.batches, args.rounds)
         verify_table(contiguous_dir, pt_dir, args.rounds)
+        precision_table(pt_dir, root / "precision", n_pairs, args.rounds)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

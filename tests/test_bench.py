@@ -32,8 +32,15 @@ TABLES = {
         "Reading every pair's keyword ids",
         "Memory of a pass",
         "Read verification: whole passes",
+        "Storage precision: dataset.h5 size",
+        "Storage precision: batched samples/s",
     ],
-    "loader": ["DataLoader samples/s", "Workers beside a training step", "Read verification through create_loader"],
+    "loader": [
+        "DataLoader samples/s",
+        "Workers beside a training step",
+        "Read verification through create_loader",
+        "Storage precision through create_loader",
+    ],
     "convert": ["PT -> HDF5 conversion", "Scaling model (gzip)"],
     "ray_data": ["Ray Data rows/s"],
     "actors": ["One epoch of", "A killed actor", "Memory after the runs"],
@@ -42,8 +49,14 @@ TABLES = {
 }
 # Raw records each script leaves: name -> how many.
 RECORDS = {
-    "formats": {"formats_open": 12, "formats_pass": 4, "formats_verify": 8},
-    "loader": {"loader": 19, "loader_overlap": 18, "loader_verify": 4},
+    "formats": {
+        "formats_open": 12,
+        "formats_pass": 4,
+        "formats_verify": 8,
+        "formats_precision_size": 9,
+        "formats_precision": 10,
+    },
+    "loader": {"loader": 19, "loader_overlap": 18, "loader_verify": 4, "loader_precision": 5},
     "convert": {"convert": 12, "convert_model": 1},
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
