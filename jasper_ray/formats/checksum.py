@@ -37,6 +37,7 @@ import xxhash
 from ..errors import DatasetFormatError
 from .arrays import RowArray
 from .chunks import rows_per_chunk
+from .precision import BFLOAT16_BITS
 
 BLOCK_BYTES = 16 << 20
 SHA256_SIZE = 32
@@ -69,9 +70,13 @@ def scan_rows(n_rows: int, row_bytes: int) -> range:
 
 
 def all_finite(values: np.ndarray) -> bool:
-    """No NaN or inf in ``values`` (any float array), scanned in ``SCAN_BYTES`` pieces."""
+    """No NaN or inf in ``values`` (any float array; uint16: bfloat16 bits, whose NaN and inf have every exponent
+    bit set), scanned in ``SCAN_BYTES`` pieces."""
     flat = np.ascontiguousarray(values).reshape(-1)
     pieces = scan_rows(flat.size, flat.dtype.itemsize)
+    if flat.dtype == BFLOAT16_BITS:
+        top = np.uint16(0x7F80)
+        return all(((flat[a : a + pieces.step] & top) != top).all() for a in pieces)
     return all(np.isfinite(flat[a : a + pieces.step]).all() for a in pieces)
 
 
@@ -142,7 +147,7 @@ class BlockHasher:
 
     def update(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows)
-        if rows.dtype.kind == "f" and self.digests.finite is not False:
+        if (rows.dtype.kind == "f" or rows.dtype == BFLOAT16_BITS) and self.digests.finite is not False:
             self.digests.finite = all_finite(rows)
         data = rows.data.cast("B")
         pos = 0

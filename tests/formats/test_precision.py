@@ -27,6 +27,7 @@ from jasper_ray.formats.hdf5_writer import HDF5Writer
 from jasper_ray.formats.precision import RELATIVE_ERROR, decode, encode
 from jasper_ray.formats.verified import check_finite
 from jasper_ray.schema import (
+    ATTR_FINITE,
     ATTR_PRECISION,
     HDF5_FILE,
     LAYOUT_SINGLE,
@@ -293,3 +294,15 @@ def test_sharded_inspect_and_verify(dataset_copy: Path, capsys) -> None:
     assert main(["inspect", str(dataset_copy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] == "float16"
     assert main(["verify", str(dataset_copy), "-q"]) == 0
+
+
+@pytest.mark.parametrize("precision", SIXTEEN)
+def test_writers_record_16bit_blocks_finite(sixteen, precision: str) -> None:
+    """First touch skips the value scan of blocks whose writer found them finite: bfloat16 bits count as floats."""
+    from jasper_ray.formats.checksum import all_finite
+
+    with h5py.File(sixteen(precision, None) / HDF5_FILE, "r") as f:
+        assert f["embeddings/sources"].attrs[ATTR_FINITE]
+    bits = encode(np.array([1.0, -np.inf, 2.0], np.float32), "bfloat16")
+    assert all_finite(bits[[0, 2]]) and not all_finite(bits)
+    assert not all_finite(encode(np.array([np.nan], np.float32), "bfloat16"))
