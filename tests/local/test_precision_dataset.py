@@ -94,3 +94,14 @@ def test_cuda_device_holds_16bit_tables_and_casts_there(
         batch = ds.get_batch(positions)
         assert all(v.is_cuda for v in batch.values())
         assert_same({k: v.cpu() for k, v in batch.items()}, expected(reference, precision, native), f"cuda {dtype}")
+
+
+def test_a_compressed_16bit_file_serves_through_the_cache(small_dir: Path, tmp_path: Path) -> None:
+    """gzip bfloat16 decompressed once into the node-local cache's mappable copy: same stored values, same batches."""
+    directory = Path(shutil.copytree(small_dir, tmp_path / "ds"))
+    convert_pt_to_hdf5(directory, "gzip", progress=False, precision="bfloat16")
+    positions = np.arange(0, 500, 4)
+    reference = JASPERSteeringDataset(small_dir, "train", epoch=4).get_batch(positions)
+    ds = JASPERSteeringDataset(directory, "train", epoch=4, cache_dir=tmp_path / "cache", dtype="stored")
+    assert ds.reader.directory != directory and ds.reader.precision == "bfloat16"  # the cache's copy
+    assert_same(ds.get_batch(positions), expected(reference, "bfloat16", native=True), "through the cache")
