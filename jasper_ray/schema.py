@@ -23,6 +23,8 @@ HDF5_SUFFIX = ".h5"
 HDF5_SUFFIXES = (HDF5_SUFFIX, ".hdf5")
 HDF5_FILE = f"dataset{HDF5_SUFFIX}"
 CONFIG_FILE = "config.json"
+# Beside PT files: the per-block digests of their tensors (NOTE [PT checksum sidecar] in formats.pt_checksums).
+PT_CHECKSUMS = "pt_checksums.json"
 # The sharded layout: a directory of shard files and the manifest that is their truth.
 SHARDS_DIR = "dataset.shards"
 MANIFEST = "manifest.json"

@@ -833,13 +833,13 @@ def verify_table(big: Path, args: argparse.Namespace, rounds: int = 2) -> None:
 
     results = {
         "HDF5 contiguous": bv.measure("gathers", bv.reader_epoch(our_h5(big, None), "hdf5", args.batch, 0), rounds),
-        "PT + mmap (values only)": bv.measure("gathers", bv.reader_epoch(big, "pt", args.batch, 0), rounds),
+        bv.PT_LABEL: bv.measure("gathers", bv.reader_epoch(big, "pt", args.batch, 0), rounds),
     }
     bv.table(
         "formats_verify",
         f"Read verification: whole passes of {args.batch}-pair gathers (w_pass's reads), first and second pass",
         results,
-        ["PT files record no checksums: first-touch checks only their float values (NaN/inf)"],
+        [bv.PT_NOTE],
     )
 
 

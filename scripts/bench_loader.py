@@ -220,13 +220,13 @@ def verify_table(contiguous_dir: Path, pt_dir: Path, rounds: int = 2) -> None:
 
     results = {
         "HDF5 contiguous (mmap)": bv.measure("loader", bv.loader_epoch(contiguous_dir, "hdf5", BATCH, 0), rounds),
-        "PT + mmap (values only)": bv.measure("loader", bv.loader_epoch(pt_dir, "pt", BATCH, 0), rounds),
+        bv.PT_LABEL: bv.measure("loader", bv.loader_epoch(pt_dir, "pt", BATCH, 0), rounds),
     }
     bv.table(
         "loader_verify",
         f"Read verification through create_loader (batch {BATCH}, 0 workers): first epoch and second epoch",
         results,
-        ["PT files record no checksums: first-touch checks only their float values (NaN/inf)"],
+        [bv.PT_NOTE],
     )
 
 

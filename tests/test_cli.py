@@ -84,7 +84,7 @@ def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 def test_every_argument_and_option_has_help() -> None:
     parsers = _parsers(build_parser())
-    commands = ["synth", "convert", "inspect", "verify", "demo", "bench"]
+    commands = ["synth", "checksum", "convert", "inspect", "verify", "demo", "bench"]
     assert [p.prog for p in parsers] == ["jasper-ray"] + [f"jasper-ray {c}" for c in commands]
     for parser in parsers:
         for action in parser._actions:
@@ -99,7 +99,7 @@ def test_help_shows_plain_text_and_the_exit_codes(capsys) -> None:
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "``" not in text and "Store, convert and serve the JASPER steering dataset." in text
-    for command in ("synth", "convert", "inspect", "verify", "demo", "bench"):
+    for command in ("synth", "checksum", "convert", "inspect", "verify", "demo", "bench"):
         assert re.search(rf"^\s+{command}\s+\S", text, flags=re.M), command
     assert "exit codes:" in text and "2    usage" in text and "docs/cli.md" in text
     assert main(["synth", "--help"]) == 0
@@ -165,14 +165,36 @@ def test_synth_convert_inspect_verify(tmp_path: Path, capsys) -> None:
     assert captured.err == "", "-q after the subcommand silences the bars"
 
 
-def test_verify_of_pt_files_says_what_it_checked(small_dir: Path, capsys) -> None:
-    """PT files carry no checksums: verify validates the schema and says exactly that."""
+def test_verify_of_pt_files_says_what_it_checked(small_dir: Path, tmp_path: Path, capsys) -> None:
+    """PT files: verify validates the schema and checks the checksum sidecar synth wrote; without one it says
+    so; `jasper-ray checksum DIR` records one; a changed byte then fails verify naming the tensor."""
+    from _support import flip_byte
+
+    from jasper_ray.formats.pt import zip_records
+    from jasper_ray.schema import PT_CHECKSUMS, TENSOR
+
     assert main(["-q", "verify", str(small_dir)]) == 0
     out = capsys.readouterr().out
-    assert out == f"ok: {small_dir} (pt): schema validated; PT files carry no checksums\n"
+    assert out == f"ok: {small_dir} (pt): schema validated; {PT_CHECKSUMS} matches the blocks of 13 tensors\n"
     doc = run_json(["verify", str(small_dir), "-q"], capsys)
-    assert doc["checksums"] == {"recorded": 0, "bytes": 0, "mismatched": 0} and doc["schema_valid"] is True
+    assert doc["checksums"] == {"recorded": 13, "bytes": 0, "mismatched": 0} and doc["schema_valid"] is True
     assert doc["format"] == "pt" and doc["layout"] is None
+    d = Path(shutil.copytree(small_dir, tmp_path / "ds"))
+    (d / PT_CHECKSUMS).unlink()
+    assert main(["-q", "verify", str(d)]) == 0
+    assert (
+        "no checksum sidecar covers these PT files (`jasper-ray checksum DIR` records one)" in capsys.readouterr().out
+    )
+    assert main(["-q", "checksum", str(d)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {d / PT_CHECKSUMS}: block digests of 13 tensors")
+    assert (d / PT_CHECKSUMS).read_bytes() == (small_dir / PT_CHECKSUMS).read_bytes()  # what synth wrote
+    path = d / TENSOR["source_embs"].pt_file
+    with open(path, "rb") as f:
+        offset, _ = zip_records(f, str(path))["data/0"]
+    flip_byte(path, offset + 100)
+    assert main(["-q", "verify", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert "source_embs.pt: rows 0:" in err and "do not match the checksum recorded" in err
 
 
 def test_synth_is_deterministic_by_seed(tmp_path: Path, capsys) -> None:

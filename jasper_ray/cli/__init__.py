@@ -37,7 +37,7 @@ from .report import (
     UsageError,
     error_line,
 )
-from .tools import run_demo, run_synth
+from .tools import run_checksum, run_demo, run_synth
 
 log = logging.getLogger("jasper_ray")
 
@@ -86,7 +86,12 @@ REPORTED: dict[str, Callable[[argparse.Namespace, Report], None]] = {
     "verify": run_verify,
     "convert": run_convert,
 }
-PLAIN: dict[str, Callable[[argparse.Namespace], int]] = {"synth": run_synth, "demo": run_demo, "bench": run_bench}
+PLAIN: dict[str, Callable[[argparse.Namespace], int]] = {
+    "synth": run_synth,
+    "checksum": run_checksum,
+    "demo": run_demo,
+    "bench": run_bench,
+}
 
 
 def _jsonable(value: Any) -> Any:

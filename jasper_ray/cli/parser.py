@@ -13,7 +13,16 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from .. import __version__
-from ..schema import COMPRESSION_NONE, HDF5_FILE, LAYOUT_SINGLE, LAYOUTS, PRECISION_FLOAT32, PRECISIONS, SHARDS_DIR
+from ..schema import (
+    COMPRESSION_NONE,
+    HDF5_FILE,
+    LAYOUT_SINGLE,
+    LAYOUTS,
+    PRECISION_FLOAT32,
+    PRECISIONS,
+    PT_CHECKSUMS,
+    SHARDS_DIR,
+)
 from ..storage import CACHE_ENV
 from ..tools.synth import parse_size
 from .report import EXIT_USAGE
@@ -155,6 +164,9 @@ def build_parser() -> Parser:
     p.add_argument("--dim", type=POSITIVE, default=768, help="embedding dimension D (default: 768)")
     p.add_argument("--neg", type=POSITIVE, default=12, help="hard negatives per pair, n_neg (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed: one seed, the same bytes (default: 0)")
+
+    p = command("checksum", f"record the block digests of a PT dataset's tensors in DIR/{PT_CHECKSUMS}")
+    p.add_argument("dir", metavar="DIR", help="a local directory of PT files (upstream's layout, or your own)")
 
     p = command("convert", "convert a PT dataset to HDF5 beside it: on Ray, or in this process when it is small")
     _dataset(p, "the dataset directory (upstream's PT files), or a URI (s3://, gs://, hdfs://, file://)")

@@ -1,10 +1,12 @@
-"""``jasper-ray synth`` and ``jasper-ray demo``: the front of ``jasper_ray.tools``."""
+"""``jasper-ray synth``, ``jasper-ray checksum`` and ``jasper-ray demo``: the front of ``jasper_ray.tools``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
+from ..formats.pt import write_pt_checksums
 from ..schema import PT_SUFFIX
 from ..tools.synth import pairs_for_size, synth_dataset
 from .report import EXIT_DATA, EXIT_OK
@@ -19,6 +21,15 @@ def run_synth(args: argparse.Namespace) -> int:
         f"wrote {n_pairs} pairs (D={args.dim}, n_neg={args.neg}, seed={args.seed}) to {out}: "
         f"{nbytes / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s"
     )
+    return EXIT_OK
+
+
+def run_checksum(args: argparse.Namespace) -> int:
+    """NOTE [PT checksum sidecar] in formats.pt_checksums."""
+    started = time.perf_counter()
+    out = write_pt_checksums(args.dir)
+    n = len(json.loads(out.read_text())["tensors"])
+    print(f"wrote {out}: block digests of {n} tensors in {time.perf_counter() - started:.1f} s")
     return EXIT_OK
 
 

@@ -28,19 +28,23 @@ if TYPE_CHECKING:
     import torch
 
 from ..atomic import atomic_output, publish, remove_orphan_temps, temp_path_for
-from ..errors import DatasetFormatError, DatasetNotFoundError
+from ..errors import ChecksumError, DatasetFormatError, DatasetNotFoundError
 from ..schema import (
     CONFIG_FILE,
     KEYWORD_IDS,
+    PT_CHECKSUMS,
     PT_FILES,
     SPLIT_DTYPE,
     SPLIT_PT_GLOB,
     TENSOR,
+    TENSORS,
     split_from_pt_file,
     split_pt_file,
 )
 from .arrays import RowArray, advise_huge_pages
 from .base import Reader, Writer
+from .pt_checksums import TensorRecord, file_identity, read_pt_checksums, record_pt_checksums
+from .verified import TouchGuard, Unit, block_units
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +161,9 @@ class PTReader(Reader):
     def __init__(self, directory: str | os.PathLike, *, use_mmap: bool = True):
         super().__init__(directory, use_mmap=use_mmap)
         self._keywords: tuple[np.ndarray, np.ndarray] | None = None
+        self._sidecar: tuple[dict[str, TensorRecord] | None] | None = None
 
-    _process_local = ("_keywords",)
+    _process_local = ("_keywords", "_sidecar")
 
     def location(self, name: str) -> str:
         return str(self.directory / TENSOR[name].pt_file)
@@ -191,6 +196,45 @@ class PTReader(Reader):
 
     def files(self) -> list[Path]:
         return [self.directory / f for f in PT_FILES] + [self.directory / split_pt_file(s) for s in self.split_names()]
+
+    def _units(self, name: str) -> list[Unit] | None:
+        """The sidecar's blocks of tensor ``name`` where it describes the file as it is now (NOTE [PT checksum
+        sidecar] in pt_checksums), else none (float values are checked only)."""
+        self._ensure_open()
+        if self._sidecar is None:
+            self._sidecar = (read_pt_checksums(self.directory),)
+        record = (self._sidecar[0] or {}).get(name)
+        if record is None:
+            return None
+        arr, path = self.array(name), self.directory / record.file
+        if file_identity(path) != record.identity or (tuple(arr.shape), arr.dtype.str) != (record.shape, record.dtype):
+            log.warning(
+                "%s: %s does not describe this file (saved again since it was recorded): only its float values are "
+                "checked. Record it as it is now with `jasper-ray checksum %s`.",
+                path, PT_CHECKSUMS, self.directory,
+            )  # fmt: skip
+            return None
+        return block_units(arr.shape[0], record.block_rows, None, fast=record.fast, finite=record.all_finite)
+
+    def verify_checksums(self, on_block: Callable[[int], object] | None = None) -> list[str]:
+        """Every block the sidecar records for the files as they are now (``verify="open"``, ``jasper-ray
+        verify``); one message per tensor whose rows do not match."""
+        problems = []
+        for spec in TENSORS:
+            units = self._units(spec.name) if self.has_tensor(spec.name) else None
+            if units:
+                arr = self.array(spec.name)
+                try:
+                    TouchGuard(self.location(spec.name), units, False, arr[:1].nbytes).touch_range(arr, 0, arr.shape[0])
+                except ChecksumError as exc:
+                    problems.append(str(exc))
+                if on_block is not None:
+                    on_block(arr.shape[0] * arr[:1].nbytes)
+        return problems
+
+    def sidecar_tensors(self) -> int:
+        """How many tensors the checksum sidecar covers as the files are now (0: none, or no sidecar)."""
+        return sum(1 for s in TENSORS if self.has_tensor(s.name) and self._units(s.name))
 
 
 def _save_atomic(obj: Any, path: Path, pickle_module: types.ModuleType = pickle) -> None:
@@ -309,6 +353,16 @@ class PTWriter(Writer):
         import torch  # lazy: only PT data needs torch
 
         _save_atomic(torch.as_tensor(np.asarray(ids[:], dtype=SPLIT_DTYPE)), self.directory / split_pt_file(split))
+
+
+def write_pt_checksums(directory: str | os.PathLike) -> Path:
+    """The checksum sidecar of the PT files in ``directory`` (NOTE [PT checksum sidecar] in pt_checksums)."""
+    with PTReader(directory, use_mmap=True) as reader:
+        arrays = {s.name: reader.array(s.name) for s in TENSORS if reader.has_tensor(s.name)}
+        try:
+            return record_pt_checksums(Path(directory), arrays)
+        finally:
+            arrays.clear()  # the mappings go with the reader
 
 
 def write_pt_dataset(

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import temp_path_for
-from ..formats.pt import PTWriter
+from ..formats.pt import PTWriter, write_pt_checksums
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ def synth_dataset(
             bar.update(sl.stop - sl.start)
         save("pair_relevance", relevance)
         writer.write_config(_config(dim, n_neg, split_ratios, n_pairs, n_q, n_s, n_k, n_c, seed))
+    write_pt_checksums(out)  # NOTE [PT checksum sidecar]: first-touch reads then cover the PT files too
     return out
 
 

@@ -51,6 +51,7 @@ from jasper_ray.schema import (
     ATTR_LAYOUT,
     FORMAT_VERSION,
     KEYWORD_IDS,
+    PT_CHECKSUMS,
     PT_FILES,
     TENSOR,
     TENSORS,
@@ -282,7 +283,8 @@ def test_missing_tensor_file_is_named(dataset_copy: Path) -> None:
 
 def test_pt_writer_writes_upstreams_files(small_dir: Path, small_expected) -> None:
     names = {p.name for p in small_dir.iterdir()}
-    assert names == set(PT_FILES) | {"train_idx.pt", "val_idx.pt", "test_idx.pt", "config.json"}
+    upstream = set(PT_FILES) | {"train_idx.pt", "val_idx.pt", "test_idx.pt", "config.json"}
+    assert names == upstream | {PT_CHECKSUMS}  # synth adds the checksum sidecar (tests/formats/test_pt_checksums.py)
     for spec in TENSORS:
         obj = load_pt(small_dir / spec.pt_file)
         assert isinstance(obj, torch.Tensor) and obj.dtype == torch.from_numpy(np.empty(0, spec.dtype)).dtype
@@ -345,7 +347,9 @@ def test_a_writer_copying_pt_files_writes_the_converters_bytes(tmp_path: Path, s
         writer.write_from(source, fingerprint(source.files()) if kind == "hdf5" else None)
     if kind == "pt":
         assert {p.name: sha256_file(p) for p in tmp_path.iterdir()} == {
-            p.name: sha256_file(p) for p in small_dir.iterdir()
+            p.name: sha256_file(p)
+            for p in small_dir.iterdir()
+            if p.name != PT_CHECKSUMS  # synth's, not upstream's
         }
     else:
         reference = tmp_path / "reference.h5"

@@ -143,7 +143,7 @@ def test_sharded_reads_check_the_manifests_fast_digests(written, tmp_path: Path)
     path.write_text(json.dumps(manifest))
     with pytest.raises(DatasetFormatError, match=r"shard 1: all_finite 'yes', expected true, false or null"):
         open_dataset(d)
-    del shard["block_xxh3_128"], shard["all_finite"]  # an earlier version's manifest: the shard file's sha256 digests are checked
+    del shard["block_xxh3_128"], shard["all_finite"]  # an earlier version's manifest: the shard's sha256 digests
     path.write_text(json.dumps(manifest))
     assert len(open_dataset(d).take("steering_residual", [shard["start"]])) == 1
 

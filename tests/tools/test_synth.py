@@ -14,7 +14,7 @@ from _support import subprocess_env
 
 import jasper_ray.tools.synth as synth
 from jasper_ray.formats import open_dataset
-from jasper_ray.schema import TENSORS
+from jasper_ray.schema import PT_CHECKSUMS, TENSORS
 
 # sha256 (first 32 hex digits) over every file's name and bytes, in name order, recorded from the first
 # version of synth_dataset (commit 76f84d1, which built every tensor whole in memory; torch 2.13, numpy 2.4).
@@ -27,8 +27,9 @@ FIRST_VERSION = {
 
 
 def _digest(directory: Path) -> str:
+    """The dataset's files (the checksum sidecar, added since, aside: tests/formats/test_pt_checksums.py)."""
     h = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
+    for path in sorted(p for p in directory.iterdir() if p.name != PT_CHECKSUMS):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:32]
@@ -43,6 +44,7 @@ def test_same_bytes_as_the_first_version(tmp_path: Path, monkeypatch, case, bloc
     out = synth.synth_dataset(tmp_path / "ds", n_pairs, dim, n_neg, seed)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no scratch left behind
     assert _digest(out) == FIRST_VERSION[case]
+    assert (out / PT_CHECKSUMS).is_file()
 
 
 MEMORY_PROBE = """
