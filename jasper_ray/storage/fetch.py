@@ -239,14 +239,32 @@ class RemoteFile(io.RawIOBase):
 
 
 def upload_file(path: Path, where: Location, chunk_bytes: int = 64 << 20) -> None:
-    """The local file ``path`` to the object ``where`` (one PUT stream: an object appears whole or not at all)."""
+    """The local file ``path`` to the object ``where`` (one PUT stream: an object appears whole or not at all).
+
+    The object's size is checked after the upload: moto was once seen, from a Ray task, to store a
+    request's aws-chunked framing with the bytes; a size that differs is refused here rather than found
+    by a reader's checksum later.
+    """
     assert where.filesystem is not None
+    size = path.stat().st_size
     try:
         with open(path, "rb") as src, where.filesystem.open_output_stream(where.path) as out:
             while chunk := src.read(chunk_bytes):
                 out.write(chunk)
+        _check_stored(where, size, str(path))
     except OSError as exc:
         raise remote_error(exc, where.uri) from exc
+
+
+def _check_stored(where: Location, size: int, what: str) -> None:
+    assert where.filesystem is not None
+    stored = where.filesystem.get_file_info(where.path).size
+    if stored != size:
+        raise RemoteAccessError(
+            f"{where.uri}: the endpoint stored {stored} bytes for the {size} bytes of {what}: the object is not "
+            "what was uploaded (an endpoint or proxy that keeps transfer framing?). Run the conversion again "
+            "(verified pieces are reused) or check the endpoint."
+        )
 
 
 def write_object(where: Location, data: bytes) -> None:
@@ -255,6 +273,7 @@ def write_object(where: Location, data: bytes) -> None:
     try:
         with where.filesystem.open_output_stream(where.path) as out:
             out.write(data)
+        _check_stored(where, len(data), "the bytes written")
     except OSError as exc:
         raise remote_error(exc, where.uri) from exc
 

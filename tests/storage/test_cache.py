@@ -243,3 +243,34 @@ def test_the_range_size_follows_the_environment(
         counts.append(len(calls))
         assert (tmp_path / f"{range_bytes}.part").read_bytes() == location_bytes(location)
     assert counts == [-(-size // (64 << 10)), 1]
+
+
+class _FramingEndpoint:
+    """A filesystem whose objects keep a transfer frame around the bytes written, as moto once stored them."""
+
+    def __init__(self) -> None:
+        import pyarrow.fs as pafs  # lazy: only this test wraps a filesystem
+
+        self.inner = pafs.LocalFileSystem()
+
+    def open_output_stream(self, path: str):  # type: ignore[no-untyped-def]
+        stream = self.inner.open_output_stream(path)
+        stream.write(b"A2D8\r\n")
+        return stream
+
+    def get_file_info(self, path: str):  # type: ignore[no-untyped-def]
+        return self.inner.get_file_info(path)
+
+
+def test_an_upload_the_endpoint_stored_framed_is_refused(tmp_path: Path) -> None:
+    from jasper_ray.storage.fetch import upload_file, write_object
+    from jasper_ray.storage.location import Location
+
+    local = tmp_path / "shard.h5"
+    local.write_bytes(b"\x89HDF" + bytes(100))
+    endpoint = _FramingEndpoint()
+    target = Location("s3://bucket/ds/shard.h5", str(tmp_path / "object"), endpoint)  # type: ignore[arg-type]
+    with pytest.raises(RemoteAccessError, match=r"s3://bucket/ds/shard.h5: the endpoint stored 110 bytes for the 104"):
+        upload_file(local, target)
+    with pytest.raises(RemoteAccessError, match="stored 9 bytes for the 3 bytes"):
+        write_object(target, b"{}\n")
