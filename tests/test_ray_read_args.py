@@ -136,7 +136,7 @@ def test_storage_options_reach_open_dataset_in_every_task(data: Path, monkeypatc
     assert rows == len(source.ids)
     # pyarrow's LocalFileSystem resolves to a plain local path (storage.locate), as Ray's readers do. The
     # driver opens once; the tasks (one process here) open once and share that reader (open_in_process).
-    assert calls == [(str(data), type(None), cache)] * 2
+    assert calls == [(str(data), type(None), {**cache, "verify": "first-touch"})] * 2  # verify= goes along too
     assert all(task.read_fn.args[0].dataset == source.dataset for task in tasks)
 
 
