@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _s3 import SDK_ENV
 from _support import Expected, load_expected, ray_child_env, save_pt
 
 from jasper_ray import convert_pt_to_hdf5, synth_dataset
@@ -108,7 +109,7 @@ def empty_keywords_converted(
 
 RAY_NUM_CPUS = 2
 RAY_OBJECT_STORE_BYTES = 256 << 20
-RAY_ENV_VARS = {"HDF5_USE_FILE_LOCKING": "FALSE"}
+RAY_ENV_VARS = {"HDF5_USE_FILE_LOCKING": "FALSE", **SDK_ENV}
 
 
 @pytest.fixture(scope="session")
