@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,19 +100,26 @@ def _gather_decoded(arr: RowArray, indices: np.ndarray, out: np.ndarray) -> np.n
     return out
 
 
-def advise_huge_pages(arr: np.ndarray) -> None:
-    """Ask Linux to map ``arr``'s file pages 2 MB at a time (``MADV_HUGEPAGE``).
+def advise_huge_pages(arr: np.ndarray, dataset_bytes: int = 0) -> None:
+    """Ask Linux to map ``arr``'s file pages 2 MB at a time (``MADV_HUGEPAGE``), or, where the dataset
+    it belongs to (``dataset_bytes``) is larger than half the RAM, to read no more than it asks
+    (``MADV_RANDOM``).
 
     Random row gathers over 4 KB pages miss the TLB on nearly every row. With the advice the kernel
     reads the file ahead in 2 MB folios and maps them whole, whatever ``read_ahead_kb`` says (128 KB
-    on many systems gives no 2 MB folios at all). Best effort: a no-op where unsupported.
+    on many systems gives no 2 MB folios at all). That pays while the file stays in the page cache;
+    over a dataset larger than RAM each random row would read 2 MB from disk (a 30 GB dataset's pass
+    ran at 0.8 GB/s of disk reads for a few MB/s of rows), so there the kernel is told to read the
+    pages asked for. Best effort: a no-op where unsupported.
     """
     if sys.platform != "linux" or not arr.nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
         return
     start = arr.__array_interface__["data"][0]
     first = start - start % mmap.PAGESIZE
+    fits = dataset_bytes <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + arr.nbytes - first), mmap.MADV_HUGEPAGE)
+    advice = mmap.MADV_HUGEPAGE if fits else mmap.MADV_RANDOM
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + arr.nbytes - first), advice)
 
 
 def is_mapped(arr: object) -> bool:

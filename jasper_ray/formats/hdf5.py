@@ -130,7 +130,7 @@ def map_contiguous(path: Path, dset: Any) -> np.ndarray | None:
         raise DatasetFormatError(f"{path}:{dset.name}: dataset has no data allocated (never written)")
     # A plain ndarray view of the map: same pages, without np.memmap's per-index Python overhead.
     mapped = np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape).view(np.ndarray)
-    advise_huge_pages(mapped)
+    advise_huge_pages(mapped, path.stat().st_size)
     return mapped
 
 

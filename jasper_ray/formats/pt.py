@@ -119,8 +119,8 @@ def load_pt_tensor(path: Path, *, mmap: bool) -> np.ndarray:
             f"{path}: dtype {obj.dtype} has no numpy equivalent; the schema stores float32 (embeddings, steering, "
             "relevance, distances) and int64 (ids, tiers). Save it with torch.save(t.float(), path) (or .long())."
         ) from exc
-    if mmap:
-        advise_huge_pages(array)
+    if mmap:  # the dataset: the PT files beside this one
+        advise_huge_pages(array, sum(p.stat().st_size for p in path.parent.glob("*.pt")))
     return array
 
 

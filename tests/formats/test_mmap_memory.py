@@ -13,6 +13,7 @@ The files are deleted afterwards.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,33 @@ def test_mmap_does_not_load_the_tensor(big_dataset) -> None:
         )
         if fmt == "hdf5":
             assert result["mmap"]["np_memmap"] and not result["load"]["np_memmap"]
+
+
+def _vm_flags(arr: np.ndarray) -> set[str]:
+    """The kernel's advice flags of the mapping that holds ``arr`` (``hg``: huge pages, ``rr``: random reads)."""
+    at = arr.__array_interface__["data"][0]
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= at < hi:
+                flags = next(ln for ln in lines[i + 1 :] if ln.startswith("VmFlags:"))
+                return set(flags.split()[1:])
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+def test_huge_pages_only_for_a_dataset_the_page_cache_can_hold(tmp_path: Path) -> None:
+    """2 MB readahead pays while the file stays cached; over a dataset larger than RAM it reads 2 MB per row."""
+    from jasper_ray.formats.arrays import advise_huge_pages
+
+    path = tmp_path / "table.bin"
+    np.arange(1 << 20, dtype=np.float32).tofile(path)
+    small = np.memmap(path, dtype=np.float32, mode="r").view(np.ndarray)
+    advise_huge_pages(small, path.stat().st_size)
+    assert "hg" in _vm_flags(small) and "rr" not in _vm_flags(small)
+    large = np.memmap(path, dtype=np.float32, mode="r").view(np.ndarray)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    advise_huge_pages(large, ram)  # a dataset as large as RAM
+    assert "rr" in _vm_flags(large) and "hg" not in _vm_flags(large)
