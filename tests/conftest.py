@@ -22,6 +22,7 @@ session and leaves it up. Rules for tests sharing it:
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,6 +111,7 @@ def empty_keywords_converted(
 RAY_NUM_CPUS = 2
 RAY_OBJECT_STORE_BYTES = 256 << 20
 RAY_ENV_VARS = {"HDF5_USE_FILE_LOCKING": "FALSE", **SDK_ENV}
+os.environ.update(SDK_ENV)  # also for a Ray that a test's code starts itself, and for child processes
 
 
 @pytest.fixture(scope="session")
