@@ -75,31 +75,35 @@ def writer_gone(tag: str) -> bool:
     return alive != start
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries: a rename in it lasts)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def publish(temp: Path, final: Path) -> None:
-    """fsync ``temp``, rename it over ``final`` and fsync the directory."""
-    with open(temp, "rb+") as f:
-        os.fsync(f.fileno())
+def publish(temp: Path, final: Path, durable: bool = True) -> None:
+    """fsync ``temp``, rename it over ``final`` and fsync the directory (no fsync unless ``durable``: a work
+    file that is verified before any reuse)."""
+    if durable:
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
     os.replace(temp, final)
-    fsync_dir(final.parent)
+    if durable:
+        fsync_path(final.parent)
 
 
 @contextlib.contextmanager
-def atomic_output(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path to write; on success it replaces ``final``, on error it is removed."""
+def atomic_output(final: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield a temp path to write; on success it replaces ``final`` (``publish``), on error it is removed."""
     final = Path(final)
     remove_orphan_temps(final)
     temp = temp_path_for(final)
     try:
         yield temp
-        publish(temp, final)
+        publish(temp, final, durable)
     finally:
         if temp.exists():
             # Emptied before it goes: a writer that still holds it open (HDF5 after a failed close) no longer

@@ -18,28 +18,31 @@ names from before the word "piece"; the sharded layout's files are the shards).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .. import faults
+from ..atomic import fsync_path
 from ..errors import ConversionError
 from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.precision import check_precision
 from ..ray_session import connect, require_ray
-from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS_DIR
+from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS_DIR, piece_file
 from ..storage import Location, locate
 from ..storage.fetch import delete
 from ..validate import validate_dataset
 from .pieces import PieceResult, WorkDir, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
-from .publish import allocate_in_place, assemble_single, finish_in_place, publish_sharded, publish_to_bucket
+from .publish import Assembly, allocate_in_place, finish_in_place, publish_sharded, publish_to_bucket
 from .ranged import RemoteOutput, RemoteSource, prepare_source
 from .remote import is_remote_job, output_location, staged_output, staging_for
 from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
@@ -100,14 +103,17 @@ def run_pieces(
     progress: bool,
     total_bytes: int,
     max_in_flight: int | None = None,
+    on_result: Callable[[PieceResult, int], object] | None = None,
 ) -> dict[str, PieceResult]:
-    """Run every piece task; return results by piece id, or raise ConversionError naming the failures."""
+    """Run every piece task, the largest first (the last ones to finish are then short); return results by
+    piece id, or raise ConversionError naming the failures. ``on_result(result, in_flight_bytes)`` runs in this
+    process as each piece returns, while the others go on (``in_flight_bytes``: their source bytes)."""
     remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_piece_task)
     remote = remote.options(runtime_env={"env_vars": {**READER_ENV, **faults.task_env()}})
     bytes_of = {
         t.piece.piece_id: t.column.nbytes * (t.piece.stop - t.piece.start) // max(t.column.shape[0], 1) for t in tasks
     }
-    queue = list(tasks)
+    queue = sorted(tasks, key=lambda t: -bytes_of[t.piece.piece_id])
     limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[Any, PieceTask] = {}
     results: dict[str, PieceResult] = {}
@@ -129,6 +135,8 @@ def run_pieces(
                     )
                     continue
                 results[result.piece_id] = result
+                if on_result is not None and not failures:
+                    on_result(result, sum(bytes_of[t.piece.piece_id] for t in pending.values()))
                 bar.update(bytes_of[result.piece_id])
     if failures:
         # "shard(s)": the documented wording (docs/troubleshooting.md), from before the word "piece".
@@ -260,14 +268,20 @@ def _convert(
                 if upload is not None:
                     delete(upload.target.child(MANIFEST))  # from here on a reader sees no dataset, never a mix
                     tasks = [replace(t, upload=upload) for t in tasks]
-                results = run_pieces(
-                    ray, tasks, max_retries=max_retries, progress=progress, total_bytes=plan.total_bytes
+                run = functools.partial(
+                    run_pieces, ray, tasks, max_retries=max_retries, progress=progress, total_bytes=plan.total_bytes
                 )
-                pieces_done = time.perf_counter()
+                if layout == LAYOUT_SINGLE and not in_place:
+                    with Assembly(plan, work.path, output) as assembly:
+                        results = run(on_result=assembly.add)
+                        pieces_done = time.perf_counter()
+                        assembly.finish(results)
+                else:
+                    shards = layout != LAYOUT_SINGLE and upload is None  # synced here (NOTE [unsynced pieces])
+                    results = run(on_result=lambda r, _: shards and fsync_path(work.path / piece_file(r.piece_id)))
+                    pieces_done = time.perf_counter()
                 if in_place:
                     finish_in_place(plan, work.path, output, results)
-                elif layout == LAYOUT_SINGLE:
-                    assemble_single(plan, work.path, output, results)
                 elif upload is not None:
                     publish_to_bucket(plan, work.path, upload.target, results)
             except Exception:

@@ -1,7 +1,8 @@
 """Publishing a conversion: pieces assembled into ``dataset.h5``, or renamed into the sharded layout.
 
 Assembly moves the pieces' already-compressed chunks into the final file
-(``HDF5Writer.copy_part``) and never re-encodes. Uncompressed, there is nothing
+(``HDF5Writer.copy_part``) and never re-encodes, each piece as soon as its task
+returns (``Assembly``): the copying overlaps the other tasks. Uncompressed, there is nothing
 to move: the pieces wrote their rows in place into a file allocated here first,
 and assembly sets its checksums and renames it (NOTE [in-place assembly] in
 ``pieces``). The sharded layout is the work directory
@@ -16,10 +17,11 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-from ..atomic import TEMP_MARK, fsync_dir, publish, remove_orphan_temps, writer_tag
+from ..atomic import TEMP_MARK, fsync_path, publish, remove_orphan_temps, writer_tag
 from ..formats.checksum import BlockDigests, block_rows
 from ..formats.hdf5 import open_h5, require_h5py
 from ..formats.hdf5_writer import HDF5Writer
@@ -62,24 +64,46 @@ def _digests(results: dict[str, PieceResult], pieces: list[Piece]) -> BlockDiges
     return sum((results[p.piece_id].block_digests() for p in pieces), BlockDigests())
 
 
-def assemble_single(
-    plan: ConversionPlan,
-    work_dir: Path,
-    output: Path,
-    results: dict[str, PieceResult],
-    on_bytes: Callable[[int], object] | None = None,
-) -> None:
-    """Build ``output`` from the part files by chunk copy, publish it atomically."""
-    check_free_space(output, sum((work_dir / p.file_name).stat().st_size for p in plan.pieces))
-    with HDF5Writer(output, plan.compression, plan.compression_opts, plan.shuffle, precision=plan.precision) as writer:
-        writer.write_config(plan.config, plan.source_fingerprint)
-        for column in plan.columns:
-            dset = writer.create_dataset(column.h5_path, column.shape, column.dtype)
-            for piece in plan.pieces_of(column):
-                copied = writer.copy_part(dset, work_dir / piece.file_name, piece.start)
-                if on_bytes is not None:
-                    on_bytes(copied)
-            writer.set_checksum(dset, _digests(results, plan.pieces_of(column)))
+class Assembly:
+    """``dataset.h5`` built from the part files while other pieces are still being written: each part's
+    compressed chunks are copied in (``HDF5Writer.copy_part``, never re-encoded) as soon as its task returns,
+    so the copying overlaps the tasks' compression and only the checksums, fsync and rename are left at the
+    end. Published atomically by ``finish``; an error in the block removes the unfinished file.
+
+    HDF5 does not survive a disk filling up mid-write (h5py#914): before each part, the free space must hold
+    it and every piece still in flight (``in_flight_bytes``, their uncompressed size: a bound)."""
+
+    def __init__(self, plan: ConversionPlan, work_dir: Path, output: Path):
+        self.plan, self.work_dir, self.output = plan, work_dir, output
+        options = plan.compression, plan.compression_opts, plan.shuffle
+        self._writer = HDF5Writer(output, *options, precision=plan.precision)
+        self._datasets: dict[str, Any] = {}
+        self._pieces = {p.piece_id: p for p in plan.pieces}
+
+    def __enter__(self) -> Assembly:
+        writer = self._writer.__enter__()
+        writer.write_config(self.plan.config, self.plan.source_fingerprint)
+        for column in self.plan.columns:  # in the file's order, as the single-process writer creates them
+            self._datasets[column.h5_path] = writer.create_dataset(column.h5_path, column.shape, column.dtype)
+        return self
+
+    def add(self, result: PieceResult, in_flight_bytes: int = 0) -> int:
+        """Copy the finished piece's part file into the file; return its stored bytes."""
+        piece = self._pieces[result.piece_id]
+        part = self.work_dir / piece.file_name
+        check_free_space(self.output, part.stat().st_size + in_flight_bytes)
+        return self._writer.copy_part(self._datasets[piece.h5_path], part, piece.start)
+
+    def finish(self, results: dict[str, PieceResult]) -> None:
+        """Every dataset's checksum from its pieces' digests (each piece added before)."""
+        for column in self.plan.columns:
+            self._writer.set_checksum(self._datasets[column.h5_path], _digests(results, self.plan.pieces_of(column)))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._datasets.clear()
+        self._writer.__exit__(exc_type, exc, tb)
 
 
 def _allocated(path: Path, plan: ConversionPlan) -> dict[str, int] | None:
@@ -166,7 +190,7 @@ def publish_sharded(plan: ConversionPlan, work_dir: Path, final_dir: Path, resul
     if final_dir.exists():
         os.replace(final_dir, old)
     os.replace(work_dir, final_dir)
-    fsync_dir(final_dir.parent)
+    fsync_path(final_dir.parent)
     if old.exists():
         shutil.rmtree(old)
 

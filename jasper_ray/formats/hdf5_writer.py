@@ -185,7 +185,8 @@ class HDF5Writer(Writer):
     ``in_memory`` builds the file in RAM and writes it with plain file I/O at the end: HDF5 cannot
     recover from a write failing mid-file (ENOSPC at close leaves the library in a state that segfaults
     the process later, h5py#914), so a full or failing disk fails there, cleanly. For files bounded in
-    size (a conversion's pieces). ``on_bytes`` gets the bytes of each block written (a progress bar).
+    size (a conversion's pieces); such a file is synced unless not ``durable``. ``on_bytes`` gets the
+    bytes of each block written (a progress bar).
     ``precision`` is what ``write_tensor`` and ``write_from`` store the reducible tensors as (NOTE
     [16-bit storage] in ``precision``); ``write_column`` stores the dtype it is given.
     """
@@ -203,12 +204,14 @@ class HDF5Writer(Writer):
         on_bytes: Callable[[int], object] | None = None,
         in_memory: bool = False,
         precision: str = PRECISION_FLOAT32,
+        durable: bool = True,
     ):
         check_options(compression, compression_opts, shuffle)
         self.precision = check_precision(precision)
         self.path = Path(path)
         self.compression, self.compression_opts, self.shuffle = compression, compression_opts, shuffle
         self.block_bytes, self.on_bytes, self.in_memory = block_bytes, on_bytes, in_memory
+        self.durable = durable
         self._file: Any = None
         self._dataset: Any = None  # the last dataset created, open until the next one exists (see create_dataset)
         self._image: io.BytesIO | None = None
@@ -244,7 +247,7 @@ class HDF5Writer(Writer):
         file.close()  # the image is complete only now
         self._dataset = None
         if exc_type is None:
-            with atomic_output(self.path) as temp:
+            with atomic_output(self.path, self.durable) as temp:
                 try:
                     with open(temp, "wb") as out:
                         out.write(image.getbuffer())
@@ -358,10 +361,12 @@ def write_part(
     compression: str | None,
     compression_opts: CompressionOpts = None,
     shuffle: bool = True,
+    durable: bool = True,
 ) -> BlockDigests:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file; return
-    their block digests (``start`` is block-aligned, so they are the tensor's own)."""
-    with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True) as writer:
+    their block digests (``start`` is block-aligned, so they are the tensor's own). Not ``durable``: not
+    synced (a part file copied into ``dataset.h5`` and deleted; a re-run verifies it before reuse)."""
+    with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True, durable=durable) as writer:
         dset = writer.create_dataset(column.h5_path, column.shape, column.dtype, rows=stop - start)
         hasher = BlockHasher.for_tensor(column.shape, column.dtype)
         write_rows(dset, rows, start, stop, hasher, dest_start=0)

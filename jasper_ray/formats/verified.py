@@ -18,8 +18,8 @@ rows. Once every unit of a tensor is checked, reads cost one flag test.
 What it does not cover: bytes changed after their unit was checked in this
 process (a file rewritten under a running reader; reopen it), keyword ids and
 split ids (validated whole at open), and PT files without a checksum sidecar
-(NOTE [PT checksum sidecar] in pt_checksums: only their float values are checked). ``verify="open"`` checks everything when
-the dataset is opened; ``verify="off"`` checks nothing when reading
+(NOTE [PT checksum sidecar] in pt_checksums: only their float values are
+checked). ``verify="open"`` checks everything when the dataset is opened; ``verify="off"`` checks nothing when reading
 (``jasper-ray verify`` still can). Each DataLoader worker checks the units it
 touches itself (the state is per process).
 """

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir
+from ..atomic import fsync_path
 from ..errors import CacheError
 from .fetch import ensure_free
 from .lock import file_lock
@@ -151,7 +151,7 @@ class NodeCache:
             tmp_meta = meta.with_name(meta.name + ".tmp")
             tmp_meta.write_text(json.dumps(entry))
             os.replace(tmp_meta, meta)
-            fsync_dir(final.parent)
+            fsync_path(final.parent)
             log.info("cache: made %s (%d bytes)", final, entry["bytes"])
             return final
 
