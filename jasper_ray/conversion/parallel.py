@@ -85,6 +85,10 @@ def _piece_task(task: PieceTask) -> PieceResult:
     return write_piece(task)
 
 
+def _sync_shard(work_dir: Path, result: PieceResult, in_flight_bytes: int) -> None:
+    fsync_path(work_dir / piece_file(result.piece_id))
+
+
 def _reason(exc: BaseException) -> str:
     """Why a task failed, on one line: the task's own exception (a RayTaskError's first line is only
     ``ray::_piece_task() (pid=..., ip=...)``), else Ray's (a worker that died)."""
@@ -278,7 +282,7 @@ def _convert(
                         assembly.finish(results)
                 else:
                     shards = layout != LAYOUT_SINGLE and upload is None  # synced here (NOTE [unsynced pieces])
-                    results = run(on_result=lambda r, _: shards and fsync_path(work.path / piece_file(r.piece_id)))
+                    results = run(on_result=functools.partial(_sync_shard, work.path) if shards else None)
                     pieces_done = time.perf_counter()
                 if in_place:
                     finish_in_place(plan, work.path, output, results)

@@ -185,9 +185,8 @@ class HDF5Writer(Writer):
     ``in_memory`` builds the file in RAM and writes it with plain file I/O at the end: HDF5 cannot
     recover from a write failing mid-file (ENOSPC at close leaves the library in a state that segfaults
     the process later, h5py#914), so a full or failing disk fails there, cleanly. For files bounded in
-    size (a conversion's pieces); such a file is synced unless not ``durable``. ``on_bytes`` gets the
-    bytes of each block written (a progress bar).
-    ``precision`` is what ``write_tensor`` and ``write_from`` store the reducible tensors as (NOTE
+    size (a conversion's pieces). Not ``durable``: published unsynced. ``on_bytes`` gets the bytes of
+    each block written (a progress bar). ``precision`` is what ``write_tensor`` and ``write_from`` store the reducible tensors as (NOTE
     [16-bit storage] in ``precision``); ``write_column`` stores the dtype it is given.
     """
 
@@ -364,8 +363,7 @@ def write_part(
     durable: bool = True,
 ) -> BlockDigests:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file; return
-    their block digests (``start`` is block-aligned, so they are the tensor's own). Not ``durable``: not
-    synced (a part file copied into ``dataset.h5`` and deleted; a re-run verifies it before reuse)."""
+    their block digests (``start`` is block-aligned, so they are the tensor's own). Synced if ``durable``."""
     with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True, durable=durable) as writer:
         dset = writer.create_dataset(column.h5_path, column.shape, column.dtype, rows=stop - start)
         hasher = BlockHasher.for_tensor(column.shape, column.dtype)
