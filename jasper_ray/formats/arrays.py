@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .precision import decode, is_16bit
+from .precision import decode, decoder, is_16bit
 
 
 class RowArray(Protocol):
@@ -79,24 +79,28 @@ def gather_rows(arr: RowArray, indices: np.ndarray, out: np.ndarray | None = Non
     return np.take(data, indices, axis=0, out=out, mode="clip")
 
 
-# 16-bit rows are decoded in runs of about this many stored bytes: the run stays in the core's cache
-# between its gather and its decode.
+# 16-bit rows are gathered in runs of about this many stored bytes, each decoded while it is in the core's cache.
 DECODE_RUN_BYTES = 256 << 10
 
 
 def _gather_decoded(arr: RowArray, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """16-bit rows ``arr[indices]`` decoded into float32 ``out``: a run of rows at a time for mapped
-    arrays, never a float32 copy of the table; arrays that gather themselves decode per part."""
+    """16-bit rows ``arr[indices]`` decoded into float32 ``out``, never a float32 copy of the table: mapped
+    rows a run at a time through a buffer that stays in the cache; arrays that gather themselves decode per part."""
     if isinstance(arr, ConcatRows | LazyShard):
         return arr.take_rows_into(indices, out)
-    if not isinstance(arr, np.ndarray):
+    if not isinstance(arr, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous or not len(indices):
         return decode(gather_rows(arr, indices), out)
-    row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
-    run = max(1, DECODE_RUN_BYTES // max(1, row_bytes))
-    buffer = np.empty((min(run, len(indices)), *arr.shape[1:]), dtype=arr.dtype)
-    for a in range(0, len(indices), run):
-        b = min(a + run, len(indices))
-        decode(gather_rows(arr, indices[a:b], buffer[: b - a]), out[a:b])
+    table = arr
+    if not arr.flags.aligned and arr.flags.c_contiguous:  # gathered as bytes (gather_rows says why)
+        table = arr.view(np.uint8).reshape(len(arr), -1)
+    run = max(1, DECODE_RUN_BYTES // max(1, table[:1].nbytes))
+    buffer = np.empty((min(run, len(indices)), *table.shape[1:]), dtype=table.dtype)
+    stored = buffer.view(arr.dtype).reshape(len(buffer), *arr.shape[1:])
+    take, kernel = table.take, decoder(arr.dtype)
+    for a in range(0, len(indices), run):  # the per-run cost: only these two calls
+        n = min(run, len(indices) - a)
+        take(indices[a : a + n], 0, buffer[:n], "clip")
+        kernel(stored[:n], out[a : a + n])
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..formats.base import Reader
-from ..formats.precision import BFLOAT16_BITS, use_half_cast
+from ..formats.precision import BFLOAT16_BITS
 from ..schema import PRECISION_FLOAT32, TENSORS
 
 
@@ -33,21 +33,6 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
     """uint16 arrays are bfloat16 bits (NOTE [16-bit storage] in ``formats.precision``): a bfloat16 view."""
     tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if array.dtype == BFLOAT16_BITS else tensor
-
-
-# torch parallelises an element-wise op over this many elements or more (at::internal::GRAIN_SIZE); runs below
-# it stay on the calling thread: a thread pool on a loaded machine costs more than the cast.
-_GRAIN = 1 << 15
-
-
-def _half_to_float(stored: np.ndarray, out: np.ndarray) -> None:
-    """torch's vectorised float16 -> float32 cast (NOTE [float16 casts] in formats.precision)."""
-    flat_in, flat_out = stored.reshape(-1), out.reshape(-1)
-    for a in range(0, flat_in.size, _GRAIN):
-        torch.from_numpy(flat_out[a : a + _GRAIN]).copy_(torch.from_numpy(flat_in[a : a + _GRAIN]))
-
-
-use_half_cast(_half_to_float)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -235,24 +235,6 @@ def test_encode_rounds_as_torch_and_keeps_nan_inf() -> None:
     assert back[4] == np.inf  # beyond bfloat16's largest finite value: rounds to inf, as torch
 
 
-def test_float16_decodes_alike_with_numpys_cast_and_torchs() -> None:
-    """The local front-end hands formats its vectorised torch cast (NOTE [float16 casts]); numpy's is the fallback."""
-    from jasper_ray.formats import precision
-    from jasper_ray.local import batches
-
-    rng = np.random.default_rng(5)
-    values = (rng.standard_normal((90, 1000)) * 10.0 ** rng.integers(-9, 5, (90, 1))).astype(np.float16)
-    values[0, :6] = [np.nan, np.inf, -np.inf, -0.0, 6e-8, 65504]
-    fast = decode(values)
-    precision.use_half_cast(None)
-    try:
-        slow = decode(values)
-    finally:
-        precision.use_half_cast(batches._half_to_float)
-    assert_bits_equal(fast, slow, "torch's cast against numpy's")
-    assert_bits_equal(slow, torch.from_numpy(values).float().numpy(), "numpy's cast against torch's")
-
-
 @pytest.mark.parametrize("precision", SIXTEEN)
 def test_checksums_cover_the_stored_bytes_and_verify_finds_a_change(sixteen, tmp_path: Path, precision, capsys) -> None:
     directory = Path(shutil.copytree(sixteen(precision, None), tmp_path / "ds"))
