@@ -146,9 +146,12 @@ def _torch_cast() -> Kernel:
         import torch  # lazy: ~1 s to import; only a float16 table decoded to float32 needs it (NOTE [float16 casts])
     except ImportError:
         return _numpy_cast
-    from_numpy, step = torch.from_numpy, _TORCH_SERIAL_VALUES
+    from_numpy, threads, step = torch.from_numpy, torch.get_num_threads, _TORCH_SERIAL_VALUES
 
     def cast(stored: np.ndarray, out: np.ndarray) -> None:
+        if threads() == 1:  # no pool to keep off (DataLoader and Ray workers): one call
+            from_numpy(out).copy_(from_numpy(stored))
+            return
         flat_in, flat_out = stored.reshape(-1), out.reshape(-1)
         for a in range(0, flat_in.size, step):
             from_numpy(flat_out[a : a + step]).copy_(from_numpy(flat_in[a : a + step]))

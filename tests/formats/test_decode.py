@@ -35,6 +35,12 @@ def test_float16_decodes_every_pattern_alike_through_torch_and_numpy(monkeypatch
     assert_bits_equal(torch.from_numpy(halves).float().numpy(), want, "torch's own cast")
     assert np.isnan(want[0x7C01]) and want[0x7C00] == np.inf and want[0x0001] == np.float32(2.0**-24)
     assert_bits_equal(decode(halves), want, "torch's cast, in pieces")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in DataLoader and Ray workers: one call, no pieces
+    try:
+        assert_bits_equal(decode(halves), want, "torch's cast, one call")
+    finally:
+        torch.set_num_threads(threads)
     assert_bits_equal(decode(halves[::-1])[::-1], want, "numpy's cast, reversed rows")
     assert_bits_equal(decode(halves, np.empty(2 * halves.size, np.float32)[::2]), want, "numpy's cast, strided out")
     read_only = halves.copy()
