@@ -86,7 +86,7 @@ SIZES = {
 TINY_ARGS = {
     "formats": ["--open-reps", "1", "--gather-reps", "5", "--kw-reps", "1"],
     "loader": ["--batches", "3", "--rounds", "1"],
-    "convert": [],
+    "convert": ["--codecs", "gzip"],  # the codec the scaling model and the plot are of
     "ray_data": ["--rounds", "1"],
     "actors": ["--rounds", "1"],
     "remote": ["--warm", "1"],

@@ -28,7 +28,8 @@ memory (RssAnon: heap and copies, not page cache) summed over the step's whole
 process tree (Ray's GCS, raylet and workers are children of the converting
 process), sampled every ``--interval`` seconds. Targets: owned memory of all
 processes < 10% of the dataset in every step; Ray gzip conversion >= 1.8x the
-single-process writer's MB/s. Free disk is checked first: without enough, the
+single-process writer's MB/s. ``--skip verify,none,pass`` leaves steps 3's
+verify, 4 and 5 out. Free disk is checked first: without enough, the
 script says how much it needs and stops (exit 1). Progress goes to stderr.
 """
 
@@ -57,6 +58,7 @@ OWNED_TARGET = 0.10  # of the dataset's bytes, summed over every process of a st
 SPEEDUP_TARGET = 1.8  # Ray gzip against the single-process writer, MB/s
 DISK_FACTOR = 2.1  # the sources and one uncompressed copy (synth's scratch; the in-place output), and a margin
 BATCH = 1024
+SKIPPABLE = ("verify", "none", "pass")
 PASS = """
 import sys, time
 from jasper_ray import create_loader
@@ -186,12 +188,16 @@ class ScaleBench:
         self.step("convert_gzip", "Ray, gzip, sharded",
                   jasper("convert", str(src), "--compression", "gzip", "--layout", "sharded", "--force", *ray,
                          *quiet))  # fmt: skip
-        self.step("verify_gzip", "verify (gzip, sharded)", jasper("verify", str(src), "--format", "hdf5", *quiet))
+        skip = self.args.skip
+        if "verify" not in skip:
+            self.step("verify_gzip", "verify (gzip, sharded)", jasper("verify", str(src), "--format", "hdf5", *quiet))
         shutil.rmtree(src / "dataset.shards")
-        self.step("convert_none", "Ray, none, one dataset.h5 (in place)",
-                  jasper("convert", str(src), "--compression", "none", "--force", *ray, *quiet))  # fmt: skip
-        self.step("pass", f"one pass of random batches ({BATCH})",
-                  [sys.executable, "-c", PASS, str(src), str(BATCH)])  # fmt: skip
+        if "none" not in skip:
+            self.step("convert_none", "Ray, none, one dataset.h5 (in place)",
+                      jasper("convert", str(src), "--compression", "none", "--force", *ray, *quiet))  # fmt: skip
+        if "pass" not in skip:
+            self.step("pass", f"one pass of random batches ({BATCH})",
+                      [sys.executable, "-c", PASS, str(src), str(BATCH)])  # fmt: skip
 
     def print_tables(self) -> None:
         rows, by_name = [], {s["name"]: s for s in self.steps}
@@ -261,9 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/jr-bench", help="where to put the data (a per-run subdirectory)")
     p.add_argument("--quick", action="store_true", help="2GB by default, for trying the script")
     p.add_argument("--keep", action="store_true", help="keep the data of the last step")
+    p.add_argument(
+        "--skip",
+        type=lambda text: {s.strip() for s in text.split(",") if s.strip()},
+        default=set(),
+        help=f"steps to leave out, comma-separated: {','.join(SKIPPABLE)} (the baseline, synth and the gzip "
+        "conversion always run)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.size = args.size or ("2GB" if args.quick else "30GB")
+    if args.skip - set(SKIPPABLE):
+        p.error(f"--skip {','.join(sorted(args.skip))}: expected a subset of {','.join(SKIPPABLE)}")
     setup_logging(args.verbose)
     from jasper_ray.tools.synth import parse_size
 

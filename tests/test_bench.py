@@ -57,7 +57,7 @@ RECORDS = {
         "formats_precision": 10,
     },
     "loader": {"loader": 19, "loader_overlap": 18, "loader_verify": 4, "loader_precision": 5},
-    "convert": {"convert": 12, "convert_model": 1},
+    "convert": {"convert": 4, "convert_model": 1},  # tiny: gzip only
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
     "remote": {"remote": 1},

@@ -40,7 +40,7 @@ from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS
 from ..storage import Location, locate
 from ..storage.fetch import delete
 from ..validate import validate_dataset
-from .pieces import PieceResult, WorkDir, write_piece
+from .pieces import PieceResult, WorkDir, save_keyword_csr, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import Assembly, allocate_in_place, finish_in_place, publish_sharded, publish_to_bucket
 from .ranged import RemoteOutput, RemoteSource, prepare_source
@@ -258,6 +258,8 @@ def _convert(
         with work:
             try:
                 offsets = allocate_in_place(plan, work.path) if in_place else None
+                if source is None:  # NOTE [keyword lists once] in pieces
+                    save_keyword_csr(reader, plan.columns, work.path)
                 reused = work.existing_pieces()
                 if reused:
                     log.info(

@@ -19,6 +19,13 @@ leaves a record of its digests (``<piece>.done``); a re-run after a killed
 driver finds the file and the records, and reuses a piece when its rows in the
 file hash to its record again.
 
+NOTE [keyword lists once]: upstream stores keyword ids as pickled lists of
+lists; unpickling them (``weights_only``) costs more than converting them, and
+every keyword piece would do it again. The driver, which reads them for the
+plan, leaves their CSR arrays in the work directory (``save_keyword_csr``)
+and the keyword pieces map those. Never in a shard directory: removed before
+the sharded layout is published.
+
 NOTE [unsynced pieces]: a task publishes its part file by rename without
 fsync: on 2 cores an fsync in the task leaves its core idle for ~8% of the
 piece's time. The driver, idle otherwise, syncs what must last while the other
@@ -47,6 +54,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic import TEMP_MARK, atomic_output, writer_tag
 from ..faults import fail_once
 from ..formats import open_dataset
@@ -54,7 +63,7 @@ from ..formats.arrays import RowArray
 from ..formats.base import Reader
 from ..formats.checksum import BlockDigests, BlockHasher, block_digests, block_rows, row_nbytes
 from ..formats.hdf5 import require_h5py
-from ..formats.hdf5_writer import part_digests, write_part, write_rows
+from ..formats.hdf5_writer import KEYWORD_SOURCE, Column, part_digests, write_part, write_rows
 from ..formats.serving import Contiguous
 from ..schema import HDF5_FILE, HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
 from ..storage.fetch import fetched_bytes
@@ -64,6 +73,7 @@ from .ranged import recorded_piece, remote_rows, upload_piece
 # The preallocated file of an in-place conversion, in the work directory, and a finished piece's record beside it.
 IN_PLACE_FILE = HDF5_FILE
 RECORD_SUFFIX = ".done"
+KEYWORD_CSR_PREFIX = "keyword_ids."
 
 
 def record_file(piece_id: str) -> str:
@@ -104,9 +114,29 @@ def _source(dataset_dir: str) -> Reader:
     return open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
 
 
+def keyword_csr_file(column: Column) -> str | None:
+    """The work directory's file of a keyword column's CSR array (NOTE [keyword lists once]), else None."""
+    kind, _, name = column.source.partition(":")
+    return f"{KEYWORD_CSR_PREFIX}{name}.npy" if kind == KEYWORD_SOURCE else None
+
+
+def save_keyword_csr(reader: Reader, columns: list[Column], work_dir: Path) -> None:
+    """The keyword columns' CSR arrays as ``.npy`` files in the work directory (NOTE [keyword lists once])."""
+    for column in columns:
+        name = keyword_csr_file(column)
+        if name is not None:
+            with atomic_output(work_dir / name, durable=False) as temp, open(temp, "wb") as out:
+                np.save(out, np.asarray(column.rows(reader)), allow_pickle=False)
+
+
 @contextlib.contextmanager
 def _rows(task: PieceTask) -> Iterator[RowArray]:
-    """The whole source array of the task's column (read lazily): mapped PT files, or ranged GETs."""
+    """The whole source array of the task's column (read lazily): mapped PT files, the driver's keyword CSR
+    arrays, or ranged GETs."""
+    saved = keyword_csr_file(task.column)
+    if saved is not None and (Path(task.work_dir) / saved).exists():
+        yield np.load(Path(task.work_dir) / saved, mmap_mode="r", allow_pickle=False)
+        return
     if task.source is not None:
         with remote_rows(task.source, task.column, task.ranged) as rows:
             yield rows
@@ -274,7 +304,8 @@ class WorkDir:
         previous = json.loads(plan_file.read_text()).get("key") if plan_file.exists() else None
         for p in self.path.iterdir():
             stale_piece = p.suffix in (HDF5_SUFFIX, RECORD_SUFFIX) and previous != self.plan.key
-            if TEMP_MARK in p.name or stale_piece:  # dead writers' temps; pieces of another plan
+            saved = p.name.startswith(KEYWORD_CSR_PREFIX)  # rewritten by every driver (NOTE [keyword lists once])
+            if TEMP_MARK in p.name or stale_piece or saved:  # dead writers' temps; pieces of another plan
                 p.unlink()
         if previous != self.plan.key:
             with atomic_output(plan_file) as temp:

@@ -31,7 +31,7 @@ from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_man
 from ..schema import COMPRESSION_NONE, LOCK_FILE, MANIFEST, PLAN_FILE, old_dir_name
 from ..storage import Location
 from ..storage.fetch import delete, upload_file
-from .pieces import IN_PLACE_FILE, RECORD_SUFFIX, PieceResult
+from .pieces import IN_PLACE_FILE, KEYWORD_CSR_PREFIX, RECORD_SUFFIX, PieceResult
 from .plan import ConversionPlan, Piece
 from .ranged import RemoteOutput
 
@@ -183,7 +183,7 @@ def manifest_for(plan: ConversionPlan, results: dict[str, PieceResult]) -> Manif
 def publish_sharded(plan: ConversionPlan, work_dir: Path, final_dir: Path, results: dict[str, PieceResult]) -> None:
     """Turn the work directory into ``final_dir`` (shards + manifest) with directory renames."""
     manifest = manifest_for(plan, results)
-    for leftover in (PLAN_FILE, LOCK_FILE):
+    for leftover in (PLAN_FILE, LOCK_FILE, *(p.name for p in work_dir.glob(f"{KEYWORD_CSR_PREFIX}*"))):
         (work_dir / leftover).unlink(missing_ok=True)
     write_manifest(work_dir, manifest)
     old = final_dir.with_name(old_dir_name(final_dir.name, f"{TEMP_MARK}{writer_tag()}"))

@@ -186,8 +186,8 @@ class HDF5Writer(Writer):
     recover from a write failing mid-file (ENOSPC at close leaves the library in a state that segfaults
     the process later, h5py#914), so a full or failing disk fails there, cleanly. For files bounded in
     size (a conversion's pieces). Not ``durable``: published unsynced. ``on_bytes`` gets the bytes of
-    each block written (a progress bar). ``precision`` is what ``write_tensor`` and ``write_from`` store the reducible tensors as (NOTE
-    [16-bit storage] in ``precision``); ``write_column`` stores the dtype it is given.
+    each block written (a progress bar). ``precision``: how ``write_tensor`` and ``write_from`` store the
+    reducible tensors (NOTE [16-bit storage] in ``precision``); ``write_column`` stores the given dtype.
     """
 
     storage_format = "hdf5"

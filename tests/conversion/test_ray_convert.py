@@ -45,11 +45,13 @@ from jasper_ray import (
     validate_dataset,
 )
 from jasper_ray.atomic import TEMP_MARK
+from jasper_ray.conversion.pieces import save_keyword_csr, write_piece
 from jasper_ray.conversion.plan import plan_conversion, work_dir_for
 from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
+from jasper_ray.formats import pt as pt_format
 from jasper_ray.formats.base import is_mapped
 from jasper_ray.formats.sharded import ShardedHDF5Reader
-from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, MANIFEST, SHARDS_DIR, TENSORS
+from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, KEYWORD_IDS, MANIFEST, SHARDS_DIR, TENSORS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -514,6 +516,29 @@ def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase:
         assert list(target.iterdir()) == [], "the space is given back"
 
 
+def test_keyword_pieces_map_the_drivers_csr_not_the_lists(tmp_path: Path, small: Path, monkeypatch) -> None:
+    """NOTE [keyword lists once]: the driver leaves the keyword CSR in the work directory; the keyword pieces
+    write the same rows from it without loading pair_keyword_ids.pt again."""
+    reader = open_dataset(small, storage_format="pt", use_mmap=True)
+    plan = plan_conversion(reader, "gzip", piece_bytes=SMALL_SHARD)
+    save_keyword_csr(reader, plan.columns, tmp_path)
+    csr = (KEYWORD_IDS.h5_values, KEYWORD_IDS.h5_offsets)
+    keyword_tasks = [t for t in plan.tasks(tmp_path) if t.column.h5_path in csr]
+    assert len(keyword_tasks) >= 2
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a keyword piece unpickled the keyword lists")
+
+    monkeypatch.setattr(pt_format, "load_pt", refuse)
+    values, offsets = reader.keyword_csr()
+    for task in keyword_tasks:
+        write_piece(task)
+        expected = values if task.column.h5_path == KEYWORD_IDS.h5_values else offsets
+        with h5py.File(tmp_path / task.piece.file_name, "r") as f:
+            assert np.array_equal(f[task.column.h5_path][:], expected[task.piece.start : task.piece.stop])
+    reader.close()
+
+
 # --- 7: the sharded layout ------------------------------------------------------------------------------
 
 
@@ -533,6 +558,8 @@ def test_sharded_layout_reads_the_same_as_the_single_file(big_sharded: Path, big
     single = open_dataset(big_single_lzf.parent, storage_format="hdf5", use_mmap=True)
     assert isinstance(sharded, ShardedHDF5Reader) and not isinstance(single, ShardedHDF5Reader)
     assert open_dataset(big_sharded).storage_format == "hdf5", "auto-detection finds the manifest"
+    shards = {p.name for p in (big_sharded / SHARDS_DIR).iterdir()}
+    assert {n for n in shards if not n.endswith(".h5")} == {MANIFEST}, "only shards and the manifest: no work files"
     assert sharded.verify_checksums() == []
     validate_dataset(sharded)
     boundary = 65536  # the steering tensors' first shard ends here
