@@ -125,9 +125,10 @@ Kernel = Callable[[np.ndarray, np.ndarray], object]
 def _shift(stored: np.ndarray, out: np.ndarray) -> None:
     """bfloat16 bits into the upper halves of C-contiguous float32 ``out``, zeros into the lower halves.
 
-    One widening cast, twice as fast as numpy's ``left_shift`` into uint32 (which widens into a buffer, then
-    shifts): ``out`` seen as uint32 from two bytes in puts each widened value's bits in a float's upper
-    half and its zero upper half in the next float's lower half. The two end halves are set apart."""
+    One widening cast, faster than numpy's ``left_shift`` into uint32 (which widens into a buffer, then shifts:
+    2x the time in the cache, 1.2x into a batch in memory): ``out`` seen as uint32 from two bytes in puts each
+    widened value's bits in a float's upper half and its zero upper half in the next float's lower half. The
+    two end halves are set apart."""
     bits, halves = stored.reshape(-1), out.reshape(-1).view(np.uint16)
     if bits.size:
         np.copyto(halves[1:-1].view(np.uint32), bits[:-1], casting="safe")
