@@ -158,6 +158,8 @@ def rate_table(bench: str, title: str, measured: list[list[float]], notes: list[
             f">= {FLOAT32_TARGET}x (16-bit rows decoded inside the gather, no float32 copy of a table)",
             "second epoch of a fresh dataset each (the first maps pages and checks each block once); page cache "
             "warm; variants interleaved round by round; bfloat16 served as stored is uint16 bits (torch.bfloat16)",
+            "served as float32, the decode is a second pass that writes the float32 batch: scripts/diag_decode.py "
+            "times a decoding gather's parts (float16: torch's cast, NOTE [float16 casts] in formats.precision)",
             *notes,
         ],
         align="llrrrrc",
