@@ -141,7 +141,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
             runtime_env={"env_vars": READER_ENV},
             log_to_driver=False,
         )
-        t_ray = time.perf_counter()
+        t_ray, cpu_driver = time.perf_counter(), time.process_time()
         try:
             report = convert(
                 src_dir,
@@ -154,6 +154,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
                 force=True,  # timed: never the up-to-date no-op
             )
             seconds = time.perf_counter() - t0
+            cpu_driver = time.process_time() - cpu_driver
             # A worker's RSS with the shard task's imports and no shard: the floor its peak is measured from.
             probe = ray.remote(num_cpus=1)(worker_baseline)
             idle = min(rss for _, rss in ray.get([probe.remote() for _ in range(workers)]))
@@ -176,14 +177,16 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
             worker_peak_rss=busiest.worker_peak_rss,
             worker_idle_rss=idle,
             worker_pids=len({r.worker_pid for r in results}),
+            cpu_seconds=sum(r.cpu_seconds for r in results) + cpu_driver,
+            driver_cpu_seconds=cpu_driver,
         )
     else:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if method == "single":
             convert_pt_to_hdf5(src_dir, compression, output=out, validate=False, progress=False, force=True)
         else:
             upstream_convert(src_dir, out, compression)
-        result["seconds"] = time.perf_counter() - t0
+        result["seconds"], result["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - cpu0
     result["output_bytes"] = out.stat().st_size
     result["driver_peak_rss"] = proc_status()["VmHWM"]
     return result
@@ -411,6 +414,13 @@ class Bench:
                 f"target: Ray with all cores >= {WRITER_SPEEDUP_TARGET}x (b) the single-process writer for gzip: "
                 f"{fmt_ratio(with_init)} with ray.init, {fmt_ratio(up)} once Ray is up (a running cluster: "
                 f"{gz_b['seconds']:.1f} s -> {gz_d['convert_seconds']:.1f} s): {verdict(up >= WRITER_SPEEDUP_TARGET)}"
+            )
+            work, cores = gz_d["cpu_seconds"], gz_d["workers"]
+            notes.append(
+                f"CPU time (gzip): the single-process writer {gz_b['cpu_seconds']:.1f} s; Ray, all cores: the tasks "
+                f"{work - gz_d['driver_cpu_seconds']:.1f} s + the driver {gz_d['driver_cpu_seconds']:.1f} s = "
+                f"{work / gz_b['cpu_seconds']:.2f}x the writer's, so {cores} cores can reach at most "
+                f"{fmt_ratio(cores * gz_b['cpu_seconds'] / work)} of its speed (Ray's own processes not counted)"
             )
         for compression in self.compressions:
             r = self.runs[(compression, "rayN")]
