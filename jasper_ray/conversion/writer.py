@@ -21,15 +21,18 @@ from tqdm.auto import tqdm
 
 from ..fingerprint import fingerprint
 from ..formats import open_dataset
+from ..formats.base import Reader
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.hdf5 import require_h5py
 from ..formats.hdf5_writer import BLOCK_BYTES, GROUP_ORDER, HDF5Writer, columns
 from ..formats.precision import check_precision
 from ..formats.pt import PTReader
 from ..schema import HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32
+from ..storage import locate
 from ..validate import validate_dataset
 from .plan import PIECE_BYTES
-from .remote import convert_staged, is_remote_job
+from .ranged import RangedPTReader, prepare_source
+from .remote import convert_staged, is_remote_job, output_location, staged_output
 from .up_to_date import why_convert
 
 if TYPE_CHECKING:
@@ -156,24 +159,36 @@ def convert_pt_to_hdf5(
     The PT files are kept. A crash leaves the previous ``dataset.h5`` (or
     none), never a partial file. An output already converted from these PT files with these options
     is left as it is (the report says ``up_to_date``) unless ``force``. Source and output may be
-    ``pyarrow.fs`` URIs (or paths inside ``filesystem``): they are staged in the node-local cache
-    (``cache_dir``), see ``conversion.remote``. ``precision`` ("float32", "float16", "bfloat16") is what
-    the embedding and steering tensors are stored as (NOTE [16-bit storage] in ``formats.precision``).
+    ``pyarrow.fs`` URIs (or paths inside ``filesystem``): a remote source's rows are read by byte ranges as
+    they are written (NOTE [ranged sources] in ``conversion.ranged``), a remote output is written in the
+    node-local cache (``cache_dir``) and uploaded whole (``conversion.remote``). ``precision`` ("float32",
+    "float16", "bfloat16") is what the embedding and steering tensors are stored as (NOTE [16-bit storage]
+    in ``formats.precision``).
     """
-    if is_remote_job(dataset_dir, output, filesystem):
-        options: dict[str, Any] = dict(
-            compression_opts=compression_opts, shuffle=shuffle, validate=validate, progress=progress
-        )
-        options["precision"] = precision
-        return convert_staged(
-            convert_pt_to_hdf5, dataset_dir, output=output, filesystem=filesystem, cache_dir=cache_dir,
-            compression=compression, block_bytes=block_bytes, force=force, **options,
-        )  # fmt: skip
     require_h5py()  # before any work, when h5py is missing
-    dataset_dir = Path(dataset_dir)
-    output = Path(output) if output is not None else dataset_dir / HDF5_FILE
     check_options(compression, compression_opts, shuffle)  # bad options fail before any work
     check_precision(precision)
+    options: dict[str, Any] = dict(
+        compression_opts=compression_opts, shuffle=shuffle, validate=validate, progress=progress,
+        block_bytes=block_bytes, precision=precision,
+    )  # fmt: skip
+    if is_remote_job(dataset_dir, output, filesystem):
+        location = locate(dataset_dir, filesystem)
+        if not location.is_remote:  # a local source into a remote output
+            return convert_staged(
+                convert_pt_to_hdf5, dataset_dir, output=output, filesystem=filesystem, cache_dir=cache_dir,
+                compression=compression, force=force, **options,
+            )  # fmt: skip
+        source = prepare_source(location, cache_dir)
+        target = output_location(location, output, filesystem, LAYOUT_SINGLE)
+        if target is None:
+            return _write(source.reader(), source.fingerprint, Path(str(output)), compression, **options)
+        with staged_output(target, cache_dir, LAYOUT_SINGLE) as staged:
+            report = _write(source.reader(), source.fingerprint, staged, compression, **options)
+        report.output = target.uri
+        return report
+    dataset_dir = Path(dataset_dir)
+    output = Path(output) if output is not None else dataset_dir / HDF5_FILE
     up_to_date = (
         None
         if force
@@ -182,9 +197,27 @@ def convert_pt_to_hdf5(
     if up_to_date is not None:
         return up_to_date
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
-    log.info("Converting PT format to HDF5 in %s", dataset_dir)
+    return _write(reader, fingerprint(reader.files()), output, compression, **options)
+
+
+def _write(
+    reader: Reader,
+    source_fingerprint: dict[str, Any],
+    output: Path,
+    compression: str | None,
+    *,
+    compression_opts: CompressionOpts,
+    shuffle: bool,
+    validate: bool,
+    progress: bool,
+    block_bytes: int,
+    precision: str,
+) -> ConversionReport:
+    """``reader``'s PT dataset into ``output``: mapped local files, or a remote source's ranged rows (whose
+    float tables are checked as they are read: ``validate`` scans only the rest)."""
+    log.info("Converting PT format to HDF5 in %s", reader.directory)
     if validate:
-        validate_dataset(reader, progress=progress, scan_floats=True)
+        validate_dataset(reader, progress=progress, scan_floats=not isinstance(reader, RangedPTReader))
     started = time.perf_counter()
     found = columns(reader, precision)
     check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take
@@ -200,7 +233,7 @@ def convert_pt_to_hdf5(
             precision=precision,
         ) as w,
     ):
-        w.write_config(reader.config, fingerprint(reader.files()))
+        w.write_config(reader.config, source_fingerprint)
         group = None
         for column in found:
             if column.group != group:

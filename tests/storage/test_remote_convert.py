@@ -1,8 +1,8 @@
 """Conversions and CLI commands on s3:// URIs.
 
-The single-process writer stages a remote source in the cache and uploads its output whole. Ray
-conversions read a remote source by byte ranges in the tasks and the tasks upload the shards of a
-remote sharded output (NOTE [ranged sources], NOTE [pieces in the bucket] in conversion/ranged).
+The single-process writer reads a remote source by byte ranges as it writes and uploads its output
+whole. Ray conversions read a remote source by byte ranges in the tasks and the tasks upload the shards
+of a remote sharded output (NOTE [ranged sources], NOTE [pieces in the bucket] in conversion/ranged).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from jasper_ray import ConversionError, ValidationError, convert, convert_pt_to_
 from jasper_ray.conversion.plan import plan_conversion
 from jasper_ray.formats.checksum import row_nbytes
 from jasper_ray.schema import ATTR_FINGERPRINT, MANIFEST, TENSORS
+from jasper_ray.storage.fetch import fetched_bytes
 
 
 def _assert_same_tensors(got_uri: str, small_dir: Path, cache: Path) -> None:
@@ -42,6 +43,25 @@ def test_single_process_conversion_from_s3_to_s3(remote: dict[str, str], small_d
     assert report.output == f"{out}/dataset.h5"
     _assert_same_tensors(out, small_dir, tmp_path / "read")
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir()), "staging removed"
+
+
+def test_single_process_ranged_source_equals_the_local_conversion(
+    s3: S3Endpoint, ranged_src: Path, tmp_path: Path
+) -> None:
+    uri = s3.upload(ranged_src, s3.bucket(), "ds-single")
+    want, got = tmp_path / "want.h5", tmp_path / "got.h5"
+    convert_pt_to_hdf5(ranged_src, "gzip", output=want, progress=False)
+    before = fetched_bytes()
+    convert_pt_to_hdf5(uri, "gzip", output=got, progress=False, cache_dir=tmp_path / "c", block_bytes=1 << 20)
+    # Read by byte ranges as written: the tensors' data are holes in the cache's skeleton, and about the
+    # source's bytes were fetched (windows of each object, its rows once; validation reads ids and scores again).
+    cached = list((tmp_path / "c").rglob("*.pt"))
+    assert sum(p.stat().st_blocks * 512 for p in cached) < sum(p.stat().st_size for p in cached) // 2
+    source_bytes = sum(p.stat().st_size for p in ranged_src.glob("*.pt"))
+    assert fetched_bytes() - before < 1.3 * source_bytes, (fetched_bytes() - before, source_bytes)
+    expected, objects = h5_objects(want), h5_objects(got)
+    expected["/"][1].pop(ATTR_FINGERPRINT), objects["/"][1].pop(ATTR_FINGERPRINT)
+    assert objects == expected, "bit for bit but for the sources' fingerprint (objects: ETags, not file bytes)"
 
 
 def test_ray_conversion_of_an_s3_source_writes_the_sharded_layout_beside_it(
