@@ -29,7 +29,7 @@ import numpy as np
 from ..config import allows_nonfinite, read_config_file
 from ..errors import ChecksumError, DatasetFormatError, DatasetNotFoundError
 from ..schema import CONFIG_FILE, PRECISION_DTYPES, PRECISION_FLOAT32, TENSOR, TENSORS
-from .arrays import RowArray, advise_huge_pages, check_indices, gather_rows, is_mapped
+from .arrays import RowArray, advise_huge_pages, check_indices, gather_rows, is_mapped, will_need
 from .checksum import RecordedChecksum, block_rows, row_nbytes, verify_checksums
 from .precision import BFLOAT16_BITS, is_16bit, precision_of
 from .verified import TouchGuard, Unit, VerifyMode, block_units, check_finite
@@ -151,9 +151,10 @@ class Reader(ABC):
         """Rows ``start:stop`` as stored (a view of the mapping where there is one), checked
         (NOTE [first-touch verification])."""
         arr = self.array(name)
+        a, b, _ = slice(start, stop).indices(arr.shape[0])
+        will_need(arr, a, b)  # a range is read whole: read it ahead (mappings of large datasets are MADV_RANDOM)
         guard = self._guard(name)
         if guard is not None:
-            a, b, _ = slice(start, stop).indices(arr.shape[0])
             guard.touch_range(arr, a, b)
         return np.asarray(arr[start:stop])
 
@@ -290,8 +291,10 @@ class Reader(ABC):
             if spec.dtype.kind == "f" and self.has_tensor(spec.name):
                 shape = self.shape(spec.name)
                 step = max(1, block_rows(shape, spec.dtype.itemsize))
+                rows = self.array(spec.name)
                 for a in range(0, shape[0], step):
-                    check_finite(self.location(spec.name), np.asarray(self.array(spec.name)[a : a + step]), a)
+                    will_need(rows, a, a + step)
+                    check_finite(self.location(spec.name), np.asarray(rows[a : a + step]), a)
 
     @property
     def n_pairs(self) -> int:

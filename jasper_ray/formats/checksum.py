@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 
 from ..errors import DatasetFormatError
-from .arrays import RowArray
+from .arrays import RowArray, will_need
 from .chunks import rows_per_chunk
 from .precision import BFLOAT16_BITS
 
@@ -188,6 +188,7 @@ def block_digests(
     """The digests of ``rows``, read ``block_rows`` at a time (``on_block`` gets each block's bytes)."""
     hasher = BlockHasher(block_rows, row_bytes)
     for start in range(0, rows.shape[0], block_rows):
+        will_need(rows, start, start + block_rows)
         block = np.asarray(rows[start : start + block_rows])
         hasher.update(block)
         if on_block is not None:

@@ -55,7 +55,7 @@ from ..schema import (
     TENSORS,
     split_h5_path,
 )
-from .arrays import RowArray
+from .arrays import RowArray, will_need
 from .base import Reader, Writer
 from .checksum import (
     SHA256_SIZE,
@@ -80,8 +80,7 @@ BLOCK_BYTES = 64 << 20
 # Block digests kept per dataset (attributes: HDF5's compact attributes hold < 64 KiB each, so up to ~30 GiB of
 # a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
 MAX_BLOCK_DIGESTS = 1800
-# Uncompressed part files are copied in runs of about this many bytes.
-COPY_BYTES = 64 << 20
+COPY_BYTES = 64 << 20  # uncompressed part files are copied in runs of about this many bytes
 # The top-level groups of the file, in upstream's order (its converter writes them so): the schema's
 # tensor groups as they first appear, then the splits.
 GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H5_GROUP)
@@ -167,6 +166,7 @@ def write_rows(
     precision = precision_of(dset.dtype) if is_16bit(dset.dtype) and np.dtype(rows.dtype).kind == "f" else None
     where = str(getattr(dset, "name", "") or getattr(dset, "path", "")).lstrip("/")
     for a, b in row_blocks(stop - start, row_bytes, align, block_bytes):
+        will_need(rows, start + a, start + b)
         if precision is None:
             block = np.ascontiguousarray(rows[start + a : start + b], dtype=dset.dtype)
         else:

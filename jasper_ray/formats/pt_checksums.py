@@ -34,7 +34,7 @@ import numpy as np
 from ..atomic import atomic_output
 from ..errors import DatasetFormatError
 from ..schema import PT_CHECKSUMS, TENSOR
-from .arrays import RowArray
+from .arrays import RowArray, will_need
 from .checksum import FAST_DIGEST_SIZE, BlockHasher, block_rows, row_nbytes
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def record_pt_checksums(directory: Path, arrays: Mapping[str, RowArray]) -> Path
         step = block_rows(shape, rows.dtype.itemsize)
         hasher = BlockHasher(step, row_nbytes(shape, rows.dtype), sha256=False)
         for a in range(0, shape[0], step):
+            will_need(rows, a, a + step)
             hasher.update(np.asarray(rows[a : a + step]))
         digests = hasher.finish()
         tensors[spec.name] = {

@@ -39,7 +39,7 @@ import xxhash
 from ..config import ALLOW_NONFINITE
 from ..errors import ChecksumError, ValidationError
 from ..schema import CONFIG_FILE
-from .arrays import RowArray
+from .arrays import RowArray, will_need
 from .checksum import block_digests, scan_rows
 from .precision import BFLOAT16_BITS, decode
 
@@ -181,6 +181,7 @@ class TouchGuard:
     def _check_unit(self, rows: RowArray, u: int) -> None:
         """Hash the unit and scan its values in one pass of ``SCAN_BYTES`` pieces (each read from memory once)."""
         unit = self.units[u]
+        will_need(rows, unit.start, unit.stop)
         block = np.ascontiguousarray(rows[unit.start : unit.stop])
         if unit.fast is None and unit.digest is None and unit.combined is not None:  # an earlier version's file
             got = block_digests(block, unit.block_rows, self.row_bytes)

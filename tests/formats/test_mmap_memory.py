@@ -12,7 +12,9 @@ The files are deleted afterwards.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -171,3 +173,40 @@ def test_huge_pages_only_for_a_dataset_the_page_cache_can_hold(tmp_path: Path) -
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     advise_huge_pages(large, ram)  # a dataset as large as RAM
     assert "rr" in _vm_flags(large) and "hg" not in _vm_flags(large)
+
+
+def _resident(arr: np.ndarray) -> float:
+    """The share of ``arr``'s pages in the page cache and mapped (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = arr.__array_interface__["data"][0]
+    first = start - start % page
+    length = start + arr.nbytes - first
+    vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+    assert libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / len(vec)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise, mincore and smaps are Linux's")
+def test_scans_read_ahead_the_blocks_of_a_mapping_advised_random(tmp_path: Path) -> None:
+    """A dataset larger than half the RAM is mapped MADV_RANDOM (4 KB a fault from disk); a scan in order reads
+    each block ahead whole (``will_need``) and leaves the mapping random for the gathers that follow."""
+    from jasper_ray.formats.arrays import advise_huge_pages, will_need
+
+    path = tmp_path / "table.bin"
+    np.arange(4 << 20, dtype=np.float32).reshape(-1, 256).tofile(path)  # 16 MiB, 16384 rows
+    table = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, 256).view(np.ndarray)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    advise_huge_pages(table, ram)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written back, so that it can leave the page cache: not yet read
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _resident(table) < 0.1
+    will_need(table, 1024, 9216)  # 8 MiB of rows
+    assert _resident(table[1024:9216]) > 0.99, "the block is read and mapped"
+    assert _resident(table[12288:]) < 0.1, "nothing beyond it"
+    assert "rr" in _vm_flags(table[1024:9216]) and "sr" not in _vm_flags(table[1024:9216]), "random again"
+    assert np.array_equal(table[1024:9216].reshape(-1), np.arange(1024 * 256, 9216 * 256, dtype=np.float32))
