@@ -141,7 +141,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
             runtime_env={"env_vars": READER_ENV},
             log_to_driver=False,
         )
-        t_ray, cpu_driver = time.perf_counter(), time.process_time()
+        t_ray, cpu_driver, called_at = time.perf_counter(), time.process_time(), time.time()
         try:
             report = convert(
                 src_dir,
@@ -153,7 +153,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
                 validate=False,
                 force=True,  # timed: never the up-to-date no-op
             )
-            seconds = time.perf_counter() - t0
+            seconds, returned_at = time.perf_counter() - t0, time.time() - called_at
             cpu_driver = time.process_time() - cpu_driver
             # A worker's RSS with the shard task's imports and no shard: the floor its peak is measured from.
             probe = ray.remote(num_cpus=1)(worker_baseline)
@@ -178,6 +178,11 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
             worker_idle_rss=idle,
             worker_pids=len({r.worker_pid for r in results}),
             cpu_seconds=sum(r.cpu_seconds for r in results) + cpu_driver,
+            # The timeline: when the first task began after convert() was called, when the last one ended.
+            first_task_at=min(r.started_at for r in results) - called_at,
+            last_task_end=max(r.started_at + r.seconds for r in results) - called_at,
+            task_seconds=sum(r.seconds for r in results),
+            returned_at=returned_at,
             driver_cpu_seconds=cpu_driver,
         )
     else:
@@ -421,6 +426,13 @@ class Bench:
                 f"{work - gz_d['driver_cpu_seconds']:.1f} s + the driver {gz_d['driver_cpu_seconds']:.1f} s = "
                 f"{work / gz_b['cpu_seconds']:.2f}x the writer's, so {cores} cores can reach at most "
                 f"{fmt_ratio(cores * gz_b['cpu_seconds'] / work)} of its speed (Ray's own processes not counted)"
+            )
+            span = gz_d["last_task_end"] - gz_d["first_task_at"]
+            notes.append(
+                f"timeline (gzip, all cores): the first task began {gz_d['first_task_at']:.1f} s after convert() was "
+                f"called (the plan, worker start-up), the last ended at {gz_d['last_task_end']:.1f} s, "
+                f"{gz_d['returned_at'] - gz_d['last_task_end']:.1f} s before convert() returned; between them the "
+                f"{cores} workers were busy {gz_d['task_seconds'] / (cores * span):.0%} of the time"
             )
         for compression in self.compressions:
             r = self.runs[(compression, "rayN")]

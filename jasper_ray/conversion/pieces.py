@@ -97,6 +97,7 @@ class PieceResult:
     fetched_bytes: int = 0  # read from object storage by the task (a remote source's rows)
     finite: bool | None = None  # every value finite (floats)
     cpu_seconds: float = 0.0  # the task's CPU time (user + system), to tell work from waiting on a busy machine
+    started_at: float = 0.0  # time.time() when the task began: a conversion's timeline (idle workers, the tail)
 
     def block_digests(self) -> BlockDigests:
         return BlockDigests.from_hex(self.digests, self.fast_digests, self.finite)
@@ -201,7 +202,7 @@ def write_in_place(task: PieceTask) -> BlockDigests:
 def write_piece(task: PieceTask) -> PieceResult:
     """Write (or reuse, if it verifies) one piece: its part file, published atomically under ``work_dir``, its
     rows in place (``task.in_place_offset``, NOTE [in-place assembly]), or its shard uploaded (``task.upload``)."""
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
     fetched = fetched_bytes()
     require_h5py()  # before any work, when h5py is missing
     if task.upload is not None:
@@ -223,6 +224,7 @@ def write_piece(task: PieceTask) -> PieceResult:
         fetched_bytes=fetched_bytes() - fetched,
         finite=digests.finite,
         cpu_seconds=time.process_time() - cpu_started,
+        started_at=started_at,
     )
 
 
