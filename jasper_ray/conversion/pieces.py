@@ -17,7 +17,11 @@ piece's block digests are the tensor's own, exactly what a part file would
 record: no digest is computed after the writes. A piece syncs its rows, then
 leaves a record of its digests (``<piece>.done``); a re-run after a killed
 driver finds the file and the records, and reuses a piece when its rows in the
-file hash to its record again.
+file hash to its record again. Assembly is then metadata only: checksum
+attributes, fsync and one rename (``publish.finish_in_place``). The file is
+published only by that rename, so a killed driver or task leaves the hidden
+work directory (locked, its lock naming host.pid.start), never a half
+``dataset.h5``.
 
 NOTE [keyword lists once]: upstream stores keyword ids as pickled lists of
 lists; unpickling them (``weights_only``) costs more than converting them, and
@@ -32,11 +36,7 @@ piece's time. The driver, idle otherwise, syncs what must last while the other
 tasks go on: each shard of the sharded layout as it returns; for one
 ``dataset.h5``, only the file the parts are copied into. A part file that a
 crash left torn is no danger: a re-run reuses a piece only when its rows hash
-to the digests it records. Assembly is then metadata only: checksum
-attributes, fsync and one rename (``publish.finish_in_place``). The file is
-published only by that rename, so a killed driver or task leaves the hidden
-work directory (locked, its lock naming host.pid.start), never a half
-``dataset.h5``.
+to the digests it records.
 """
 
 from __future__ import annotations
