@@ -120,7 +120,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
 
         import ray
 
-        from jasper_ray.conversion.parallel import READER_ENV, convert
+        from jasper_ray.conversion.parallel import connect_for_conversion, convert
         from jasper_ray.conversion.plan import plan_conversion
         from jasper_ray.schema import KEYWORD_IDS
 
@@ -134,13 +134,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
         result["plan_seconds"] = time.perf_counter() - t0
         workers = 1 if method == "ray1" else os.cpu_count() or 1
         t0 = time.perf_counter()
-        ray.init(
-            address="local",  # a new instance, never a `ray start` cluster left running on this machine
-            num_cpus=workers,
-            include_dashboard=False,
-            runtime_env={"env_vars": READER_ENV},
-            log_to_driver=False,
-        )
+        connect_for_conversion(None, workers)  # a new local instance, as `jasper-ray convert` starts it
         t_ray, cpu_driver, called_at = time.perf_counter(), time.process_time(), time.time()
         try:
             report = convert(

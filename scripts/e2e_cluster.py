@@ -75,9 +75,7 @@ def warm_up(ray) -> None:
     """Start a worker with jasper_ray imported on every node, so timings compare conversions, not start-up."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jasper_ray.conversion.parallel import READER_ENV
-
-    warm = ray.remote(num_cpus=1, runtime_env={"env_vars": READER_ENV})(_warm)  # the conversion's worker pool
+    warm = ray.remote(num_cpus=1)(_warm)  # the conversion's worker pool (NOTE [prestarted workers])
     ray.get(
         [
             warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()

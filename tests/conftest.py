@@ -7,8 +7,9 @@ on ``dataset_copy`` (a fresh ``shutil.copytree`` of the small dataset).
 Ray: a test that needs it takes the session-scoped ``ray_session`` fixture (directly, or through a
 module fixture of its own); it yields the imported ``ray`` module, initialised. Starting Ray costs
 ~5 s on the 2-core CI machines, so it is started once per test session, on first use, and shut down
-at the end: a local Ray with ``RAY_NUM_CPUS`` CPUs, a small object store, no dashboard, and the
-runtime env every reader needs (``HDF5_USE_FILE_LOCKING=FALSE``). Code under test that calls
+at the end: a local Ray with ``RAY_NUM_CPUS`` CPUs, a small object store, no dashboard and no runtime env
+(as users start it: nothing of jasper_ray's may need HDF5_USE_FILE_LOCKING set, NOTE [prestarted workers] in
+``conversion.parallel``; the workers inherit ``SDK_ENV`` from this process). Code under test that calls
 ``ray.init`` only when ``not ray.is_initialized()`` (as ``jasper_ray.convert`` does) runs on this
 session and leaves it up. Rules for tests sharing it:
 
@@ -110,7 +111,6 @@ def empty_keywords_converted(
 
 RAY_NUM_CPUS = 2
 RAY_OBJECT_STORE_BYTES = 256 << 20
-RAY_ENV_VARS = {"HDF5_USE_FILE_LOCKING": "FALSE", **SDK_ENV}
 os.environ.update(SDK_ENV)  # also for a Ray that a test's code starts itself, and for child processes
 
 
@@ -129,7 +129,6 @@ def ray_session() -> Iterator[Any]:
             num_cpus=RAY_NUM_CPUS,
             object_store_memory=RAY_OBJECT_STORE_BYTES,
             include_dashboard=False,
-            runtime_env={"env_vars": dict(RAY_ENV_VARS)},
         )
         try:
             yield ray

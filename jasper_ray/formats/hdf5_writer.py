@@ -90,8 +90,8 @@ KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
 
 
 def create_file(target: str | os.PathLike | BinaryIO) -> Any:
-    """A new HDF5 file (a path or a file object) for writing, with ``ALIGNMENT``."""
-    return require_h5py().File(target, "w", alignment_threshold=1, alignment_interval=ALIGNMENT)
+    """A new HDF5 file for writing, with ``ALIGNMENT``; unlocked (NOTE [prestarted workers], conversion.parallel)."""
+    return require_h5py().File(target, "w", alignment_threshold=1, alignment_interval=ALIGNMENT, locking=False)
 
 
 @dataclass(frozen=True)

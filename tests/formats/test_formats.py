@@ -635,3 +635,21 @@ def test_not_an_hdf5_file(dataset_copy: Path) -> None:
 def test_auto_prefers_a_fresh_hdf5(converted, small_dir: Path) -> None:
     assert open_dataset(converted("gzip")).storage_format == "hdf5"
     assert open_dataset(small_dir).storage_format == "pt"
+
+
+def test_new_hdf5_files_are_written_without_a_file_lock(tmp_path: Path) -> None:
+    """Piece tasks carry no HDF5_USE_FILE_LOCKING (NOTE [prestarted workers]): the files they write take no lock
+    of their own, so a process with HDF5's default locking opens one while it is being written."""
+    import subprocess
+    import sys
+
+    from jasper_ray.formats.hdf5_writer import create_file
+
+    path = tmp_path / "part.h5"
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    read = "import h5py, sys; print(h5py.File(sys.argv[1], 'r')['x'][:].tolist())"
+    with create_file(path) as f:
+        f["x"] = np.arange(3)
+        f.flush()
+        run = subprocess.run([sys.executable, "-c", read, str(path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "[0, 1, 2]", run.stderr[-500:]
