@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .. import faults
 from ..atomic import fsync_path
 from ..errors import ConversionError
+from ..fingerprint import fingerprint_in_background
 from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.precision import check_precision
@@ -267,9 +269,10 @@ def _convert(
     log.info(
         "Converting PT format to HDF5 in %s (Ray, layout=%s)", source.location.uri if source else dataset_dir, layout
     )
+    whole: Future | None = None  # hashed while this validates and converts: NOTE [crc32 beside the work]
+    fingerprint, whole = (source.fingerprint, None) if source else fingerprint_in_background(reader.files())
     if validate:  # a remote source's float tables: checked by the tasks (NOTE [ranged sources] in ranged)
         validate_dataset(reader, progress=progress, scan_floats=source is None)
-    fingerprint = source.fingerprint if source is not None else None
     started_ray = connect_for_conversion(address, num_workers)
     try:
         _warm_up(ray)  # NOTE [prestarted workers]
@@ -303,11 +306,13 @@ def _convert(
                     with Assembly(plan, work.path, output) as assembly:
                         results = run(on_result=assembly.add)
                         pieces_done = time.perf_counter()
+                        plan.source_fingerprint = whole.result() if whole else plan.source_fingerprint
                         assembly.finish(results)
                 else:
                     shards = layout != LAYOUT_SINGLE and upload is None  # synced here (NOTE [unsynced pieces])
                     results = run(on_result=functools.partial(_sync_shard, work.path) if shards else None)
                     pieces_done = time.perf_counter()
+                    plan.source_fingerprint = whole.result() if whole else plan.source_fingerprint
                 if in_place:
                     finish_in_place(plan, work.path, output, results)
                 elif upload is not None:

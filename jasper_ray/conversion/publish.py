@@ -14,6 +14,7 @@ file becomes a shard. Formats own the bytes (``formats.hdf5_writer``,
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from ..formats.hdf5_writer import HDF5Writer
 from ..formats.precision import mark_precision
 from ..formats.serving import allocate_dataset
 from ..formats.sharded import Manifest, ManifestShard, ManifestTensor, write_manifest
-from ..schema import COMPRESSION_NONE, LOCK_FILE, MANIFEST, PLAN_FILE, old_dir_name
+from ..schema import ATTR_FINGERPRINT, COMPRESSION_NONE, LOCK_FILE, MANIFEST, PLAN_FILE, old_dir_name
 from ..storage import Location
 from ..storage.fetch import delete, upload_file
 from .pieces import IN_PLACE_FILE, KEYWORD_CSR_PREFIX, RECORD_SUFFIX, PieceResult
@@ -82,7 +83,6 @@ class Assembly:
 
     def __enter__(self) -> Assembly:
         writer = self._writer.__enter__()
-        writer.write_config(self.plan.config, self.plan.source_fingerprint)
         for column in self.plan.columns:  # in the file's order, as the single-process writer creates them
             self._datasets[column.h5_path] = writer.create_dataset(column.h5_path, column.shape, column.dtype)
         return self
@@ -95,9 +95,11 @@ class Assembly:
         return self._writer.copy_part(self._datasets[piece.h5_path], part, piece.start)
 
     def finish(self, results: dict[str, PieceResult]) -> None:
-        """Every dataset's checksum from its pieces' digests (each piece added before)."""
+        """Every dataset's checksum from its pieces' digests (each piece added before); the config and the
+        plan's source fingerprint, whole by now (NOTE [crc32 beside the work] in fingerprint)."""
         for column in self.plan.columns:
             self._writer.set_checksum(self._datasets[column.h5_path], _digests(results, self.plan.pieces_of(column)))
+        self._writer.write_config(self.plan.config, self.plan.source_fingerprint)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -150,6 +152,7 @@ def finish_in_place(plan: ConversionPlan, work_dir: Path, output: Path, results:
     with require_h5py().File(path, "r+", locking=False) as f:
         for column in plan.columns:
             HDF5Writer.set_checksum(f[column.h5_path], _digests(results, plan.pieces_of(column)))
+        f.attrs[ATTR_FINGERPRINT] = json.dumps(plan.source_fingerprint)  # whole by now; allocated without crc32s
     remove_orphan_temps(output)
     publish(path, output)
 

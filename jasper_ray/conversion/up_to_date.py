@@ -67,7 +67,7 @@ def why_convert(
         if layout == LAYOUT_SINGLE:
             if not output.is_file():
                 return f"{output} does not exist"
-            with h5py.File(output, "r") as f:
+            with h5py.File(output, "r", locking=False) as f:
                 recorded = json_attr(f, ATTR_FINGERPRINT, output)
                 differ = [
                     _options_differ(f[c.h5_path], compression, compression_opts, shuffle, c.dtype) for c in tensors
@@ -84,7 +84,7 @@ def why_convert(
                 ranges = [(s["start"], s["stop"]) for s in shards.get(c.h5_path, [])]
                 if ranges != piece_ranges(c, piece_bytes):
                     return f"{output}: {c.h5_path} is cut into other shards than the asked piece size cuts"
-                with h5py.File(output / shards[c.h5_path][0]["file"], "r") as f:
+                with h5py.File(output / shards[c.h5_path][0]["file"], "r", locking=False) as f:
                     differ.append(_options_differ(f[c.h5_path], compression, compression_opts, shuffle, c.dtype))
     except (OSError, KeyError, DatasetFormatError, DatasetNotFoundError) as exc:
         return f"{output} or its sources are unreadable or incomplete ({type(exc).__name__}: {exc})"

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ..fingerprint import fingerprint
+from ..fingerprint import fingerprint_in_background
 from ..formats import open_dataset
 from ..formats.base import Reader
 from ..formats.chunks import CompressionOpts, check_options
@@ -197,12 +198,12 @@ def convert_pt_to_hdf5(
     if up_to_date is not None:
         return up_to_date
     reader = open_dataset(dataset_dir, storage_format="pt", use_mmap=True)
-    return _write(reader, fingerprint(reader.files()), output, compression, **options)
+    return _write(reader, fingerprint_in_background(reader.files())[1], output, compression, **options)
 
 
 def _write(
     reader: Reader,
-    source_fingerprint: dict[str, Any],
+    source_fingerprint: dict[str, Any] | Future,
     output: Path,
     compression: str | None,
     *,
@@ -233,13 +234,14 @@ def _write(
             precision=precision,
         ) as w,
     ):
-        w.write_config(reader.config, source_fingerprint)
         group = None
         for column in found:
             if column.group != group:
                 group = column.group
                 log.info(GROUP_MESSAGES[group])
             w.write_column(column.h5_path, column.rows(reader), column.dtype)
+        done = source_fingerprint.result() if isinstance(source_fingerprint, Future) else source_fingerprint
+        w.write_config(reader.config, done)  # last: NOTE [crc32 beside the work] in fingerprint
     report = ConversionReport(
         output, reader.nbytes_on_disk(), output.stat().st_size, time.perf_counter() - started, compression
     )

@@ -48,6 +48,7 @@ from jasper_ray.atomic import TEMP_MARK
 from jasper_ray.conversion.pieces import save_keyword_csr, write_piece
 from jasper_ray.conversion.plan import plan_conversion, work_dir_for
 from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
+from jasper_ray.fingerprint import fingerprint
 from jasper_ray.formats import pt as pt_format
 from jasper_ray.formats.base import is_mapped
 from jasper_ray.formats.sharded import ShardedHDF5Reader
@@ -553,7 +554,7 @@ def big_sharded(tmp_path_factory: pytest.TempPathFactory, big: Path) -> Path:
     return out
 
 
-def test_sharded_layout_reads_the_same_as_the_single_file(big_sharded: Path, big_single_lzf: Path) -> None:
+def test_sharded_layout_reads_the_same_as_the_single_file(big: Path, big_sharded: Path, big_single_lzf: Path) -> None:
     sharded = open_dataset(big_sharded, storage_format="hdf5", use_mmap=True)
     single = open_dataset(big_single_lzf.parent, storage_format="hdf5", use_mmap=True)
     assert isinstance(sharded, ShardedHDF5Reader) and not isinstance(single, ShardedHDF5Reader)
@@ -561,6 +562,10 @@ def test_sharded_layout_reads_the_same_as_the_single_file(big_sharded: Path, big
     shards = {p.name for p in (big_sharded / SHARDS_DIR).iterdir()}
     assert {n for n in shards if not n.endswith(".h5")} == {MANIFEST}, "only shards and the manifest: no work files"
     assert sharded.verify_checksums() == []
+    # The sources' whole fingerprint, its crc32s hashed while the pieces ran (NOTE [crc32 beside the work]).
+    whole = fingerprint(open_dataset(big, "pt").files())
+    assert all("crc32" in entry for entry in whole.values())
+    assert sharded.source_fingerprint() == single.source_fingerprint() == whole
     validate_dataset(sharded)
     boundary = 65536  # the steering tensors' first shard ends here
     rng = np.random.default_rng(0)
