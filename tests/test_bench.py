@@ -1,6 +1,6 @@
 """``jasper-ray bench``: every script end to end into one report with its tables and three plots; the pieces.
 
-The end-to-end test runs every benchmark script at the ``--tiny`` scale
+The end-to-end test runs every benchmark script at the ``--tiny`` scale, two at a time
 (about 3 minutes on 2 cores, most of it bench_convert's six Ray start-ups and
 bench_formats' fresh interpreters); the others use fake scripts and records.
 """

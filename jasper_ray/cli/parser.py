@@ -254,7 +254,11 @@ def build_parser() -> Parser:
     p = command("bench", "run the benchmark scripts; write a report with their tables and plots")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="each script's --quick sizes (about 5 minutes)")
-    scale.add_argument("--tiny", action="store_true", help="the test suite's scale: end to end, numbers meaningless")
+    scale.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the test suite's scale: end to end, two scripts at a time, numbers meaningless",
+    )
     p.add_argument(
         "--only",
         default=None,
