@@ -24,6 +24,9 @@ port=${JASPER_CLUSTER_PORT:-6390}
 address="127.0.0.1:$port"
 cpus_per_node=${JASPER_CLUSTER_CPUS:-1}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# A node that gets SIGTERM drains for up to 30 s first (for Ray Serve's proxies); `down` stops whole
+# local nodes, which serve nothing: they stop at once.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 
 start_node() {  # name, extra ray start args...; returns when the node has joined
   local name=$1; shift
@@ -47,16 +50,21 @@ group_pids() {  # pgid -> pids of that process group still running (zombies have
   ps -eo pid=,pgid=,stat= | awk -v g="$1" '$2 == g && $3 !~ /^Z/ {print $1}'
 }
 
-stop_group() {  # pgid, signal
-  local pgid=$1 sig=$2
-  kill "-$sig" -- "-$pgid" 2>/dev/null || true
+stop_group() {  # signal, pgid...: signal every group at once, wait up to 10 s for all, then KILL what is left
+  local sig=$1; shift
+  local pgid left
+  for pgid in "$@"; do kill "-$sig" -- "-$pgid" 2>/dev/null || true; done
   for _ in $(seq 1 50); do
-    [ -z "$(group_pids "$pgid")" ] && return 0
+    left=""
+    for pgid in "$@"; do [ -n "$(group_pids "$pgid")" ] && left="$left $pgid"; done
+    [ -z "$left" ] && return 0
     sleep 0.2
   done
-  kill -KILL -- "-$pgid" 2>/dev/null || true
+  for pgid in $left; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
   sleep 0.5
-  [ -z "$(group_pids "$pgid")" ]
+  for pgid in $left; do
+    [ -z "$(group_pids "$pgid")" ] || { echo "local_cluster: processes left in group $pgid" >&2; return 1; }
+  done
 }
 
 case "${1:-}" in
@@ -85,16 +93,18 @@ case "${1:-}" in
     ;;
   kill-node)
     pid_file="$state/worker${2:?which worker}.pid"
-    stop_group "$(cat "$pid_file")" KILL
+    stop_group KILL "$(cat "$pid_file")"
     rm -f "$pid_file"
     ;;
-  down)
-    status=0
-    for pid_file in "$state"/worker*.pid "$state"/head.pid; do
-      [ -e "$pid_file" ] || continue
-      stop_group "$(cat "$pid_file")" TERM || { echo "local_cluster: processes left in group $(cat "$pid_file")" >&2; status=1; }
-      rm -f "$pid_file"
+  down)  # the workers at once (each takes seconds), then the head: workers that lose it wait for it to return
+    pgids=()
+    for pid_file in "$state"/worker*.pid; do
+      [ -e "$pid_file" ] && pgids+=("$(cat "$pid_file")")
     done
+    status=0
+    [ ${#pgids[@]} -eq 0 ] || stop_group TERM "${pgids[@]}" || status=1
+    [ ! -e "$state/head.pid" ] || stop_group TERM "$(cat "$state/head.pid")" || status=1
+    rm -f "$state"/worker*.pid "$state"/head.pid
     exit $status
     ;;
   *)

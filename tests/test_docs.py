@@ -47,7 +47,7 @@ def test_the_readme_test_command_is_what_ci_runs() -> None:
 def test_every_readme_command_runs(tmp_path: Path) -> None:
     """Runs the README's bash and python blocks in order, in a scratch directory that sees the repo's scripts.
 
-    Two knobs keep it short and isolated: the demo runs at 50MB (JASPER_DEMO_SIZE, which its --size
+    Two knobs keep it short and isolated: the demo runs at 10MB (JASPER_DEMO_SIZE, which its --size
     default reads) and the local cluster keeps its state in a short private directory. The test command
     itself is what this suite is; it is checked against .ci/run above instead of being run recursively."""
     work = tmp_path / "readme"
@@ -56,7 +56,7 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     state = Path(tempfile.mkdtemp(prefix="jrd-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
-        JASPER_DEMO_SIZE="50MB",
+        JASPER_DEMO_SIZE="10MB",
         JASPER_CLUSTER_DIR=str(state),
         RAY_AUTH_MODE="disabled",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

@@ -1,4 +1,4 @@
-"""`jasper-ray demo --size 50MB` runs end to end: its summary shows a first and a second epoch per path,
+"""`jasper-ray demo --size 10MB` runs end to end: its summary shows a first and a second epoch per path,
 says every epoch of every path delivered the whole split, and the run is not greeted by Ray's token
 authentication warning (the local Ray it starts needs none)."""
 
@@ -21,7 +21,7 @@ def test_demo_checks_its_own_summary(tmp_path: Path) -> None:
     # Its own local Ray, with the user's environment as a new user has it: no RAY_AUTH_MODE.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run(
-        [sys.executable, "-m", "jasper_ray", "-q", "demo", "--size", "50MB", "--dir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "jasper_ray", "-q", "demo", "--size", "10MB", "--dir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=600,
