@@ -11,7 +11,8 @@ Checksums of whole tensors live in the HDF5 file itself (``verify``).
 
 NOTE [crc32 beside the work]: a conversion hashes its sources whole while it converts them, in a thread
 of its own (``fingerprint_in_background``), not before: the pass read a 28 GB dataset larger than the RAM
-from disk before the first piece began (~45 s of 470 s), and at 2 GB took 0.5-0.7 s on both cores. What
+from disk before the first piece began (Ray, gzip: 470 s with it first, 419 s beside; scripts/bench_scale.py),
+and at 2 GB took 0.5-0.7 s on both cores. What
 the conversion needs at once (a resumed conversion's key) is the rest of the fingerprint: size, mtime and
 samples, by the same rule as above (equal mtimes mean fresh).
 """

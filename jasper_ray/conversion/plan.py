@@ -96,8 +96,9 @@ class ConversionPlan:
             self.key = hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def _body(self) -> dict[str, Any]:
-        """What the key hashes, and plan.json holds. Its keys predate the word "piece" ("shards", "jobs"):
-        kept, so the key of a plan is what it was, and an interrupted conversion resumes across versions."""
+        """What the key hashes, and plan.json holds. Its keys predate the word "piece" ("shards", "jobs"): kept,
+        so a plan's key stays what it was. Its source fingerprint has no crc32s (NOTE [crc32 beside the work] in
+        ``fingerprint``): a conversion interrupted under a version that hashed them starts over."""
         jobs = [
             {"h5_path": c.h5_path, "shape": list(c.shape), "dtype": c.dtype.str, "source": c.source}
             for c in self.columns
