@@ -285,10 +285,10 @@ class HDF5Writer(Writer):
         self.write_column(split_h5_path(split), ids, SPLIT_DTYPE)
 
     def write_from(self, reader: Reader, source_fingerprint: Mapping[str, Any] | None = None) -> None:
-        """All of ``reader``'s dataset, in the file's group order (``columns``)."""
-        self.write_config(reader.config, source_fingerprint)
+        """All of ``reader``'s dataset, in the file's group order (``columns``), the config last (as converted)."""
         for column in columns(reader, self.precision):
             self.write_column(column.h5_path, column.rows(reader), column.dtype)
+        self.write_config(reader.config, source_fingerprint)
 
     # --- datasets ------------------------------------------------------------------------------
     def create_dataset(self, h5_path: str, shape: tuple[int, ...], dtype: np.dtype, rows: int | None = None) -> Any:
