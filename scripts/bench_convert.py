@@ -12,7 +12,10 @@ for gzip, lzf and none (``--codecs``), converts it four ways, each in a fresh in
     (UPSTREAM.md section 4);
 (b) ``jasper_ray.convert_pt_to_hdf5``: one process, streaming row blocks;
 (c) ``jasper_ray.convert`` on a local Ray with 1 CPU (``num_cpus=1``);
-(d) ``jasper_ray.convert`` on a local Ray with every core.
+(d) ``jasper_ray.convert`` on a local Ray with every core;
+
+and, for gzip, one (b) per core at once: what this machine can run in parallel of
+the writer's work, the ceiling (d) is measured against (a note under the table).
 
 Printed (stdout, markdown): wall seconds (for Ray: including ``ray.init``,
 which is shown apart), MB/s of PT source, output size and saving, the speedup
@@ -33,6 +36,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +296,7 @@ class Bench:
         self.n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
         self.shard_bytes = parse_size(args.shard_size)
         self.runs: dict[tuple[str | None, str], dict[str, Any]] = {}
+        self.capacity = 0.0  # seconds of one writer per core at once (writers_side_by_side); 0: not measured
         self.compressions = [c for c in COMPRESSIONS if codec(c) in args.codecs.split(",")]
 
     def synth(self) -> None:
@@ -316,6 +321,24 @@ class Bench:
                 log.info("  %.1f s, %s", r["seconds"], fmt_bytes(r["output_bytes"]))
                 self.runs[(compression, method)] = r
                 output.unlink(missing_ok=True)
+        if "gzip" in self.compressions and (os.cpu_count() or 1) > 1:
+            self.capacity = self.writers_side_by_side()
+
+    def writers_side_by_side(self) -> float:
+        """Wall time of one single-process gzip writer per core, all at once: what this machine can run in
+        parallel of the writer's work (its cores, memory bandwidth, disk), the ceiling the Ray row is held to."""
+        cores = os.cpu_count() or 1
+        log.info("%d single-process writers at once, gzip ...", cores)
+        outputs = [self.work / f"side-by-side-{i}.h5" for i in range(cores)]
+        kwargs = dict(method="single", src=str(self.src), compression="gzip", shard_bytes=self.shard_bytes)
+        with ThreadPoolExecutor(cores) as pool:  # each in a fresh interpreter of its own, started together
+            runs = list(pool.map(lambda out: run_fresh(SCRIPT, "w_convert", output=str(out), **kwargs), outputs))
+        seconds = max(r["seconds"] for r in runs)  # each timed as (b) is: its conversion, not its start-up
+        for out in outputs:
+            out.unlink(missing_ok=True)
+        log.info("  %.1f s", seconds)
+        record("convert_capacity", writers=cores, seconds=seconds, one_writer=self.runs[("gzip", "single")]["seconds"])
+        return seconds
 
     def print_setup(self) -> None:
         src = next(iter(self.runs.values()))["source_bytes"] if self.runs else 0
@@ -421,6 +444,13 @@ class Bench:
                 f"{work / gz_b['cpu_seconds']:.2f}x the writer's, so {cores} cores can reach at most "
                 f"{fmt_ratio(cores * gz_b['cpu_seconds'] / work)} of its speed (Ray's own processes not counted)"
             )
+            if self.capacity:
+                capacity = cores * gz_b["seconds"] / self.capacity
+                notes.append(
+                    f"this machine's capacity: {cores} single-process writers at once took {self.capacity:.1f} s "
+                    f"against {gz_b['seconds']:.1f} s for one alone: {fmt_ratio(capacity)} of one writer's speed "
+                    f"at most; Ray once up reached {fmt_ratio(up)} ({up / capacity:.0%} of it)"
+                )
             span = gz_d["last_task_end"] - gz_d["first_task_at"]
             notes.append(
                 f"timeline (gzip, all cores): the first task began {gz_d['first_task_at']:.1f} s after convert() was "

@@ -56,7 +56,7 @@ RECORDS = {
         "formats_precision": 10,
     },
     "loader": {"loader": 19, "loader_overlap": 18, "loader_verify": 4, "loader_precision": 5},
-    "convert": {"convert": 4, "convert_model": 1},  # tiny: gzip only
+    "convert": {"convert": 4, "convert_model": 1, "convert_capacity": 1},  # tiny: gzip only
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
     "remote": {"remote": 1},
