@@ -59,9 +59,10 @@ log = logging.getLogger(__name__)
 # empty: a runtime_env of their own (even a job's env_vars alone) has Ray start new workers for it, and the
 # first tasks then began 1.4 s after they were submitted against 0.4 s (2 CPUs, idle workers up). So the tasks
 # carry none (the faults variable, in tests, is the exception) and open their HDF5 files with ``locking=False``
-# themselves: HDF5 2.0 reads HDF5_USE_FILE_LOCKING once, when h5py is imported, which in a worker is before a
-# task's first line runs. While the driver plans, one empty task per CPU imports this module (and so h5py,
-# numpy and the piece writer) in the workers the pieces will run in.
+# themselves: HDF5 2.0 reads HDF5_USE_FILE_LOCKING once, when h5py is first imported in a process, so a task
+# setting it works only in a worker where no earlier task imported h5py; the flag does not depend on that.
+# While the driver plans, one empty task per CPU imports this module (numpy, the plan and the piece writer;
+# h5py is imported by the first piece) in the workers the pieces will run in.
 
 
 def _require_ray() -> ModuleType:
@@ -95,7 +96,7 @@ def _task_options() -> dict[str, Any]:
 
 
 def _warm_up(ray: ModuleType) -> list[Any]:
-    """One empty task per CPU: the workers import the piece writer while the driver plans."""
+    """One empty task per CPU: the workers import this module and the piece writer while the driver plans."""
     warm = ray.remote(num_cpus=1)(_no_op).options(**_task_options())
     return [warm.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
 
