@@ -35,6 +35,18 @@ VARIANTS = (
 DISK_TARGET, NATIVE_TARGET, FLOAT32_TARGET = 0.52, 1.5, 1.0
 
 
+def decode_note() -> str:
+    """How this install decodes 16-bit rows into float32 batches, for the tables' notes."""
+    from jasper_ray.formats.precision import compiled_gather
+
+    how = (
+        "the compiled kernel gathers and decodes in one pass"
+        if compiled_gather is not None
+        else "no compiled kernel in this install (no C compiler): a 16-bit gather, then a decode pass"
+    )
+    return f"{how} (NOTE [16-bit gather kernel] in formats.precision; scripts/diag_decode.py times it)"
+
+
 def convert(pt_dir: Path, out_dir: Path, precision: str, compression: str | None) -> Path:
     """``pt_dir`` converted at ``precision`` into a dataset directory of its own (dataset.h5 + config.json)."""
     import jasper_ray
@@ -158,8 +170,7 @@ def rate_table(bench: str, title: str, measured: list[list[float]], notes: list[
             f">= {FLOAT32_TARGET}x (16-bit rows decoded inside the gather, no float32 copy of a table)",
             "second epoch of a fresh dataset each (the first maps pages and checks each block once); page cache "
             "warm; variants interleaved round by round; bfloat16 served as stored is uint16 bits (torch.bfloat16)",
-            "served as float32, the decode is a second pass that writes the float32 batch: scripts/diag_decode.py "
-            "times a decoding gather's parts (float16: torch's cast, NOTE [float16 casts] in formats.precision)",
+            "served as float32: " + decode_note(),
             *notes,
         ],
         align="llrrrrc",

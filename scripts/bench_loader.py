@@ -239,7 +239,7 @@ def precision_table(pt_dir: Path, work: Path, n_pairs: int, rounds: int) -> None
         "loader_precision",
         f"Storage precision through create_loader (batch {BATCH}, 0 workers), {n_pairs} pairs, D=768, n_neg=12",
         bp.rates(files, bp.loader_epoch, BATCH, rounds),
-        ["float16 served as float32 decodes with torch's vectorised cast (NOTE [float16 casts] in formats.precision)"],
+        [f"served as float32: {bp.decode_note()}"],
     )
     shutil.rmtree(work, ignore_errors=True)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where the time of a decoding gather goes: a batch's negatives (6144 random rows of 768) gathered from a
 memory-mapped float32 table into a float32 batch, against the same rows from 16-bit tables decoded on the way
-(``gather_rows``), and its parts alone: the 16-bit gather, each decode kernel, writing the batch at all.
+(``gather_rows``: the compiled kernel's one pass where it was built), the two passes it falls back to, and their
+parts alone: the 16-bit gather, each decode kernel, writing the batch at all.
 
     python scripts/diag_decode.py                   # a 59,426-row source table, as in the 1 GB dataset
     python scripts/diag_decode.py --batches 3       # batches written in turn: none stays in the caches
@@ -31,7 +32,7 @@ from _bench_common import fmt_ratio, print_table  # noqa: E402
 
 import jasper_ray.formats.arrays as arrays  # noqa: E402
 from jasper_ray.formats.arrays import advise_huge_pages, gather_rows  # noqa: E402
-from jasper_ray.formats.precision import BFLOAT16_BITS, _numpy_cast, decoder, encode  # noqa: E402
+from jasper_ray.formats.precision import _numpy_cast, _shift, _torch_cast, compiled_gather, encode  # noqa: E402
 
 ROWS, DIM = 6144, 768  # 512 pairs x 12 negatives, D=768
 
@@ -55,7 +56,12 @@ def parts(table: np.ndarray, kernel: Callable[[np.ndarray, np.ndarray], object])
         for r in runs(idx, table[:1].nbytes):
             kernel(buffer[: r.stop - r.start], out[r])
 
-    return {"gather alone": gather, "decode alone": decode}
+    def both(idx: np.ndarray, out: np.ndarray) -> None:
+        for r in runs(idx, table[:1].nbytes):
+            table.take(idx[r], 0, buffer[: r.stop - r.start], "clip")
+            kernel(buffer[: r.stop - r.start], out[r])
+
+    return {"gather alone": gather, "decode alone": decode, "two passes": both}
 
 
 def main() -> None:
@@ -87,15 +93,18 @@ def main() -> None:
         def widen_left_shift(b: np.ndarray, o: np.ndarray) -> None:
             np.left_shift(b, np.uint32(16), out=o.view(np.uint32), dtype=np.uint32)
 
-        f16_parts, bf16_parts = parts(f16, decoder(np.float16)), parts(bf16, decoder(BFLOAT16_BITS))
+        f16_parts, bf16_parts = parts(f16, _torch_cast()), parts(bf16, _shift)
+        one_pass = "one pass, compiled" if compiled_gather is not None else "two passes: no compiled kernel here"
         methods: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
             "float32 table: np.take into the batch (baseline)": lambda idx, out: f32.take(idx, 0, out, "clip"),
             "float32: rows in the cache copied into the batch": f32_parts["decode alone"],
-            "float16 table: gather_rows (torch's cast)": lambda idx, out: gather_rows(f16, idx, out),
+            f"float16 table: gather_rows ({one_pass})": lambda idx, out: gather_rows(f16, idx, out),
+            "float16 table: two passes (16-bit gather, torch's cast)": f16_parts["two passes"],
             "float16: the 16-bit gather alone": f16_parts["gather alone"],
             "float16: torch's cast alone": f16_parts["decode alone"],
             "float16: numpy's cast alone": parts(f16, _numpy_cast)["decode alone"],
-            "bfloat16 table: gather_rows (widening cast)": lambda idx, out: gather_rows(bf16, idx, out),
+            f"bfloat16 table: gather_rows ({one_pass})": lambda idx, out: gather_rows(bf16, idx, out),
+            "bfloat16 table: two passes (16-bit gather, widening cast)": bf16_parts["two passes"],
             "bfloat16: the 16-bit gather alone": bf16_parts["gather alone"],
             "bfloat16: widening cast alone": bf16_parts["decode alone"],
             "bfloat16: numpy's left_shift alone": parts(bf16, widen_left_shift)["decode alone"],
@@ -124,8 +133,9 @@ def main() -> None:
             f"{args.rounds} rounds, methods interleaved; CPU time of the thread; batches written in turn: "
             f"{args.batches} ({args.batches * ROWS * DIM * 4 >> 20} MB); page cache warm; runs of "
             f"{arrays.DECODE_RUN_BYTES >> 10} KiB of stored rows",
-            "a part alone: the gather into the run buffer without the decode, or the decode of a run already in "
-            "the cache into the batch; a 16-bit gather_rows is at best the sum of its two parts",
+            "two passes (the fallback where no C compiler built the kernel): a 16-bit gather into a run buffer, "
+            "then its decode into the batch, run by run; a part alone: one of the two; the two passes cost at "
+            "least the sum of their parts",
         ],
         align="lrr",
     )

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .precision import decode, decoder, is_16bit
+from .precision import decode, decoder, fused_gather, is_16bit
 
 
 class RowArray(Protocol):
@@ -90,6 +90,8 @@ def _gather_decoded(arr: RowArray, indices: np.ndarray, out: np.ndarray) -> np.n
         return arr.take_rows_into(indices, out)
     if not isinstance(arr, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous or not len(indices):
         return decode(gather_rows(arr, indices), out)
+    if fused_gather(arr, indices, out):
+        return out
     table = arr
     if not arr.flags.aligned and arr.flags.c_contiguous:  # gathered as bytes (gather_rows says why)
         table = arr.view(np.uint8).reshape(len(arr), -1)

@@ -15,6 +15,8 @@ Numpy; torch only to decode float16 where it is installed, imported then (NOTE [
 
 from __future__ import annotations
 
+import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ from ..schema import (
     TENSORS,
 )
 
+log = logging.getLogger(__name__)
 BFLOAT16_BITS = PRECISION_DTYPES[PRECISION_BFLOAT16]
 # The largest error of a stored value, relative to the float32 value (round to nearest even: half a unit in
 # the last place of 10 and 7 mantissa bits); below float16's normal range (6.1e-5) float16's error is instead
@@ -109,9 +112,17 @@ def encode(block: np.ndarray, precision: str, where: str = "", first_row: int = 
     return rounded
 
 
-# NOTE [float16 casts]: numpy casts float16 to float32 one value at a time (a batch's 6144 negative rows: 5.5 ms,
-# against 1.9 ms for torch's vectorised cast and 1.05 ms just to copy float32 rows into the batch,
-# ``scripts/diag_decode.py``), so float16 is decoded by torch where it is installed, imported by the first float16
+# NOTE [16-bit gather kernel]: numpy and torch gather only within one dtype, so without compiled code a decoding
+# gather is two passes: a 16-bit gather into a buffer the cache holds, then a cast into the batch, a call of each per
+# run of rows. ``_decode16.c`` is one pass: each stored row read once, its float32 row written once (F16C / AVX2
+# where the CPU has them, plain C otherwise, the same bits either way), with the GIL released. A batch's negatives
+# (6144 random rows of 768, ``scripts/diag_decode.py``): float16 1.9 ms, against 2.6 ms for float32's ``np.take``
+# and 4.0-4.7 ms for the two passes. pip builds it where it finds a C compiler; elsewhere the package installs
+# without it and the passes below serve (``fused_gather`` says False).
+#
+# NOTE [float16 casts]: without the kernel, numpy casts float16 to float32 one value at a time (a batch's 6144
+# negative rows: 5.5 ms, against 1.9 ms for torch's vectorised cast and 1.05 ms just to copy float32 rows into the
+# batch), so float16 is decoded by torch where it is installed, imported by the first float16
 # decode: Ray workers serving float32 or bfloat16 data still start without it. torch runs an element-wise op over
 # more than ``_TORCH_SERIAL_VALUES`` values on its thread pool, which on a loaded 2-core machine took 100x the
 # cast itself: the cast is called on pieces of that many. Both casts give the same bits for all 65536 float16
@@ -160,17 +171,55 @@ def _torch_cast() -> Kernel:
     return cast
 
 
-_kernels: dict[np.dtype, Kernel] = {BFLOAT16_BITS: _shift}
+compiled_gather: Callable[..., None] | None
+try:  # by name: import-linter sees no C module and would take the import for one of the package itself
+    compiled_gather = importlib.import_module(f"{__package__}._decode16").gather  # NOTE [16-bit gather kernel]
+except ImportError:  # installed where no C compiler was found
+    compiled_gather = None
+_ROW_ZERO = np.zeros(1, np.int64)
+
+
+def fused_gather(table: np.ndarray, indices: np.ndarray, out: np.ndarray) -> bool:
+    """``table[indices]`` (16-bit rows) decoded into float32 ``out`` in one pass by the compiled kernel; False,
+    with nothing written, where it was not built or an array is not C-contiguous (NOTE [16-bit gather kernel])."""
+    gather = compiled_gather
+    if gather is None or not (table.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
+        return False
+    if out.size:
+        width = int(np.prod(table.shape[1:]))
+        gather(table, width, np.ascontiguousarray(indices, np.int64), out, table.dtype == BFLOAT16_BITS)
+    return True
+
+
+def _compiled_decode(stored: np.ndarray, out: np.ndarray) -> None:
+    """All of ``stored`` as one row through the gather kernel."""
+    if stored.size:
+        gather = compiled_gather
+        assert gather is not None
+        gather(np.ascontiguousarray(stored), stored.size, _ROW_ZERO, out, stored.dtype == BFLOAT16_BITS)
+
+
+_kernels: dict[np.dtype, Kernel] = {}
 
 
 def decoder(dtype: np.dtype) -> Kernel:
     """The kernel ``(stored, out)`` that decodes C-contiguous 16-bit values of ``dtype`` into the writable
-    float32 ``out`` of their shape (NOTE [float16 casts])."""
-    kernel = _kernels.get(np.dtype(dtype))
+    float32 ``out`` of their shape: the compiled one where it was built, else NOTE [float16 casts]."""
+    dtype = np.dtype(dtype)
+    kernel = _kernels.get(dtype)
     if kernel is None:
-        if np.dtype(dtype) != PRECISION_DTYPES[PRECISION_FLOAT16]:
+        if not is_16bit(dtype):
             raise ValueError(f"dtype {dtype} is not a 16-bit storage precision")
-        kernel = _kernels[np.dtype(dtype)] = _torch_cast()
+        if compiled_gather is not None:
+            kernel = _compiled_decode
+        else:
+            log.info(
+                "jasper_ray was installed without its compiled 16-bit gather (no C compiler): %s rows decode "
+                "in two passes, slower (NOTE [16-bit gather kernel])",
+                precision_of(dtype),
+            )
+            kernel = _shift if dtype == BFLOAT16_BITS else _torch_cast()
+        _kernels[dtype] = kernel
     return kernel
 
 
