@@ -113,12 +113,12 @@ def encode(block: np.ndarray, precision: str, where: str = "", first_row: int = 
 
 
 # NOTE [16-bit gather kernel]: numpy and torch gather only within one dtype, so without compiled code a decoding
-# gather is two passes: a 16-bit gather into a buffer the cache holds, then a cast into the batch, a call of each per
-# run of rows. ``_decode16.c`` is one pass: each stored row read once, its float32 row written once (F16C / AVX2
-# where the CPU has them, plain C otherwise, the same bits either way), with the GIL released. A batch's negatives
-# (6144 random rows of 768, ``scripts/diag_decode.py``): float16 1.9 ms, against 2.6 ms for float32's ``np.take``
-# and 4.0-4.7 ms for the two passes. pip builds it where it finds a C compiler; elsewhere the package installs
-# without it and the passes below serve (``fused_gather`` says False).
+# gather is two passes: a 16-bit gather into a buffer the cache holds, then a cast into the batch, a call of each
+# per run of rows. ``_decode16.c`` is one pass: each stored row read once, its float32 row written once (F16C /
+# AVX2 where the CPU has them, plain C otherwise, the same bits either way), with the GIL released. A batch's
+# negatives (6144 random rows of 768, ``scripts/diag_decode.py``): float16 2.6-2.9 ms, against 3.6-4.0 ms for
+# float32's ``np.take`` and 4.6-5.3 ms for the two passes (docs/formats.md). pip builds it where it finds a C
+# compiler; elsewhere the package installs without it and the passes below serve (``fused_gather`` says False).
 #
 # NOTE [float16 casts]: without the kernel, numpy casts float16 to float32 one value at a time (a batch's 6144
 # negative rows: 5.5 ms, against 1.9 ms for torch's vectorised cast and 1.05 ms just to copy float32 rows into the
