@@ -119,6 +119,8 @@ def encode(block: np.ndarray, precision: str, where: str = "", first_row: int = 
 # negatives (6144 random rows of 768, ``scripts/diag_decode.py``): float16 2.6-2.9 ms, against 3.6-4.0 ms for
 # float32's ``np.take`` and 4.6-5.3 ms for the two passes (docs/formats.md). pip builds it where it finds a C
 # compiler; elsewhere the package installs without it and the passes below serve (``fused_gather`` says False).
+# So do CPUs without F16C and AVX2 (ARM among them): there the kernel would run its plain C decode, a value at a
+# time, which no one has measured against torch's vectorised cast.
 #
 # NOTE [float16 casts]: without the kernel, numpy casts float16 to float32 one value at a time (a batch's 6144
 # negative rows: 5.5 ms, against 1.9 ms for torch's vectorised cast and 1.05 ms just to copy float32 rows into the
@@ -171,11 +173,23 @@ def _torch_cast() -> Kernel:
     return cast
 
 
-compiled_gather: Callable[..., None] | None
-try:  # by name: import-linter sees no C module and would take the import for one of the package itself
-    compiled_gather = importlib.import_module(f"{__package__}._decode16").gather  # NOTE [16-bit gather kernel]
-except ImportError:  # installed where no C compiler was found
-    compiled_gather = None
+def compiled_module() -> Any:
+    """``_decode16``, or None where it was not built (no C compiler at install).
+
+    By name: import-linter sees no C module and would take the import for one of the package itself."""
+    try:
+        return importlib.import_module(f"{__package__}._decode16")
+    except ImportError:
+        return None
+
+
+def _compiled_gather() -> Callable[..., None] | None:
+    """The kernel where it was built and runs vector instructions on this CPU (NOTE [16-bit gather kernel])."""
+    module = compiled_module()
+    return module.gather if module is not None and module.vectorised else None
+
+
+compiled_gather = _compiled_gather()
 _ROW_ZERO = np.zeros(1, np.int64)
 
 
@@ -183,7 +197,9 @@ def fused_gather(table: np.ndarray, indices: np.ndarray, out: np.ndarray) -> boo
     """``table[indices]`` (16-bit rows) decoded into float32 ``out`` in one pass by the compiled kernel; False,
     with nothing written, where it was not built or an array is not C-contiguous (NOTE [16-bit gather kernel])."""
     gather = compiled_gather
-    if gather is None or not (table.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
+    if gather is None or not is_16bit(table.dtype) or out.dtype != np.float32:
+        return False
+    if not (table.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
         return False
     if out.size:
         width = int(np.prod(table.shape[1:]))
@@ -214,8 +230,8 @@ def decoder(dtype: np.dtype) -> Kernel:
             kernel = _compiled_decode
         else:
             log.info(
-                "jasper_ray was installed without its compiled 16-bit gather (no C compiler): %s rows decode "
-                "in two passes, slower (NOTE [16-bit gather kernel])",
+                "jasper_ray's compiled 16-bit gather is not built (no C compiler at install) or has no vector "
+                "path for this CPU: %s rows decode in two passes, slower (NOTE [16-bit gather kernel])",
                 precision_of(dtype),
             )
             kernel = _shift if dtype == BFLOAT16_BITS else _torch_cast()

@@ -42,15 +42,18 @@ def test_the_gather_kernel_is_built_where_a_c_compiler_is_found() -> None:
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine")
-    assert precision.compiled_gather is not None, f"{compiler} is here, yet jasper_ray.formats._decode16 was not built"
+    module = precision.compiled_module()
+    assert module is not None, f"{compiler} is here, yet jasper_ray.formats._decode16 was not built"
+    assert (precision.compiled_gather is not None) == bool(module.vectorised)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["cpu-instructions", "plain-c"])
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16_BITS], ids=["float16", "bfloat16"])
 def test_the_compiled_kernel_decodes_every_pattern(portable: bool, dtype: np.dtype) -> None:
-    gather = precision.compiled_gather
-    if gather is None:
+    module = precision.compiled_module()
+    if module is None:
         pytest.skip("no C compiler where this was installed: test_the_gather_kernel_is_built... covers that")
+    gather = module.gather
     if dtype == BFLOAT16_BITS:
         want = (EVERY_PATTERN.astype(np.uint32) << np.uint32(16)).view(np.float32)
     else:
@@ -127,7 +130,7 @@ def test_gather_decodes_mapped_rows_bit_for_bit(
     """The compiled kernel's one pass, or the fallback's runs: of 3 rows (several, the last one short) or of rows
     longer than a run (one row a run)."""
     if run_rows is None and precision.compiled_gather is None:
-        pytest.skip("no C compiler where this was installed: test_the_gather_kernel_is_built... covers that")
+        pytest.skip("no kernel with vector instructions for this CPU here: test_the_compiled_kernel... covers it")
     if run_rows is not None:
         without_compiled_kernel(monkeypatch)
     rng = np.random.default_rng(4)
