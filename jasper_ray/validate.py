@@ -9,8 +9,9 @@ Stops at the first error (a ``ValidationError``).
 NOTE [when values are checked]
 Ids, tiers, offsets, relevance and distances (a few bytes per pair) are scanned
 whole whenever a dataset is validated. The float tables (embeddings, steering:
-nearly all of a 50 GB dataset) are scanned whole by ``verify`` and ``convert``
-(``scan_floats=True``); a reader opened for serving instead checks each checksum
+nearly all of a 50 GB dataset) are scanned whole by ``verify`` (``scan_floats=True``);
+``convert`` checks each block as it writes it (NOTE [floats checked as written] at
+``refused_nonfinite``); a reader opened for serving instead checks each checksum
 block of them the first time a read touches it (``formats.verified``), so
 opening stays cheap and nothing non-finite is served. ``"allow_nonfinite": true``
 in config.json is the opt-out for data that really stores NaN or inf.
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from .config import allows_nonfinite, check_curriculum, check_probabilities
 from .errors import ValidationError
 from .formats.base import Reader
+from .formats.columns import TENSOR_SOURCE
 from .formats.verified import check_finite
 from .schema import CONFIG_FILE, ENTITY_OF_SYMBOL, PRECISION_DTYPES, TENSORS, TIER_RANGE
 
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 SCAN_ELEMENTS = 4 << 20
 # Per-pair floats: scanned whole at every validation (NOTE [when values are checked]); (name, lowest value).
 PAIR_FLOATS = {"pair_relevance": None, "centroid_distances": 0.0}
-# The float tables, scanned whole by verify and convert, per block on first touch when serving.
+# The float tables: scanned whole by verify, as written by convert, per block on first touch when serving.
 FLOAT_TABLES = tuple(s.name for s in TENSORS if s.dtype.kind == "f" and s.name not in PAIR_FLOATS)
 
 
@@ -230,12 +232,27 @@ def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int]
         )
 
 
+def refused_nonfinite(reader: Reader, source: str) -> str:
+    """Where a converter names a value of column ``source`` (``"tensor:<name>"``) that is not finite, refusing it
+    as it writes the block; "" where nothing is refused (not a float table, or ``allow_nonfinite``).
+
+    NOTE [floats checked as written]: ``scan_floats`` reads every float table whole before a conversion
+    writes a row, a serial pass over nearly all the bytes (at 28 GB, larger than the RAM, a read of the
+    disk before any task starts). The converters validate without it and check each block they write instead:
+    its hasher already learns whether every value is finite (``BlockDigests.finite``), so only a block that
+    is not gets scanned again, for the position (``hdf5_writer.write_rows``). The same error, one pass."""
+    kind, _, name = source.partition(":")
+    if kind != TENSOR_SOURCE or name not in FLOAT_TABLES or allows_nonfinite(reader.config):
+        return ""
+    return reader.location(name)
+
+
 def validate_dataset(reader: Reader, progress: bool = False, *, scan_floats: bool = False) -> None:
     """Raise ``ValidationError`` at the first place the dataset breaks the schema.
 
     Ids, tiers, relevance and distances are always scanned whole; the float tables only with
-    ``scan_floats=True`` (``verify``, ``convert``): serving readers check them on first touch
-    (NOTE [when values are checked])."""
+    ``scan_floats=True`` (``verify``): converters check them as they write them (NOTE [floats checked as
+    written]), serving readers on first touch (NOTE [when values are checked])."""
     check_config(reader.config)
     sizes = symbol_sizes(reader)
     check_shapes(reader, sizes)

@@ -203,7 +203,7 @@ NONFINITE = [
 def test_nonfinite_values_are_refused(dataset_copy: Path, name, position, value, expected) -> None:
     from _support import load_pt, save_pt
 
-    from jasper_ray import ValidationError, validate_dataset
+    from jasper_ray import ValidationError, convert_pt_to_hdf5, validate_dataset
     from jasper_ray.local.dataset import JASPERSteeringDataset
 
     array = load_pt(dataset_copy / TENSOR[name].pt_file).numpy().copy()
@@ -219,6 +219,10 @@ def test_nonfinite_values_are_refused(dataset_copy: Path, name, position, value,
         env=subprocess_env(),
     )
     assert verify_cli.returncode == 1 and want in verify_cli.stderr + verify_cli.stdout, verify_cli.stderr
+    out = dataset_copy.parent / "converted.h5"  # the float tables: refused as written (NOTE [floats checked ...])
+    with pytest.raises(ValidationError, match=re_escape(want)):
+        convert_pt_to_hdf5(dataset_copy, "gzip", output=out, progress=False)
+    assert not out.exists()
     with pytest.raises(ValidationError, match=re_escape(want)):
         ds = JASPERSteeringDataset(dataset_copy, "train")  # serving: at open, or the first read of the block
         ds.get_batch(np.arange(len(ds)))
@@ -232,6 +236,7 @@ def test_nonfinite_values_are_refused(dataset_copy: Path, name, position, value,
             validate_dataset(open_dataset(dataset_copy, "pt"), scan_floats=True)
     else:
         validate_dataset(open_dataset(dataset_copy, "pt"), scan_floats=True)
+        convert_pt_to_hdf5(dataset_copy, "gzip", output=out, progress=False)
         got = JASPERSteeringDataset(dataset_copy, "train").reader.take(
             name, [position if np.ndim(position) == 0 else position[0]]
         )

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import faults
 from ..atomic import fsync_path
-from ..errors import ConversionError
+from ..errors import ConversionError, ValidationError
 from ..fingerprint import fingerprint_in_background
 from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
@@ -41,7 +41,7 @@ from ..ray_session import connect, require_ray
 from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS_DIR, piece_file
 from ..storage import Location, locate
 from ..storage.fetch import delete
-from ..validate import validate_dataset
+from ..validate import refused_nonfinite, validate_dataset
 from .pieces import PieceResult, WorkDir, save_keyword_csr, write_piece
 from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import Assembly, allocate_in_place, finish_in_place, publish_sharded, publish_to_bucket
@@ -105,8 +105,11 @@ def _no_op() -> None:
     """Nothing: a worker that unpickles it has imported this module."""
 
 
-def _piece_task(task: PieceTask) -> PieceResult:
-    return write_piece(task)
+def _piece_task(task: PieceTask) -> PieceResult | ValidationError:
+    try:
+        return write_piece(task)
+    except ValidationError as exc:  # the input is refused: returned, so Ray does not retry it
+        return exc
 
 
 def _sync_shard(work_dir: Path, result: PieceResult, in_flight_bytes: int) -> None:
@@ -134,7 +137,8 @@ def run_pieces(
     on_result: Callable[[PieceResult, int], object] | None = None,
 ) -> dict[str, PieceResult]:
     """Run every piece task, the largest first (the last ones to finish are then short); return results by
-    piece id, or raise ConversionError naming the failures. ``on_result(result, in_flight_bytes)`` runs in this
+    piece id, or raise the ValidationError of a piece that refused its input (no new piece starts after it), or
+    ConversionError naming the failures. ``on_result(result, in_flight_bytes)`` runs in this
     process as each piece returns, while the others go on (``in_flight_bytes``: their source bytes)."""
     remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_piece_task)
     remote = remote.options(**_task_options())
@@ -146,6 +150,7 @@ def run_pieces(
     pending: dict[Any, PieceTask] = {}
     results: dict[str, PieceResult] = {}
     failures: list[str] = []
+    refused: ValidationError | None = None
     with _progress(total_bytes, progress, "convert") as bar:
         while queue or pending:
             while queue and len(pending) < limit:
@@ -162,10 +167,15 @@ def run_pieces(
                         f"{task.column.h5_path}): {_reason(exc)}"
                     )
                     continue
+                if isinstance(result, ValidationError):  # raised as the single-process writer raises it
+                    refused, queue = refused or result, []
+                    continue
                 results[result.piece_id] = result
-                if on_result is not None and not failures:
+                if on_result is not None and not failures and refused is None:
                     on_result(result, sum(bytes_of[t.piece.piece_id] for t in pending.values()))
                 bar.update(bytes_of[result.piece_id])
+    if refused is not None:
+        raise refused
     if failures:
         # "shard(s)": the documented wording (docs/troubleshooting.md), from before the word "piece".
         raise ConversionError(f"{len(failures)} shard(s) failed after {max_retries} retries: " + "; ".join(failures))
@@ -272,8 +282,8 @@ def _convert(
     )
     whole: Future | None = None  # hashed while this validates and converts: NOTE [crc32 beside the work]
     fingerprint, whole = (source.fingerprint, None) if source else fingerprint_in_background(reader.files())
-    if validate:  # a remote source's float tables: checked by the tasks (NOTE [ranged sources] in ranged)
-        validate_dataset(reader, progress=progress, scan_floats=source is None)
+    if validate:  # float tables: checked by the tasks (NOTE [floats checked as written] in validate)
+        validate_dataset(reader, progress=progress)
     started_ray = connect_for_conversion(address, num_workers)
     try:
         _warm_up(ray)  # NOTE [prestarted workers]
@@ -294,6 +304,8 @@ def _convert(
                         len(plan.pieces),
                     )
                 tasks = plan.tasks(work.path, offsets)
+                if validate and source is None:  # a remote source's rows check themselves (ranged)
+                    tasks = [replace(t, refuse_nonfinite=refused_nonfinite(reader, t.column.source)) for t in tasks]
                 if source is not None:
                     ranged = source.ranged
                     tasks = [replace(t, source=source.location, ranged=ranged.get(t.column.source)) for t in tasks]

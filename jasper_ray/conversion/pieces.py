@@ -62,8 +62,9 @@ from ..formats import open_dataset
 from ..formats.arrays import RowArray
 from ..formats.base import Reader
 from ..formats.checksum import BlockDigests, BlockHasher, block_digests, block_rows, row_nbytes
+from ..formats.columns import KEYWORD_SOURCE, Column
 from ..formats.hdf5 import require_h5py
-from ..formats.hdf5_writer import KEYWORD_SOURCE, Column, part_digests, write_part, write_rows
+from ..formats.hdf5_writer import part_digests, write_part, write_rows
 from ..formats.serving import Contiguous
 from ..schema import HDF5_FILE, HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
 from ..storage.fetch import fetched_bytes
@@ -191,7 +192,7 @@ def write_in_place(task: PieceTask) -> BlockDigests:
     target = in_place_target(task)
     hasher = BlockHasher.for_tensor(column.shape, column.dtype)
     with _rows(task) as rows:
-        write_rows(target, rows, piece.start, piece.stop, hasher, dest_start=0)
+        write_rows(target, rows, piece.start, piece.stop, hasher, dest_start=0, refuse_nonfinite=task.refuse_nonfinite)
     target.sync()
     digests = hasher.finish()
     with atomic_output(Path(task.work_dir) / record_file(piece.piece_id)) as temp:
@@ -276,6 +277,7 @@ def _write_part_file(task: PieceTask, path: Path) -> BlockDigests:
             task.compression_opts,
             task.shuffle,
             durable=False,  # NOTE [unsynced pieces]
+            refuse_nonfinite=task.refuse_nonfinite,
         )
 
 

@@ -26,7 +26,7 @@ from ..fingerprint import fingerprint
 from ..formats.base import Reader
 from ..formats.checksum import block_rows
 from ..formats.chunks import CompressionOpts, check_options
-from ..formats.hdf5_writer import Column, columns
+from ..formats.columns import Column, columns
 from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32, SHARDS_DIR, piece_file, work_dir_name
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ class PieceTask:
     source: Location | None = None
     ranged: RangedTensor | None = None
     upload: RemoteOutput | None = None
+    # A local source's float table: where a value that is not finite is named as the piece refuses it
+    # (NOTE [floats checked as written] in validate); "": nothing refused here.
+    refuse_nonfinite: str = ""
 
 
 @dataclass

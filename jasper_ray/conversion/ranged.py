@@ -50,7 +50,7 @@ from ..config import allows_nonfinite, read_config_file
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..formats.arrays import RowArray
 from ..formats.checksum import row_nbytes
-from ..formats.hdf5_writer import KEYWORD_SOURCE, SPLIT_SOURCE, TENSOR_SOURCE, Column
+from ..formats.columns import KEYWORD_SOURCE, SPLIT_SOURCE, TENSOR_SOURCE, Column
 from ..formats.pt import PTReader, load_pt_tensor, zip_records
 from ..formats.verified import check_finite
 from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_SUFFIX, TENSORS, split_pt_file, work_dir_name

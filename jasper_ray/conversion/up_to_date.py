@@ -15,8 +15,8 @@ from typing import Any
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..fingerprint import changed_files
 from ..formats.chunks import CompressionOpts
+from ..formats.columns import Column
 from ..formats.hdf5 import json_attr, require_h5py
-from ..formats.hdf5_writer import Column
 from ..formats.manifest import read_manifest
 from ..formats.precision import stored_dtype
 from ..formats.pt import PTReader

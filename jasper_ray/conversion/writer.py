@@ -24,13 +24,14 @@ from ..fingerprint import fingerprint_in_background
 from ..formats import open_dataset
 from ..formats.base import Reader
 from ..formats.chunks import CompressionOpts, check_options
+from ..formats.columns import GROUP_ORDER, columns
 from ..formats.hdf5 import require_h5py
-from ..formats.hdf5_writer import BLOCK_BYTES, GROUP_ORDER, HDF5Writer, columns
+from ..formats.hdf5_writer import BLOCK_BYTES, HDF5Writer
 from ..formats.precision import check_precision
 from ..formats.pt import PTReader
 from ..schema import HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32
 from ..storage import locate
-from ..validate import validate_dataset
+from ..validate import refused_nonfinite, validate_dataset
 from .plan import PIECE_BYTES
 from .ranged import RangedPTReader, prepare_source
 from .remote import convert_staged, is_remote_job, output_location, staged_output
@@ -217,8 +218,9 @@ def _write(
     """``reader``'s PT dataset into ``output``: mapped local files, or a remote source's ranged rows (whose
     float tables are checked as they are read: ``validate`` scans only the rest)."""
     log.info("Converting PT format to HDF5 in %s", reader.directory)
-    if validate:
-        validate_dataset(reader, progress=progress, scan_floats=not isinstance(reader, RangedPTReader))
+    if validate:  # float tables: checked as written (NOTE [floats checked as written] in validate)
+        validate_dataset(reader, progress=progress)
+    ranged = isinstance(reader, RangedPTReader)  # its rows check themselves as they are read
     started = time.perf_counter()
     found = columns(reader, precision)
     check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take
@@ -239,7 +241,8 @@ def _write(
             if column.group != group:
                 group = column.group
                 log.info(GROUP_MESSAGES[group])
-            w.write_column(column.h5_path, column.rows(reader), column.dtype)
+            refuse = refused_nonfinite(reader, column.source) if validate and not ranged else ""
+            w.write_column(column.h5_path, column.rows(reader), column.dtype, refuse_nonfinite=refuse)
         done = source_fingerprint.result() if isinstance(source_fingerprint, Future) else source_fingerprint
         w.write_config(reader.config, done)  # last: NOTE [crc32 beside the work] in fingerprint
     report = ConversionReport(

@@ -22,7 +22,6 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -50,9 +49,7 @@ from ..schema import (
     LAYOUT_CSR,
     PRECISION_FLOAT32,
     SPLIT_DTYPE,
-    SPLIT_H5_GROUP,
     TENSOR,
-    TENSORS,
     split_h5_path,
 )
 from .arrays import RowArray, will_need
@@ -68,8 +65,10 @@ from .checksum import (
     split_digests,
 )
 from .chunks import CompressionOpts, check_options, dataset_options
+from .columns import Column, columns
 from .hdf5 import map_contiguous, require_h5py
 from .precision import check_precision, encode, is_16bit, mark_precision, precision_of, stored_dtype
+from .verified import check_finite
 
 # Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
 # for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
@@ -81,63 +80,11 @@ BLOCK_BYTES = 64 << 20
 # a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
 MAX_BLOCK_DIGESTS = 1800
 COPY_BYTES = 64 << 20  # uncompressed part files are copied in runs of about this many bytes
-# The top-level groups of the file, in upstream's order (its converter writes them so): the schema's
-# tensor groups as they first appear, then the splits.
-GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H5_GROUP)
-# Column sources: which of a reader's arrays fills a dataset.
-TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
-KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
 
 
 def create_file(target: str | os.PathLike | BinaryIO) -> Any:
     """A new HDF5 file for writing, with ``ALIGNMENT``; unlocked (NOTE [prestarted workers], conversion.parallel)."""
     return require_h5py().File(target, "w", alignment_threshold=1, alignment_interval=ALIGNMENT, locking=False)
-
-
-@dataclass(frozen=True)
-class Column:
-    """One dataset of the file: where it goes, its shape and dtype, and which of a reader's arrays fills it.
-
-    Names, integers and strings only: columns travel to conversion tasks.
-    """
-
-    h5_path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype  # as stored: a reducible tensor's at the conversion's precision
-    source: str  # "tensor:<name>", "split:<name>", "keywords:values", "keywords:offsets"
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def group(self) -> str:
-        return self.h5_path.split("/")[0]
-
-    def rows(self, reader: Reader) -> RowArray:
-        """The array this column's rows come from (lazily read: a mapping or chunked rows)."""
-        kind, _, name = self.source.partition(":")
-        if kind == TENSOR_SOURCE:
-            return reader.array(name)
-        if kind == SPLIT_SOURCE:
-            return reader.split(name)
-        values, offsets = reader.keyword_csr()
-        return values if name == KEYWORD_VALUES else offsets
-
-
-def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
-    """Every dataset of the file for ``reader``'s dataset at ``precision``, in upstream's group order."""
-    found = [
-        Column(s.h5_path, reader.shape(s.name), stored_dtype(s.name, precision), f"{TENSOR_SOURCE}:{s.name}")
-        for s in TENSORS
-    ]
-    values, offsets = reader.keyword_csr()
-    values_source, offsets_source = f"{KEYWORD_SOURCE}:{KEYWORD_VALUES}", f"{KEYWORD_SOURCE}:{KEYWORD_OFFSETS}"
-    found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, values_source))
-    found.append(Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), offsets_source))
-    for split in reader.split_names():
-        found.append(Column(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"{SPLIT_SOURCE}:{split}"))
-    return sorted(found, key=lambda c: GROUP_ORDER.index(c.group))
 
 
 def row_blocks(n_rows: int, row_bytes: int, align: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
@@ -156,10 +103,12 @@ def write_rows(
     block_bytes: int = BLOCK_BYTES,
     on_block: Callable[[int], object] | None = None,
     dest_start: int | None = None,
+    refuse_nonfinite: str = "",
 ) -> int:
     """Copy ``rows[start:stop]`` into ``dset`` (at ``dest_start``, default ``start``) in blocks of whole chunks,
     each cast to the dataset's dtype (float rows into a 16-bit dataset: encoded, NOTE [16-bit storage] in
-    ``precision``) and fed to ``hasher``; return the number of rows."""
+    ``precision``) and fed to ``hasher``; return the number of rows. ``refuse_nonfinite``: a value that is not
+    finite raises a ValidationError naming it there (NOTE [floats checked as written] in ``validate``)."""
     row_bytes = row_nbytes(tuple(dset.shape), dset.dtype)
     align = dset.chunks[0] if dset.chunks else 1
     offset = (start if dest_start is None else dest_start) - start
@@ -173,6 +122,8 @@ def write_rows(
             block = encode(rows[start + a : start + b], precision, where, start + a)
         if hasher is not None:
             hasher.update(block)
+        if refuse_nonfinite and (hasher is None or hasher.digests.finite is False):
+            check_finite(refuse_nonfinite, block, start + a)
         dset[offset + start + a : offset + start + b] = block
         if on_block is not None:
             on_block(block.nbytes)
@@ -306,12 +257,12 @@ class HDF5Writer(Writer):
         self._dataset = dset
         return dset
 
-    def write_column(self, h5_path: str, rows: RowArray, dtype: np.dtype) -> Any:
-        """A whole dataset from ``rows`` (streamed in blocks), with its checksum."""
+    def write_column(self, h5_path: str, rows: RowArray, dtype: np.dtype, refuse_nonfinite: str = "") -> Any:
+        """A whole dataset from ``rows`` (streamed in blocks), with its checksum (``write_rows``)."""
         shape = tuple(rows.shape)
         dset = self.create_dataset(h5_path, shape, dtype)
         hasher = BlockHasher.for_tensor(shape, dtype)
-        write_rows(dset, rows, 0, shape[0], hasher, self.block_bytes, self.on_bytes)
+        write_rows(dset, rows, 0, shape[0], hasher, self.block_bytes, self.on_bytes, refuse_nonfinite=refuse_nonfinite)
         self.set_checksum(dset, hasher.finish())
         # Its chunks reach the file now, where a failing write (a full disk) raises here: left to the next
         # dataset's creation it would fail inside h5py's object cleanup, unraised, and crash later (h5py#914).
@@ -361,13 +312,14 @@ def write_part(
     compression_opts: CompressionOpts = None,
     shuffle: bool = True,
     durable: bool = True,
+    refuse_nonfinite: str = "",
 ) -> BlockDigests:
-    """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file; return
-    their block digests (``start`` is block-aligned, so they are the tensor's own). Synced if ``durable``."""
+    """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file (``write_rows``);
+    return their block digests (``start`` is block-aligned, so they are the tensor's own). Synced if ``durable``."""
     with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True, durable=durable) as writer:
         dset = writer.create_dataset(column.h5_path, column.shape, column.dtype, rows=stop - start)
         hasher = BlockHasher.for_tensor(column.shape, column.dtype)
-        write_rows(dset, rows, start, stop, hasher, dest_start=0)
+        write_rows(dset, rows, start, stop, hasher, dest_start=0, refuse_nonfinite=refuse_nonfinite)
         digests = hasher.finish()
         set_block_digests(dset, digests)
         dset.attrs[ATTR_PIECE_START], dset.attrs[ATTR_PIECE_STOP] = start, stop

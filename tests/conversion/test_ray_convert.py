@@ -18,6 +18,7 @@ Reference outputs come from the single-process writer
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,11 +34,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _support import SLOW_PIECES, h5_objects, kill_driver_after, mounted_tmpfs
+from _support import SLOW_PIECES, edit_config, h5_objects, kill_driver_after, load_pt, mounted_tmpfs, save_pt
 
 from jasper_ray import (
     ConversionError,
     JASPERSteeringDataset,
+    ValidationError,
     convert,
     convert_pt_to_hdf5,
     open_dataset,
@@ -52,7 +54,7 @@ from jasper_ray.fingerprint import fingerprint
 from jasper_ray.formats import pt as pt_format
 from jasper_ray.formats.base import is_mapped
 from jasper_ray.formats.sharded import ShardedHDF5Reader
-from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, KEYWORD_IDS, MANIFEST, SHARDS_DIR, TENSORS
+from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, HDF5_FILE, KEYWORD_IDS, MANIFEST, SHARDS_DIR, TENSOR, TENSORS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -283,6 +285,31 @@ def test_a_piece_failing_every_time_is_named_and_nothing_is_published(tmp_path: 
     assert piece_id in str(info.value) and "injected failure" in str(info.value)
     assert not out.exists()
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout,compression", [("single", "gzip"), ("single", None), ("sharded", "gzip")])
+def test_a_value_that_is_not_finite_is_refused_by_the_piece_writing_it(
+    tmp_path: Path, small: Path, layout: str, compression: str | None
+) -> None:
+    """NOTE [floats checked as written]: no scan of the float tables before the pieces; the piece writing the
+    value raises the single-process writer's ValidationError (not retried), naming file and position, and
+    nothing is published; with ``allow_nonfinite`` the same dataset converts."""
+    source = tmp_path / "src"
+    shutil.copytree(small, source)
+    residual = load_pt(source / TENSOR["steering_residual"].pt_file).numpy().copy()
+    residual[17, 2] = np.nan
+    save_pt(source, TENSOR["steering_residual"].pt_file, residual)
+    out = source / (HDF5_FILE if layout == "single" else SHARDS_DIR)
+    kwargs: dict[str, Any] = dict(compression=compression, layout=layout, shard_bytes=SMALL_SHARD, progress=False)
+    want = "steering_residual.pt at position (17, 2): found value nan, expected a finite value"
+    with pytest.raises(ValidationError, match=re.escape(want)):
+        convert(source, **kwargs)
+    assert not out.exists()
+    assert leftovers(source) == []
+    edit_config(source, allow_nonfinite=True)
+    assert convert(source, **kwargs).output == out
+    got = open_dataset(source, "hdf5").take("steering_residual", np.array([17]))
+    assert np.isnan(got[0, 2]) and np.isfinite(np.delete(got[0], 2)).all()
 
 
 # --- 4: the driver killed mid-run ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from _s3 import S3Endpoint
 from _support import SLOW_PIECES, h5_objects, kill_driver_after, save_pt, subprocess_env
 
-from jasper_ray import ConversionError, ValidationError, convert, convert_pt_to_hdf5, open_dataset, synth_dataset
+from jasper_ray import ValidationError, convert, convert_pt_to_hdf5, open_dataset, synth_dataset
 from jasper_ray.conversion.plan import plan_conversion
 from jasper_ray.formats.checksum import row_nbytes
 from jasper_ray.schema import ATTR_FINGERPRINT, MANIFEST, TENSORS
@@ -259,6 +259,6 @@ def test_ray_s3_source_values_are_validated_by_the_driver_and_the_tasks(
     residual[123, 4] = float("nan")
     save_pt(dataset_copy, "steering_residual.pt", residual)
     uri = s3.upload(dataset_copy, s3.bucket(), "bad-floats")
-    with pytest.raises(ConversionError, match=r"steering_residual\.pt.*\(123, 4\)"):
+    with pytest.raises(ValidationError, match=r"steering_residual\.pt.*\(123, 4\)"):
         convert(uri, compression="gzip", output=out, progress=False, cache_dir=tmp_path / "c", max_retries=0)
     assert not out.exists()

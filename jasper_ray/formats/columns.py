@@ -1,0 +1,69 @@
+"""The columns of a converted file: every dataset it holds, and which of a reader's arrays fills each.
+
+Names, shapes, dtypes and source strings only, so a plan's columns travel to conversion tasks; the
+writers (``hdf5_writer``) and the conversion plan share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..schema import KEYWORD_IDS, PRECISION_FLOAT32, SPLIT_DTYPE, SPLIT_H5_GROUP, TENSORS, split_h5_path
+from .arrays import RowArray
+from .base import Reader
+from .precision import stored_dtype
+
+# The top-level groups of the file, in upstream's order (its converter writes them so): the schema's
+# tensor groups as they first appear, then the splits.
+GROUP_ORDER = (*dict.fromkeys(s.h5_path.split("/")[0] for s in TENSORS), SPLIT_H5_GROUP)
+# Column sources: which of a reader's arrays fills a dataset.
+TENSOR_SOURCE, SPLIT_SOURCE, KEYWORD_SOURCE = "tensor", "split", "keywords"
+KEYWORD_VALUES, KEYWORD_OFFSETS = "values", "offsets"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One dataset of the file: where it goes, its shape and dtype, and which of a reader's arrays fills it.
+
+    Names, integers and strings only: columns travel to conversion tasks.
+    """
+
+    h5_path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # as stored: a reducible tensor's at the conversion's precision
+    source: str  # "tensor:<name>", "split:<name>", "keywords:values", "keywords:offsets"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def group(self) -> str:
+        return self.h5_path.split("/")[0]
+
+    def rows(self, reader: Reader) -> RowArray:
+        """The array this column's rows come from (lazily read: a mapping or chunked rows)."""
+        kind, _, name = self.source.partition(":")
+        if kind == TENSOR_SOURCE:
+            return reader.array(name)
+        if kind == SPLIT_SOURCE:
+            return reader.split(name)
+        values, offsets = reader.keyword_csr()
+        return values if name == KEYWORD_VALUES else offsets
+
+
+def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
+    """Every dataset of the file for ``reader``'s dataset at ``precision``, in upstream's group order."""
+    found = [
+        Column(s.h5_path, reader.shape(s.name), stored_dtype(s.name, precision), f"{TENSOR_SOURCE}:{s.name}")
+        for s in TENSORS
+    ]
+    values, offsets = reader.keyword_csr()
+    values_source, offsets_source = f"{KEYWORD_SOURCE}:{KEYWORD_VALUES}", f"{KEYWORD_SOURCE}:{KEYWORD_OFFSETS}"
+    found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, values_source))
+    found.append(Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), offsets_source))
+    for split in reader.split_names():
+        found.append(Column(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"{SPLIT_SOURCE}:{split}"))
+    return sorted(found, key=lambda c: GROUP_ORDER.index(c.group))
