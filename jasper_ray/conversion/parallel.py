@@ -304,7 +304,7 @@ def _convert(
                         len(plan.pieces),
                     )
                 tasks = plan.tasks(work.path, offsets)
-                if validate and source is None:  # a remote source's rows check themselves (ranged)
+                if validate:
                     tasks = [replace(t, refuse_nonfinite=refused_nonfinite(reader, t.column.source)) for t in tasks]
                 if source is not None:
                     ranged = source.ranged

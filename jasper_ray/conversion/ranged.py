@@ -26,8 +26,8 @@ share no filesystem, the sharded layout is the one the tasks write.
 Validation is split as the serving readers split it: the driver validates the
 dataset through ranged reads of the ids and pair scores (``RangedPTReader``:
 ``validate_dataset`` without the float tables, ~2% of the bytes), and each
-task checks the float-table rows it reads for NaN and inf
-(``RangedTensor.scan``). No Ray here.
+task checks the float-table rows it writes, as for local files (NOTE [floats
+checked as written] in ``validate``); errors name the objects. No Ray here.
 """
 
 from __future__ import annotations
@@ -46,17 +46,14 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_output
-from ..config import allows_nonfinite, read_config_file
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..formats.arrays import RowArray
 from ..formats.checksum import row_nbytes
 from ..formats.columns import KEYWORD_SOURCE, SPLIT_SOURCE, TENSOR_SOURCE, Column
 from ..formats.pt import PTReader, load_pt_tensor, zip_records
-from ..formats.verified import check_finite
 from ..schema import CONFIG_FILE, KEYWORD_IDS, PT_SUFFIX, TENSORS, split_pt_file, work_dir_name
 from ..storage import Location, NodeCache, download, remote_identity
 from ..storage.fetch import RemoteFile, listing, read_object, read_range, upload_file, write_object
-from ..validate import FLOAT_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +73,6 @@ class RangedTensor:
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
-    scan: bool = False  # every row read is checked for NaN and inf (a float table; the driver checks the rest)
 
 
 class RangedRows:
@@ -105,10 +101,7 @@ class RangedRows:
         row_bytes = row_nbytes(self.shape, self.dtype)
         first = self.tensor.offset + start * row_bytes
         data = read_range(self.tensor.location, first, max(0, stop - start) * row_bytes)
-        rows = np.frombuffer(data, dtype=self.dtype).reshape((-1, *self.shape[1:]))
-        if self.tensor.scan:
-            check_finite(self.tensor.location.uri, rows, start)
-        return rows
+        return np.frombuffer(data, dtype=self.dtype).reshape((-1, *self.shape[1:]))
 
 
 class RangedPTReader(PTReader):
@@ -122,6 +115,10 @@ class RangedPTReader(PTReader):
     def _load_array(self, name: str) -> RowArray:  # type: ignore[override]  # any RowArray (base.Reader)
         found = self.ranged.get(f"{TENSOR_SOURCE}:{name}")
         return RangedRows(found) if found is not None else super()._load_array(name)
+
+    def location(self, name: str) -> str:
+        found = self.ranged.get(f"{TENSOR_SOURCE}:{name}")
+        return found.location.uri if found is not None else super().location(name)
 
 
 @dataclass
@@ -188,7 +185,6 @@ def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> R
         raise DatasetNotFoundError(f"{location.uri}: no {CONFIG_FILE} there (found {names or 'nothing'})")
     tensor_of = {s.pt_file: s.name for s in TENSORS}
     _fetch_whole(location.child(CONFIG_FILE), local / CONFIG_FILE)
-    scan = set() if allows_nonfinite(read_config_file(local) or {}) else set(FLOAT_TABLES)
     fingerprint: dict[str, Any] = {}
     ranged: dict[str, RangedTensor] = {}
     for name in names:
@@ -208,9 +204,7 @@ def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> R
                 "save it with torch.save(t.contiguous().clone(), path)"
             )
         tensor = tensor_of[name]
-        ranged[f"{TENSOR_SOURCE}:{tensor}"] = RangedTensor(
-            where, offset, tuple(array.shape), array.dtype, scan=tensor in scan
-        )
+        ranged[f"{TENSOR_SOURCE}:{tensor}"] = RangedTensor(where, offset, tuple(array.shape), array.dtype)
     return RemoteSource(location, local, ranged, fingerprint)
 
 

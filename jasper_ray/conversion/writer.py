@@ -33,7 +33,7 @@ from ..schema import HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32
 from ..storage import locate
 from ..validate import refused_nonfinite, validate_dataset
 from .plan import PIECE_BYTES
-from .ranged import RangedPTReader, prepare_source
+from .ranged import prepare_source
 from .remote import convert_staged, is_remote_job, output_location, staged_output
 from .up_to_date import why_convert
 
@@ -215,12 +215,11 @@ def _write(
     block_bytes: int,
     precision: str,
 ) -> ConversionReport:
-    """``reader``'s PT dataset into ``output``: mapped local files, or a remote source's ranged rows (whose
-    float tables are checked as they are read: ``validate`` scans only the rest)."""
+    """``reader``'s PT dataset into ``output``: mapped local files, or a remote source's ranged rows; with
+    ``validate``, the float tables are checked as they are written (NOTE [floats checked as written])."""
     log.info("Converting PT format to HDF5 in %s", reader.directory)
     if validate:  # float tables: checked as written (NOTE [floats checked as written] in validate)
         validate_dataset(reader, progress=progress)
-    ranged = isinstance(reader, RangedPTReader)  # its rows check themselves as they are read
     started = time.perf_counter()
     found = columns(reader, precision)
     check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take
@@ -241,7 +240,7 @@ def _write(
             if column.group != group:
                 group = column.group
                 log.info(GROUP_MESSAGES[group])
-            refuse = refused_nonfinite(reader, column.source) if validate and not ranged else ""
+            refuse = refused_nonfinite(reader, column.source) if validate else ""
             w.write_column(column.h5_path, column.rows(reader), column.dtype, refuse_nonfinite=refuse)
         done = source_fingerprint.result() if isinstance(source_fingerprint, Future) else source_fingerprint
         w.write_config(reader.config, done)  # last: NOTE [crc32 beside the work] in fingerprint
