@@ -74,7 +74,7 @@ class PieceTask:
     source: Location | None = None
     ranged: RangedTensor | None = None
     upload: RemoteOutput | None = None
-    # A local source's float table: where a value that is not finite is named as the piece refuses it
+    # A float table's source file or object, named when the piece refuses a value that is not finite
     # (NOTE [floats checked as written] in validate); "": nothing refused here.
     refuse_nonfinite: str = ""
 

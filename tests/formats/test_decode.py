@@ -133,6 +133,12 @@ def test_gather_decodes_mapped_rows_bit_for_bit(
         pytest.skip("no kernel with vector instructions for this CPU here: test_the_compiled_kernel... covers it")
     if run_rows is not None:
         without_compiled_kernel(monkeypatch)
+    else:  # the one pass serves it all: the two passes' decoder is never asked for
+
+        def no_two_passes(dtype: np.dtype) -> None:
+            raise AssertionError(f"the {dtype} rows fell back to the two passes")
+
+        monkeypatch.setattr(arrays, "decoder", no_two_passes)
     rng = np.random.default_rng(4)
     stored = rng.integers(0, 1 << 16, (50, 40), dtype=np.uint32).astype(np.uint16).view(dtype)
     table = mapped_table(tmp_path, stored, offset)
