@@ -11,6 +11,7 @@ left alone (NOTE [writer tags]).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -93,6 +94,25 @@ def publish(temp: Path, final: Path, durable: bool = True) -> None:
     os.replace(temp, final)
     if durable:
         fsync_path(final.parent)
+
+
+def reserve_space(path: Path, nbytes: int) -> bool:
+    """Allocate ``nbytes`` of disk for ``path`` now, so that writes within them cannot fail for want of space
+    (the file's size becomes ``nbytes``). False where this platform or file system cannot allocate ahead
+    (no ``posix_fallocate``, or the file system refuses it); a full disk raises ENOSPC, naming the file."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        allocate(fd, 0, nbytes)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise OSError(err.errno, f"{err.strerror} (reserving {nbytes} bytes)", str(path)) from err
+    finally:
+        os.close(fd)
+    return True
 
 
 @contextlib.contextmanager

@@ -8,8 +8,8 @@ as root attributes, and an atomic publish (temp name, fsync, rename).
 
 A conversion's pieces are *part files*: rows ``start:stop`` of one dataset,
 with the final file's chunk shape and filters and the block digests of their
-rows. They are built in memory and written with plain file I/O
-(``write_part``); assembly moves their compressed chunks into the final file
+rows, written into disk space reserved for their largest size first
+(``write_part``; ``HDF5Writer``'s ``size_bound``); assembly moves their compressed chunks into the final file
 without re-encoding (``HDF5Writer.copy_part``). Layout in ``hdf5``'s docstring;
 names in ``schema``. h5py is imported on first use (``require_h5py``).
 """
@@ -17,10 +17,12 @@ names in ``schema``. h5py is imported on first use (``require_h5py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import io
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, reserve_space
 from ..schema import (
     ATTR_BLOCK_DIGESTS,
     ATTR_CHECKSUM,
@@ -64,7 +66,7 @@ from .checksum import (
     row_nbytes,
     split_digests,
 )
-from .chunks import CompressionOpts, check_options, dataset_options
+from .chunks import CompressionOpts, check_options, dataset_options, rows_per_chunk
 from .columns import Column, columns
 from .hdf5 import map_contiguous, require_h5py
 from .precision import check_precision, encode, is_16bit, mark_precision, precision_of, stored_dtype
@@ -80,11 +82,31 @@ BLOCK_BYTES = 64 << 20
 # a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
 MAX_BLOCK_DIGESTS = 1800
 COPY_BYTES = 64 << 20  # uncompressed part files are copied in runs of about this many bytes
+PART_METADATA_BYTES = 1 << 20  # a part file's superblock, headers and attributes fit in this
 
 
-def create_file(target: str | os.PathLike | BinaryIO) -> Any:
-    """A new HDF5 file for writing, with ``ALIGNMENT``; unlocked (NOTE [prestarted workers], conversion.parallel)."""
-    return require_h5py().File(target, "w", alignment_threshold=1, alignment_interval=ALIGNMENT, locking=False)
+def write_plainly(path: Path, data: bytes | memoryview) -> None:
+    """``data`` as the whole of ``path``, with plain file I/O; an error names the file."""
+    try:
+        with open(path, "wb") as out:
+            out.write(data)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+@functools.cache
+def empty_file_image() -> bytes:
+    """The bytes of a new, empty HDF5 file as ``create_file`` makes it."""
+    image = io.BytesIO()
+    create_file(image).close()
+    return image.getvalue()
+
+
+def create_file(target: str | os.PathLike | BinaryIO, reopen: bool = False) -> Any:
+    """A new HDF5 file for writing (``reopen``: one just created, ``empty_file_image``), with ``ALIGNMENT``; unlocked
+    (NOTE [prestarted workers], conversion.parallel)."""
+    mode = "r+" if reopen else "w"
+    return require_h5py().File(target, mode, alignment_threshold=1, alignment_interval=ALIGNMENT, locking=False)
 
 
 def row_blocks(n_rows: int, row_bytes: int, align: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
@@ -131,14 +153,16 @@ def write_rows(
 
 
 class HDF5Writer(Writer):
-    """Writes ``path`` (``dataset.h5``, or a part file with ``in_memory``), published when the block succeeds.
+    """Writes ``path`` (``dataset.h5``, or a part file), published when the block succeeds.
 
-    ``in_memory`` builds the file in RAM and writes it with plain file I/O at the end: HDF5 cannot
-    recover from a write failing mid-file (ENOSPC at close leaves the library in a state that segfaults
-    the process later, h5py#914), so a full or failing disk fails there, cleanly. For files bounded in
-    size (a conversion's pieces). Not ``durable``: published unsynced. ``on_bytes`` gets the bytes of
-    each block written (a progress bar). ``precision``: how ``write_tensor`` and ``write_from`` store the
-    reducible tensors (NOTE [16-bit storage] in ``precision``); ``write_column`` stores the given dtype.
+    HDF5 cannot recover from a write failing mid-file (ENOSPC at close leaves the library in a state that
+    segfaults the process later, h5py#914). A file of bounded size (a conversion's piece) names its bound,
+    ``size_bound``: that much disk is reserved before HDF5 writes a byte (``atomic.reserve_space``), and
+    HDF5 trims the file to its end when it closes it. Where nothing can be reserved the file is built in
+    RAM and written with plain file I/O at the end, where a full disk fails cleanly. Not ``durable``:
+    published unsynced. ``on_bytes`` gets the bytes of each block written (a progress bar).
+    ``precision``: how ``write_tensor`` and ``write_from`` store the reducible tensors (NOTE [16-bit
+    storage] in ``precision``); ``write_column`` stores the given dtype.
     """
 
     storage_format = "hdf5"
@@ -152,7 +176,7 @@ class HDF5Writer(Writer):
         *,
         block_bytes: int = BLOCK_BYTES,
         on_bytes: Callable[[int], object] | None = None,
-        in_memory: bool = False,
+        size_bound: int | None = None,
         precision: str = PRECISION_FLOAT32,
         durable: bool = True,
     ):
@@ -160,21 +184,26 @@ class HDF5Writer(Writer):
         self.precision = check_precision(precision)
         self.path = Path(path)
         self.compression, self.compression_opts, self.shuffle = compression, compression_opts, shuffle
-        self.block_bytes, self.on_bytes, self.in_memory = block_bytes, on_bytes, in_memory
+        self.block_bytes, self.on_bytes, self.size_bound = block_bytes, on_bytes, size_bound
         self.durable = durable
         self._file: Any = None
         self._dataset: Any = None  # the last dataset created, open until the next one exists (see create_dataset)
         self._image: io.BytesIO | None = None
+        self._temp = self.path
         self._publish = contextlib.ExitStack()
 
     def __enter__(self) -> HDF5Writer:
-        if self.in_memory:
-            self._image = io.BytesIO()
-            self._file = create_file(self._image)
-            return self
         with contextlib.ExitStack() as stack:
-            temp = stack.enter_context(atomic_output(self.path))
-            self._file = stack.enter_context(create_file(temp))
+            self._temp = temp = stack.enter_context(atomic_output(self.path, self.durable))
+            if self.size_bound is None:
+                self._file = stack.enter_context(create_file(temp))
+            else:
+                write_plainly(temp, empty_file_image())  # a full disk fails here, outside HDF5
+                if reserve_space(temp, self.size_bound):  # reopened, HDF5 trims it to its end at close
+                    self._file = stack.enter_context(create_file(temp, reopen=True))
+                else:
+                    self._image = io.BytesIO()
+                    self._file = create_file(self._image)
             self._publish = stack.pop_all()
         return self
 
@@ -182,27 +211,24 @@ class HDF5Writer(Writer):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         file, self._file = self._file, None
-        if self._image is None:
-            if exc_type is not None:
-                # h5py objects go before the file: a dataset freed after its file failed to close (a full disk)
-                # segfaults the process (h5py#914).
-                self._dataset = None
-                gc.collect()
-            try:
-                self._publish.__exit__(exc_type, exc, tb)  # closes the file, then publishes or removes it
-            finally:
-                self._dataset = None
-            return
         image, self._image = self._image, None
-        file.close()  # the image is complete only now
-        self._dataset = None
-        if exc_type is None:
-            with atomic_output(self.path, self.durable) as temp:
+        if image is not None:
+            file.close()  # the image is complete only now
+            if exc_type is None:
                 try:
-                    with open(temp, "wb") as out:
-                        out.write(image.getbuffer())
-                except OSError as err:
-                    raise OSError(err.errno, err.strerror or str(err), str(temp)) from err
+                    write_plainly(self._temp, image.getbuffer())
+                except BaseException:
+                    self._publish.__exit__(*sys.exc_info())  # removes the temp file
+                    raise
+        elif exc_type is not None:
+            # h5py objects go before the file: a dataset freed after its file failed to close (a full disk)
+            # segfaults the process (h5py#914).
+            self._dataset = None
+            gc.collect()
+        try:
+            self._publish.__exit__(exc_type, exc, tb)  # closes the file, then publishes or removes it
+        finally:
+            self._dataset = None
 
     @property
     def file(self) -> Any:
@@ -316,7 +342,8 @@ def write_part(
 ) -> BlockDigests:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file (``write_rows``);
     return their block digests (``start`` is block-aligned, so they are the tensor's own). Synced if ``durable``."""
-    with HDF5Writer(path, compression, compression_opts, shuffle, in_memory=True, durable=durable) as writer:
+    bound = part_size_bound(column, stop - start)
+    with HDF5Writer(path, compression, compression_opts, shuffle, size_bound=bound, durable=durable) as writer:
         dset = writer.create_dataset(column.h5_path, column.shape, column.dtype, rows=stop - start)
         hasher = BlockHasher.for_tensor(column.shape, column.dtype)
         write_rows(dset, rows, start, stop, hasher, dest_start=0, refuse_nonfinite=refuse_nonfinite)
@@ -324,6 +351,14 @@ def write_part(
         set_block_digests(dset, digests)
         dset.attrs[ATTR_PIECE_START], dset.attrs[ATTR_PIECE_STOP] = start, stop
     return digests
+
+
+def part_size_bound(column: Column, rows: int) -> int:
+    """The most bytes a part file of ``rows`` rows of ``column`` can take: its whole chunks uncompressed (HDF5
+    stores a chunk its filters would grow as it is), the chunk index and attributes, and a MiB of the rest."""
+    chunk = rows_per_chunk(column.shape, column.dtype.itemsize)
+    stored = -(-rows // chunk) * chunk * row_nbytes(column.shape, column.dtype)
+    return stored + stored // 64 + PART_METADATA_BYTES
 
 
 def set_block_digests(dset: Any, digests: BlockDigests) -> None:

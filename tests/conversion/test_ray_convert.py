@@ -46,13 +46,15 @@ from jasper_ray import (
     synth_dataset,
     validate_dataset,
 )
-from jasper_ray.atomic import TEMP_MARK
+from jasper_ray.atomic import TEMP_MARK, reserve_space
 from jasper_ray.conversion.pieces import save_keyword_csr, write_piece
 from jasper_ray.conversion.plan import plan_conversion, work_dir_for
 from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
 from jasper_ray.fingerprint import fingerprint
+from jasper_ray.formats import hdf5_writer
 from jasper_ray.formats import pt as pt_format
 from jasper_ray.formats.base import is_mapped
+from jasper_ray.formats.hdf5_writer import part_size_bound, write_part
 from jasper_ray.formats.sharded import ShardedHDF5Reader
 from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, HDF5_FILE, KEYWORD_IDS, MANIFEST, SHARDS_DIR, TENSOR, TENSORS
 
@@ -542,6 +544,50 @@ def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase:
         assert "No space left" in message or "errno = 28" in message or "ENOSPC" in message, message
         _assert_clean_failure(info.value, target, output)
         assert list(target.iterdir()) == [], "the space is given back"
+
+
+def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, monkeypatch) -> None:
+    """A part file is written where its largest size was reserved first, and HDF5 gives back the rest when it
+    closes the file; where nothing can be reserved (no posix_fallocate) it is built in memory: the same rows,
+    attributes and stored chunks (the file's own bytes differ: HDF5 lays out metadata per file driver)."""
+    reader = open_dataset(big, storage_format="pt", use_mmap=True)
+    plan = plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD)
+    reserved: list[int] = []
+    real_reserve = hdf5_writer.reserve_space
+    monkeypatch.setattr(hdf5_writer, "reserve_space", lambda path, n: reserved.append(n) or real_reserve(path, n))
+    on_disk, in_memory = tmp_path / "reserved", tmp_path / "in-memory"
+    on_disk.mkdir(), in_memory.mkdir()
+    tasks = plan.tasks(on_disk)
+    for task in tasks:
+        write_piece(task)
+    assert len(reserved) == len(tasks) > len(plan.columns), "every piece reserved its space"
+    for task, bound in zip(tasks, reserved):
+        st = (on_disk / task.piece.file_name).stat()
+        assert bound == part_size_bound(task.column, task.piece.stop - task.piece.start)
+        assert st.st_size < bound and st.st_blocks * 512 <= st.st_size + (64 << 10), "the reservation's rest is free"
+
+    monkeypatch.delattr(os, "posix_fallocate")
+    assert reserve_space(on_disk / tasks[0].piece.file_name, 1 << 20) is False
+    for task in plan.tasks(in_memory):
+        write_piece(task)
+        built, written = in_memory / task.piece.file_name, on_disk / task.piece.file_name
+        assert h5_objects(built) == h5_objects(written)
+        with h5py.File(built, "r") as a, h5py.File(written, "r") as b:
+            assert raw_chunks(a[task.column.h5_path]) == raw_chunks(b[task.column.h5_path])
+    reader.close()
+
+
+def test_a_part_file_the_disk_cannot_hold_is_refused_before_hdf5_writes(tmp_path: Path, big: Path) -> None:
+    reader = open_dataset(big, storage_format="pt", use_mmap=True)
+    task = max(plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD).tasks(tmp_path), key=lambda t: t.column.nbytes)
+    bound = part_size_bound(task.column, task.piece.stop - task.piece.start)
+    with mounted_tmpfs(tmp_path / "full", f"size={bound // 2}") as target:
+        path = target / task.piece.file_name
+        with pytest.raises(OSError, match="No space left") as info:
+            write_part(path, task.column, task.column.rows(reader), task.piece.start, task.piece.stop, "gzip")
+        assert str(path.parent) in str(info.value) and f"reserving {bound} bytes" in str(info.value)
+        assert list(target.iterdir()) == [], "the space is given back"
+    reader.close()
 
 
 def test_keyword_pieces_map_the_drivers_csr_not_the_lists(tmp_path: Path, small: Path, monkeypatch) -> None:
