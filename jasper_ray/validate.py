@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .config import allows_nonfinite, check_curriculum, check_probabilities
 from .errors import ValidationError
 from .formats.base import Reader
-from .formats.columns import TENSOR_SOURCE
+from .formats.columns import TENSOR_SOURCE, Column
 from .formats.verified import check_finite
 from .schema import CONFIG_FILE, ENTITY_OF_SYMBOL, PRECISION_DTYPES, TENSORS, TIER_RANGE
 
@@ -232,8 +232,8 @@ def check_ranges(reader: Reader, sizes: dict[str, int], on_bytes: Callable[[int]
         )
 
 
-def refused_nonfinite(reader: Reader, source: str) -> str:
-    """Where a converter names a value of column ``source`` (``"tensor:<name>"``) that is not finite, refusing it
+def refused_nonfinite(reader: Reader, column: Column) -> str:
+    """Where a converter names a value of ``column`` that is not finite, refusing it
     as it writes the block; "" where nothing is refused (not a float table, or ``allow_nonfinite``).
 
     NOTE [floats checked as written]: ``scan_floats`` reads every float table whole before a conversion
@@ -241,8 +241,8 @@ def refused_nonfinite(reader: Reader, source: str) -> str:
     disk before any task starts). The converters validate without it and check each block they write instead:
     its hasher already learns whether every value is finite (``BlockDigests.finite``), so only a block that
     is not gets scanned again, for the position (``hdf5_writer.write_rows``). The same error, one pass."""
-    kind, _, name = source.partition(":")
-    if kind != TENSOR_SOURCE or name not in FLOAT_TABLES or allows_nonfinite(reader.config):
+    name = column.source_name
+    if column.source_kind != TENSOR_SOURCE or name not in FLOAT_TABLES or allows_nonfinite(reader.config):
         return ""
     return reader.location(name)
 

@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -280,8 +279,10 @@ def _convert(
     log.info(
         "Converting PT format to HDF5 in %s (Ray, layout=%s)", source.location.uri if source else dataset_dir, layout
     )
-    whole: Future | None = None  # hashed while this validates and converts: NOTE [crc32 beside the work]
+    # Files are hashed whole while this validates and converts (NOTE [crc32 beside the work]); a remote source's
+    # fingerprint (the objects' identities) is whole already.
     fingerprint, whole = (source.fingerprint, None) if source else fingerprint_in_background(reader.files())
+    whole_fingerprint: Callable[[], dict[str, Any]] = whole.result if whole else lambda: fingerprint
     if validate:  # float tables: checked by the tasks (NOTE [floats checked as written] in validate)
         validate_dataset(reader, progress=progress)
     started_ray = connect_for_conversion(address, num_workers)
@@ -305,7 +306,7 @@ def _convert(
                     )
                 tasks = plan.tasks(work.path, offsets)
                 if validate:
-                    tasks = [replace(t, refuse_nonfinite=refused_nonfinite(reader, t.column.source)) for t in tasks]
+                    tasks = [replace(t, refuse_nonfinite=refused_nonfinite(reader, t.column)) for t in tasks]
                 if source is not None:
                     ranged = source.ranged
                     tasks = [replace(t, source=source.location, ranged=ranged.get(t.column.source)) for t in tasks]
@@ -319,13 +320,13 @@ def _convert(
                     with Assembly(plan, work.path, output) as assembly:
                         results = run(on_result=assembly.add)
                         pieces_done = time.perf_counter()
-                        plan.source_fingerprint = whole.result() if whole else plan.source_fingerprint
+                        plan.source_fingerprint = whole_fingerprint()
                         assembly.finish(results)
                 else:
                     shards = layout != LAYOUT_SINGLE and upload is None  # synced here (NOTE [unsynced pieces])
                     results = run(on_result=functools.partial(_sync_shard, work.path) if shards else None)
                     pieces_done = time.perf_counter()
-                    plan.source_fingerprint = whole.result() if whole else plan.source_fingerprint
+                    plan.source_fingerprint = whole_fingerprint()
                 if in_place:
                     finish_in_place(plan, work.path, output, results)
                 elif upload is not None:

@@ -119,8 +119,7 @@ def _source(dataset_dir: str) -> Reader:
 
 def keyword_csr_file(column: Column) -> str | None:
     """The work directory's file of a keyword column's CSR array (NOTE [keyword lists once]), else None."""
-    kind, _, name = column.source.partition(":")
-    return f"{KEYWORD_CSR_PREFIX}{name}.npy" if kind == KEYWORD_SOURCE else None
+    return f"{KEYWORD_CSR_PREFIX}{column.source_name}.npy" if column.source_kind == KEYWORD_SOURCE else None
 
 
 def save_keyword_csr(reader: Reader, columns: list[Column], work_dir: Path) -> None:

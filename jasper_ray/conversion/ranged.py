@@ -136,12 +136,11 @@ class RemoteSource:
 
 def source_file(column: Column) -> str:
     """The PT file a column's rows come from."""
-    kind, _, name = column.source.partition(":")
-    if kind == TENSOR_SOURCE:
-        return next(s.pt_file for s in TENSORS if s.name == name)
-    if kind == SPLIT_SOURCE:
-        return split_pt_file(name)
-    assert kind == KEYWORD_SOURCE
+    if column.source_kind == TENSOR_SOURCE:
+        return next(s.pt_file for s in TENSORS if s.name == column.source_name)
+    if column.source_kind == SPLIT_SOURCE:
+        return split_pt_file(column.source_name)
+    assert column.source_kind == KEYWORD_SOURCE
     return KEYWORD_IDS.pt_file
 
 

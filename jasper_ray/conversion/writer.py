@@ -240,7 +240,7 @@ def _write(
             if column.group != group:
                 group = column.group
                 log.info(GROUP_MESSAGES[group])
-            refuse = refused_nonfinite(reader, column.source) if validate else ""
+            refuse = refused_nonfinite(reader, column) if validate else ""
             w.write_column(column.h5_path, column.rows(reader), column.dtype, refuse_nonfinite=refuse)
         done = source_fingerprint.result() if isinstance(source_fingerprint, Future) else source_fingerprint
         w.write_config(reader.config, done)  # last: NOTE [crc32 beside the work] in fingerprint

@@ -43,15 +43,24 @@ class Column:
     def group(self) -> str:
         return self.h5_path.split("/")[0]
 
+    @property
+    def source_kind(self) -> str:
+        """``TENSOR_SOURCE``, ``SPLIT_SOURCE`` or ``KEYWORD_SOURCE``."""
+        return self.source.partition(":")[0]
+
+    @property
+    def source_name(self) -> str:
+        """The tensor's or split's name, or which keyword array (``KEYWORD_VALUES``, ``KEYWORD_OFFSETS``)."""
+        return self.source.partition(":")[2]
+
     def rows(self, reader: Reader) -> RowArray:
         """The array this column's rows come from (lazily read: a mapping or chunked rows)."""
-        kind, _, name = self.source.partition(":")
-        if kind == TENSOR_SOURCE:
-            return reader.array(name)
-        if kind == SPLIT_SOURCE:
-            return reader.split(name)
+        if self.source_kind == TENSOR_SOURCE:
+            return reader.array(self.source_name)
+        if self.source_kind == SPLIT_SOURCE:
+            return reader.split(self.source_name)
         values, offsets = reader.keyword_csr()
-        return values if name == KEYWORD_VALUES else offsets
+        return values if self.source_name == KEYWORD_VALUES else offsets
 
 
 def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
