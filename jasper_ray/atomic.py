@@ -11,6 +11,7 @@ left alone (NOTE [writer tags]).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import logging
@@ -18,7 +19,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -96,20 +97,35 @@ def publish(temp: Path, final: Path, durable: bool = True) -> None:
         fsync_path(final.parent)
 
 
+@functools.cache
+def _fallocate() -> Callable[..., int] | None:
+    """Linux's fallocate(2) itself: glibc's ``posix_fallocate`` (``os.posix_fallocate``), where a file system
+    cannot allocate ahead, writes a byte into every block instead, which sends a network file system the
+    whole size. None on other platforms."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
 def reserve_space(path: Path, nbytes: int) -> bool:
     """Allocate ``nbytes`` of disk for ``path`` now, so that writes within them cannot fail for want of space
-    (the file's size becomes ``nbytes``). False where this platform or file system cannot allocate ahead
-    (no ``posix_fallocate``, or the file system refuses it); a full disk raises ENOSPC, naming the file."""
-    allocate = getattr(os, "posix_fallocate", None)
+    (the file's size becomes ``nbytes``). False where this platform or file system cannot allocate ahead; a
+    full disk raises ENOSPC, naming the file."""
+    allocate = _fallocate()
     if allocate is None:
         return False
     fd = os.open(path, os.O_RDWR)
     try:
-        allocate(fd, 0, nbytes)
-    except OSError as err:
-        if err.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
-            return False
-        raise OSError(err.errno, f"{err.strerror} (reserving {nbytes} bytes)", str(path)) from err
+        if allocate(fd, 0, 0, nbytes) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise OSError(err, f"{os.strerror(err)} (reserving {nbytes} bytes)", str(path))
     finally:
         os.close(fd)
     return True

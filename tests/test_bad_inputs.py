@@ -17,13 +17,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from _support import subprocess_env, write_sharded
+from _support import mounted_tmpfs, subprocess_env, write_sharded
 
 from jasper_ray import open_dataset
 from jasper_ray.atomic import remove_orphan_temps, temp_path_for, writer_tag
 from jasper_ray.errors import DatasetFormatError, StaleDatasetError
 from jasper_ray.fingerprint import changed_files
-from jasper_ray.schema import HDF5_FILE, MANIFEST, TENSOR
+from jasper_ray.schema import HDF5_FILE, MANIFEST, TENSOR, TENSORS
 
 # --- shared-filesystem safety: temp names carry host, pid and start time ---------------------------
 
@@ -536,6 +536,13 @@ except OSError as exc:
 """
 
 
+def _converting_child(code: str, source: Path, output: Path) -> subprocess.CompletedProcess:
+    """``code`` run in a child process with the source directory and the output as its arguments: HDF5 may crash
+    a process whose disk filled (h5py#914)."""
+    args = [sys.executable, "-c", code, str(source), str(output)]
+    return subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+
 def test_a_full_disk_fails_cleanly_in_one_process(dataset_copy: Path, tmp_path: Path) -> None:
     """A 1 MiB tmpfs (the small dataset is ~2.4 MB of PT files): refused before writing, no crash, no temp."""
     target = tmp_path / "full"
@@ -544,18 +551,57 @@ def test_a_full_disk_fails_cleanly_in_one_process(dataset_copy: Path, tmp_path: 
     assert mounted.returncode == 0, f"cannot mount a tmpfs (the tests run as root): {mounted.stderr!r}"
     try:
         for _ in range(3):  # the crash it replaces happened on every run
-            child = subprocess.run(
-                [sys.executable, "-c", FULL_DISK_CHILD, str(dataset_copy), str(target / HDF5_FILE)],
-                env=subprocess_env(),
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            child = _converting_child(FULL_DISK_CHILD, dataset_copy, target / HDF5_FILE)
             assert child.returncode == 1, (child.returncode, child.stderr[-2000:])
             assert f"No space left on device to write {target / HDF5_FILE}: it needs up to" in child.stdout
             assert list(target.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+FILLED_AFTER_RESERVING_CHILD = """
+import shutil
+import sys
+from pathlib import Path
+from jasper_ray.conversion.writer import convert_pt_to_hdf5
+from jasper_ray.formats import hdf5_writer
+
+reserve = hdf5_writer.reserve_space
+
+def reserve_then_fill(path, nbytes):
+    reserved = reserve(path, nbytes)
+    try:  # another process takes every byte left
+        with open(Path(sys.argv[2]).parent / "filler", "wb") as f:
+            while True:
+                f.write(bytes(1 << 16))
+    except OSError:
+        pass
+    print("free after filling:", shutil.disk_usage(path.parent).free)
+    return reserved
+
+hdf5_writer.reserve_space = reserve_then_fill
+convert_pt_to_hdf5(sys.argv[1], compression="gzip", output=sys.argv[2], progress=False)
+"""
+
+
+def test_a_disk_filled_by_another_process_mid_conversion_does_not_reach_hdf5(
+    dataset_copy: Path, tmp_path: Path
+) -> None:
+    """The single-process writer reserves its file's largest size before HDF5 writes: a disk filled right after
+    (before any dataset is written) leaves the conversion whole; without the reservation HDF5 failed inside."""
+    target = tmp_path / "filling"
+    with mounted_tmpfs(target, "size=64m"):
+        child = _converting_child(FILLED_AFTER_RESERVING_CHILD, dataset_copy, target / HDF5_FILE)
+        assert child.returncode == 0, child.stderr[-2000:]
+        filled = int(child.stdout.split("free after filling:")[1].split()[0])
+        assert filled < (64 << 10), "the disk was full while the file was written"
+        assert shutil.disk_usage(target).free > filled, "the reservation's unused rest was given back"
+        reader = open_dataset(target, storage_format="hdf5")
+        assert reader.verify_checksums() == []
+        source = open_dataset(dataset_copy, storage_format="pt")
+        for spec in TENSORS:
+            assert np.array_equal(reader.read(spec.name), source.read(spec.name)), spec.name
+        reader.close()
 
 
 # --- a file truncated under (or before) a memory-mapped reader ----------------------------------------

@@ -26,7 +26,7 @@ from ..formats.base import Reader
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.columns import GROUP_ORDER, columns
 from ..formats.hdf5 import require_h5py
-from ..formats.hdf5_writer import BLOCK_BYTES, HDF5Writer
+from ..formats.hdf5_writer import BLOCK_BYTES, HDF5Writer, file_size_bound
 from ..formats.precision import check_precision
 from ..formats.pt import PTReader
 from ..schema import HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32
@@ -222,7 +222,8 @@ def _write(
         validate_dataset(reader, progress=progress)
     started = time.perf_counter()
     found = columns(reader, precision)
-    check_free_space(output, sum(c.nbytes for c in found), "write")  # uncompressed: the most it can take
+    bound = file_size_bound((c, c.shape[0]) for c in found)  # reserved before HDF5 writes (HDF5Writer)
+    check_free_space(output, bound, "write")  # first: its message says what is needed and what is free
     with (
         _progress(sum(c.nbytes for c in found), progress, "convert") as bar,
         HDF5Writer(
@@ -232,6 +233,7 @@ def _write(
             shuffle,
             block_bytes=block_bytes,
             on_bytes=bar.update,
+            size_bound=bound,
             precision=precision,
         ) as w,
     ):

@@ -23,7 +23,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -82,7 +82,9 @@ BLOCK_BYTES = 64 << 20
 # a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
 MAX_BLOCK_DIGESTS = 1800
 COPY_BYTES = 64 << 20  # uncompressed part files are copied in runs of about this many bytes
-PART_METADATA_BYTES = 1 << 20  # a part file's superblock, headers and attributes fit in this
+# What metadata can take beyond the chunks and their index (file_size_bound): a dataset's headers and attributes
+# (at most MAX_BLOCK_DIGESTS block digests), and a file's superblock, groups and root attributes.
+DATASET_METADATA_BYTES, FILE_METADATA_BYTES = 256 << 10, 1 << 20
 
 
 def write_plainly(path: Path, data: bytes | memoryview) -> None:
@@ -156,10 +158,11 @@ class HDF5Writer(Writer):
     """Writes ``path`` (``dataset.h5``, or a part file), published when the block succeeds.
 
     HDF5 cannot recover from a write failing mid-file (ENOSPC at close leaves the library in a state that
-    segfaults the process later, h5py#914). A file of bounded size (a conversion's piece) names its bound,
+    segfaults the process later, h5py#914). So a writer that knows the most its file can take names it,
     ``size_bound``: that much disk is reserved before HDF5 writes a byte (``atomic.reserve_space``), and
-    HDF5 trims the file to its end when it closes it. Where nothing can be reserved the file is built in
-    RAM and written with plain file I/O at the end, where a full disk fails cleanly. Not ``durable``:
+    HDF5 trims the file to its end when it closes it. Where nothing can be reserved, a file small enough to
+    hold in RAM (``in_memory_fallback``: a conversion's piece) is built there and written with plain file
+    I/O at the end, where a full disk fails cleanly; others are written as they go. Not ``durable``:
     published unsynced. ``on_bytes`` gets the bytes of each block written (a progress bar).
     ``precision``: how ``write_tensor`` and ``write_from`` store the reducible tensors (NOTE [16-bit
     storage] in ``precision``); ``write_column`` stores the given dtype.
@@ -177,6 +180,7 @@ class HDF5Writer(Writer):
         block_bytes: int = BLOCK_BYTES,
         on_bytes: Callable[[int], object] | None = None,
         size_bound: int | None = None,
+        in_memory_fallback: bool = False,
         precision: str = PRECISION_FLOAT32,
         durable: bool = True,
     ):
@@ -184,7 +188,8 @@ class HDF5Writer(Writer):
         self.precision = check_precision(precision)
         self.path = Path(path)
         self.compression, self.compression_opts, self.shuffle = compression, compression_opts, shuffle
-        self.block_bytes, self.on_bytes, self.size_bound = block_bytes, on_bytes, size_bound
+        self.block_bytes, self.on_bytes = block_bytes, on_bytes
+        self.size_bound, self.in_memory_fallback = size_bound, in_memory_fallback
         self.durable = durable
         self._file: Any = None
         self._dataset: Any = None  # the last dataset created, open until the next one exists (see create_dataset)
@@ -195,15 +200,15 @@ class HDF5Writer(Writer):
     def __enter__(self) -> HDF5Writer:
         with contextlib.ExitStack() as stack:
             self._temp = temp = stack.enter_context(atomic_output(self.path, self.durable))
-            if self.size_bound is None:
-                self._file = stack.enter_context(create_file(temp))
+            # Every file starts as the same empty file, written with plain I/O (a full disk fails here, outside
+            # HDF5), and is reopened by HDF5: with or without a reservation, the same bytes come out.
+            write_plainly(temp, empty_file_image())
+            reserved = self.size_bound is not None and reserve_space(temp, self.size_bound)
+            if self.size_bound is not None and not reserved and self.in_memory_fallback:
+                self._image = io.BytesIO()
+                self._file = create_file(self._image)
             else:
-                write_plainly(temp, empty_file_image())  # a full disk fails here, outside HDF5
-                if reserve_space(temp, self.size_bound):  # reopened, HDF5 trims it to its end at close
-                    self._file = stack.enter_context(create_file(temp, reopen=True))
-                else:
-                    self._image = io.BytesIO()
-                    self._file = create_file(self._image)
+                self._file = stack.enter_context(create_file(temp, reopen=True))  # HDF5 trims it at close
             self._publish = stack.pop_all()
         return self
 
@@ -342,8 +347,10 @@ def write_part(
 ) -> BlockDigests:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file (``write_rows``);
     return their block digests (``start`` is block-aligned, so they are the tensor's own). Synced if ``durable``."""
-    bound = part_size_bound(column, stop - start)
-    with HDF5Writer(path, compression, compression_opts, shuffle, size_bound=bound, durable=durable) as writer:
+    bound = file_size_bound([(column, stop - start)])
+    with HDF5Writer(
+        path, compression, compression_opts, shuffle, size_bound=bound, in_memory_fallback=True, durable=durable
+    ) as writer:
         dset = writer.create_dataset(column.h5_path, column.shape, column.dtype, rows=stop - start)
         hasher = BlockHasher.for_tensor(column.shape, column.dtype)
         write_rows(dset, rows, start, stop, hasher, dest_start=0, refuse_nonfinite=refuse_nonfinite)
@@ -353,12 +360,16 @@ def write_part(
     return digests
 
 
-def part_size_bound(column: Column, rows: int) -> int:
-    """The most bytes a part file of ``rows`` rows of ``column`` can take: its whole chunks uncompressed (HDF5
-    stores a chunk its filters would grow as it is), the chunk index and attributes, and a MiB of the rest."""
-    chunk = rows_per_chunk(column.shape, column.dtype.itemsize)
-    stored = -(-rows // chunk) * chunk * row_nbytes(column.shape, column.dtype)
-    return stored + stored // 64 + PART_METADATA_BYTES
+def file_size_bound(contents: Iterable[tuple[Column, int]]) -> int:
+    """The most bytes a file holding so many rows of each column can take: their whole chunks uncompressed
+    (HDF5 stores a chunk its filters would grow as it is), chunk indexes, each dataset's headers and
+    attributes, and the file's own metadata (superblock, groups, the config and fingerprint)."""
+    total = FILE_METADATA_BYTES
+    for column, rows in contents:
+        chunk = rows_per_chunk(column.shape, column.dtype.itemsize)
+        stored = -(-rows // chunk) * chunk * row_nbytes(column.shape, column.dtype)
+        total += stored + stored // 64 + DATASET_METADATA_BYTES
+    return total
 
 
 def set_block_digests(dset: Any, digests: BlockDigests) -> None:

@@ -2,7 +2,7 @@
 
 The conversion runs in a child process, slowed down deterministically by
 writing one row per block into an uncompressed file (``block_bytes=1``). The
-test waits until the child's temporary file exists and has grown, then kills
+test waits until the child's temporary file exists and changes, then kills
 the child with SIGKILL: no cleanup code of the child runs.
 """
 
@@ -42,19 +42,20 @@ def kill_mid_write(directory: Path) -> Path:
         stderr=subprocess.PIPE,
     )
     temp = temp_path_for(directory / "dataset.h5", proc.pid)
-    first_size = None
+    first = None
     deadline = time.monotonic() + DEADLINE_S
     try:
         while True:
             assert proc.poll() is None, (
                 f"the conversion ended (rc={proc.returncode}) before it could be killed mid-write: {proc.communicate()}"
             )
-            assert time.monotonic() < deadline, "the temp file never appeared or grew"
-            size = temp.stat().st_size if temp.exists() else None
-            if size is not None:
-                if first_size is None:
-                    first_size = size
-                elif size > first_size:
+            assert time.monotonic() < deadline, "the temp file never appeared or changed"
+            st = temp.stat() if temp.exists() else None
+            if st is not None:
+                # Size and mtime: the file's space is reserved at once (HDF5Writer's size_bound), then written into.
+                if first is None:
+                    first = (st.st_size, st.st_mtime_ns)
+                elif (st.st_size, st.st_mtime_ns) != first:
                     break  # the file exists and is being written: kill now
             time.sleep(0.001)
         os.kill(proc.pid, signal.SIGKILL)

@@ -40,6 +40,7 @@ from jasper_ray import (
     ConversionError,
     JASPERSteeringDataset,
     ValidationError,
+    atomic,
     convert,
     convert_pt_to_hdf5,
     open_dataset,
@@ -54,7 +55,7 @@ from jasper_ray.fingerprint import fingerprint
 from jasper_ray.formats import hdf5_writer
 from jasper_ray.formats import pt as pt_format
 from jasper_ray.formats.base import is_mapped
-from jasper_ray.formats.hdf5_writer import part_size_bound, write_part
+from jasper_ray.formats.hdf5_writer import file_size_bound, write_part
 from jasper_ray.formats.sharded import ShardedHDF5Reader
 from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, HDF5_FILE, KEYWORD_IDS, MANIFEST, SHARDS_DIR, TENSOR, TENSORS
 
@@ -548,7 +549,7 @@ def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase:
 
 def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, monkeypatch) -> None:
     """A part file is written where its largest size was reserved first, and HDF5 gives back the rest when it
-    closes the file; where nothing can be reserved (no posix_fallocate) it is built in memory: the same rows,
+    closes the file; where nothing can be reserved (no fallocate) it is built in memory: the same rows,
     attributes and stored chunks (the file's own bytes differ: HDF5 lays out metadata per file driver)."""
     reader = open_dataset(big, storage_format="pt", use_mmap=True)
     plan = plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD)
@@ -563,10 +564,10 @@ def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, m
     assert len(reserved) == len(tasks) > len(plan.columns), "every piece reserved its space"
     for task, bound in zip(tasks, reserved):
         st = (on_disk / task.piece.file_name).stat()
-        assert bound == part_size_bound(task.column, task.piece.stop - task.piece.start)
+        assert bound == file_size_bound([(task.column, task.piece.stop - task.piece.start)])
         assert st.st_size < bound and st.st_blocks * 512 <= st.st_size + (64 << 10), "the reservation's rest is free"
 
-    monkeypatch.delattr(os, "posix_fallocate")
+    monkeypatch.setattr(atomic, "_fallocate", lambda: None)  # a platform without fallocate(2)
     assert reserve_space(on_disk / tasks[0].piece.file_name, 1 << 20) is False
     for task in plan.tasks(in_memory):
         write_piece(task)
@@ -580,7 +581,7 @@ def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, m
 def test_a_part_file_the_disk_cannot_hold_is_refused_before_hdf5_writes(tmp_path: Path, big: Path) -> None:
     reader = open_dataset(big, storage_format="pt", use_mmap=True)
     task = max(plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD).tasks(tmp_path), key=lambda t: t.column.nbytes)
-    bound = part_size_bound(task.column, task.piece.stop - task.piece.start)
+    bound = file_size_bound([(task.column, task.piece.stop - task.piece.start)])
     with mounted_tmpfs(tmp_path / "full", f"size={bound // 2}") as target:
         path = target / task.piece.file_name
         with pytest.raises(OSError, match="No space left") as info:
