@@ -180,6 +180,35 @@ def flip_byte(path: Path, offset: int) -> None:
         os.fsync(f.fileno())
 
 
+# Child-process code (a prelude): another process fills the disk right after a file's space is reserved
+# (``hdf5_files.reserve_space``), then prints how much it left free. Writes that reach HDF5 on a full disk may
+# crash the process (h5py#914), so the children run what follows it.
+FILL_AFTER_RESERVING = """
+import shutil
+from jasper_ray.formats import hdf5_files
+
+_reserve = hdf5_files.reserve_space
+
+def _reserve_then_fill(path, nbytes):
+    reserved = _reserve(path, nbytes)
+    try:
+        with open(path.parent / "filler", "wb") as f:
+            while True:
+                f.write(bytes(1 << 16))
+    except OSError:
+        pass
+    print("free after filling:", shutil.disk_usage(path.parent).free)
+    return reserved
+
+hdf5_files.reserve_space = _reserve_then_fill
+"""
+
+
+def free_after_filling(stdout: str) -> int:
+    """What ``FILL_AFTER_RESERVING`` printed."""
+    return int(stdout.split("free after filling:")[1].split()[0])
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for child Pythons: the repository importable, no stray threads."""
     env = dict(os.environ)

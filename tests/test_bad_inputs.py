@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from _support import mounted_tmpfs, subprocess_env, write_sharded
+from _support import FILL_AFTER_RESERVING, free_after_filling, mounted_tmpfs, subprocess_env, write_sharded
 
 from jasper_ray import open_dataset
 from jasper_ray.atomic import remove_orphan_temps, temp_path_for, writer_tag
@@ -559,29 +559,14 @@ def test_a_full_disk_fails_cleanly_in_one_process(dataset_copy: Path, tmp_path: 
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
-FILLED_AFTER_RESERVING_CHILD = """
-import shutil
+FILLED_AFTER_RESERVING_CHILD = (
+    FILL_AFTER_RESERVING
+    + """
 import sys
-from pathlib import Path
 from jasper_ray.conversion.writer import convert_pt_to_hdf5
-from jasper_ray.formats import hdf5_writer
-
-reserve = hdf5_writer.reserve_space
-
-def reserve_then_fill(path, nbytes):
-    reserved = reserve(path, nbytes)
-    try:  # another process takes every byte left
-        with open(Path(sys.argv[2]).parent / "filler", "wb") as f:
-            while True:
-                f.write(bytes(1 << 16))
-    except OSError:
-        pass
-    print("free after filling:", shutil.disk_usage(path.parent).free)
-    return reserved
-
-hdf5_writer.reserve_space = reserve_then_fill
 convert_pt_to_hdf5(sys.argv[1], compression="gzip", output=sys.argv[2], progress=False)
 """
+)
 
 
 def test_a_disk_filled_by_another_process_mid_conversion_does_not_reach_hdf5(
@@ -593,7 +578,7 @@ def test_a_disk_filled_by_another_process_mid_conversion_does_not_reach_hdf5(
     with mounted_tmpfs(target, "size=64m"):
         child = _converting_child(FILLED_AFTER_RESERVING_CHILD, dataset_copy, target / HDF5_FILE)
         assert child.returncode == 0, child.stderr[-2000:]
-        filled = int(child.stdout.split("free after filling:")[1].split()[0])
+        filled = free_after_filling(child.stdout)
         assert filled < (64 << 10), "the disk was full while the file was written"
         assert shutil.disk_usage(target).free > filled, "the reservation's unused rest was given back"
         reader = open_dataset(target, storage_format="hdf5")

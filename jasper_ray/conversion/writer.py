@@ -26,7 +26,8 @@ from ..formats.base import Reader
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.columns import GROUP_ORDER, columns
 from ..formats.hdf5 import require_h5py
-from ..formats.hdf5_writer import BLOCK_BYTES, HDF5Writer, file_size_bound
+from ..formats.hdf5_files import file_size_bound
+from ..formats.hdf5_writer import BLOCK_BYTES, HDF5Writer
 from ..formats.precision import check_precision
 from ..formats.pt import PTReader
 from ..schema import HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32
@@ -222,7 +223,7 @@ def _write(
         validate_dataset(reader, progress=progress)
     started = time.perf_counter()
     found = columns(reader, precision)
-    bound = file_size_bound((c, c.shape[0]) for c in found)  # reserved before HDF5 writes (HDF5Writer)
+    bound = file_size_bound((c.shape, c.dtype, c.shape[0]) for c in found)  # reserved first (HDF5Writer)
     check_free_space(output, bound, "write")  # first: its message says what is needed and what is free
     with (
         _progress(sum(c.nbytes for c in found), progress, "convert") as bar,

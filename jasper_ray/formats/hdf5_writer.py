@@ -1,6 +1,6 @@
 """The HDF5 writer: every HDF5 file jasper_ray writes is made here.
 
-A file gets aligned objects (``ALIGNMENT``), the chunk policy
+A file gets aligned objects (``hdf5_files.ALIGNMENT``), the chunk policy
 (``chunks.dataset_options``), its datasets streamed in row blocks from any row
 array (a dataset larger than RAM converts: readers hand out mapped or chunked
 rows), a sha256 per dataset (``checksum``), the config and source fingerprint
@@ -17,20 +17,19 @@ names in ``schema``. h5py is imported on first use (``require_h5py``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_output, reserve_space
+from ..atomic import atomic_output
 from ..schema import (
     ATTR_BLOCK_DIGESTS,
     ATTR_CHECKSUM,
@@ -66,49 +65,19 @@ from .checksum import (
     row_nbytes,
     split_digests,
 )
-from .chunks import CompressionOpts, check_options, dataset_options, rows_per_chunk
+from .chunks import CompressionOpts, check_options, dataset_options
 from .columns import Column, columns
 from .hdf5 import map_contiguous, require_h5py
+from .hdf5_files import begin_file, create_file, file_size_bound, write_plainly
 from .precision import check_precision, encode, is_16bit, mark_precision, precision_of, stored_dtype
 from .verified import check_finite
 
-# Where each object of a file we write starts: a multiple of 64 bytes, so a mapped tensor is aligned
-# for its dtype (numpy gathers unaligned int64 rows through a slow path, 20-70x slower) and its rows
-# start on cache lines. HDF5 pads up to 63 bytes per object.
-ALIGNMENT = 64
 # Rows are streamed in blocks of about this many bytes (whole chunks).
 BLOCK_BYTES = 64 << 20
 # Block digests kept per dataset (attributes: HDF5's compact attributes hold < 64 KiB each, so up to ~30 GiB of
 # a tensor); a larger tensor keeps only its checksum, and first-touch reads check it whole.
 MAX_BLOCK_DIGESTS = 1800
 COPY_BYTES = 64 << 20  # uncompressed part files are copied in runs of about this many bytes
-# What metadata can take beyond the chunks and their index (file_size_bound): a dataset's headers and attributes
-# (at most MAX_BLOCK_DIGESTS block digests), and a file's superblock, groups and root attributes.
-DATASET_METADATA_BYTES, FILE_METADATA_BYTES = 256 << 10, 1 << 20
-
-
-def write_plainly(path: Path, data: bytes | memoryview) -> None:
-    """``data`` as the whole of ``path``, with plain file I/O; an error names the file."""
-    try:
-        with open(path, "wb") as out:
-            out.write(data)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-
-
-@functools.cache
-def empty_file_image() -> bytes:
-    """The bytes of a new, empty HDF5 file as ``create_file`` makes it."""
-    image = io.BytesIO()
-    create_file(image).close()
-    return image.getvalue()
-
-
-def create_file(target: str | os.PathLike | BinaryIO, reopen: bool = False) -> Any:
-    """A new HDF5 file for writing (``reopen``: one just created, ``empty_file_image``), with ``ALIGNMENT``; unlocked
-    (NOTE [prestarted workers], conversion.parallel)."""
-    mode = "r+" if reopen else "w"
-    return require_h5py().File(target, mode, alignment_threshold=1, alignment_interval=ALIGNMENT, locking=False)
 
 
 def row_blocks(n_rows: int, row_bytes: int, align: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
@@ -200,10 +169,7 @@ class HDF5Writer(Writer):
     def __enter__(self) -> HDF5Writer:
         with contextlib.ExitStack() as stack:
             self._temp = temp = stack.enter_context(atomic_output(self.path, self.durable))
-            # Every file starts as the same empty file, written with plain I/O (a full disk fails here, outside
-            # HDF5), and is reopened by HDF5: with or without a reservation, the same bytes come out.
-            write_plainly(temp, empty_file_image())
-            reserved = self.size_bound is not None and reserve_space(temp, self.size_bound)
+            reserved = begin_file(temp, self.size_bound)
             if self.size_bound is not None and not reserved and self.in_memory_fallback:
                 self._image = io.BytesIO()
                 self._file = create_file(self._image)
@@ -347,7 +313,7 @@ def write_part(
 ) -> BlockDigests:
     """Write rows ``start:stop`` of ``column`` (``rows`` is the whole source array) as a part file (``write_rows``);
     return their block digests (``start`` is block-aligned, so they are the tensor's own). Synced if ``durable``."""
-    bound = file_size_bound([(column, stop - start)])
+    bound = file_size_bound([(column.shape, column.dtype, stop - start)])
     with HDF5Writer(
         path, compression, compression_opts, shuffle, size_bound=bound, in_memory_fallback=True, durable=durable
     ) as writer:
@@ -358,18 +324,6 @@ def write_part(
         set_block_digests(dset, digests)
         dset.attrs[ATTR_PIECE_START], dset.attrs[ATTR_PIECE_STOP] = start, stop
     return digests
-
-
-def file_size_bound(contents: Iterable[tuple[Column, int]]) -> int:
-    """The most bytes a file holding so many rows of each column can take: their whole chunks uncompressed
-    (HDF5 stores a chunk its filters would grow as it is), chunk indexes, each dataset's headers and
-    attributes, and the file's own metadata (superblock, groups, the config and fingerprint)."""
-    total = FILE_METADATA_BYTES
-    for column, rows in contents:
-        chunk = rows_per_chunk(column.shape, column.dtype.itemsize)
-        stored = -(-rows // chunk) * chunk * row_nbytes(column.shape, column.dtype)
-        total += stored + stored // 256 + DATASET_METADATA_BYTES  # index, alignment: ~110 B a 64 KiB chunk
-    return total
 
 
 def set_block_digests(dset: Any, digests: BlockDigests) -> None:

@@ -32,7 +32,7 @@ from ..schema import COMPRESSION_NONE, CONFIG_FILE, HDF5_FILE, HDF5_SUFFIXES, MA
 from ..storage import Location, NodeCache, download, remote_identity
 from ..storage.fetch import discard_part, listing
 from .hdf5 import open_h5
-from .hdf5_writer import create_file
+from .hdf5_files import file_size_bound, new_file
 from .manifest import ManifestShard
 from .serving import check_file, is_mappable, serving_copy
 from .sharded import read_manifest
@@ -164,7 +164,7 @@ class ShardFiles:
         def build(temp: Path, part: Path) -> None:
             with ThreadPoolExecutor(min(PARALLEL_FETCHES, len(shards))) as pool:
                 copies = list(pool.map(lambda s: self.path(h5_path, s.file, s.bytes, s.checksum), shards))
-            with create_file(temp) as out:
+            with new_file(temp, file_size_bound([(shape, dtype, shape[0])])) as out:
                 dset = out.create_dataset(h5_path, shape=shape, dtype=dtype)
                 for shard, copy in zip(shards, copies):
                     with open_h5(copy) as f:

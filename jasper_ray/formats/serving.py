@@ -33,7 +33,8 @@ from ..schema import (
 )
 from .checksum import BlockDigests, BlockHasher, digests_attr, row_nbytes
 from .hdf5 import open_h5, require_h5py
-from .hdf5_writer import BLOCK_BYTES, MAX_BLOCK_DIGESTS, create_file
+from .hdf5_files import file_size_bound, new_file
+from .hdf5_writer import BLOCK_BYTES, MAX_BLOCK_DIGESTS
 
 
 def _datasets(f: Any) -> list[tuple[str, Any]]:
@@ -129,7 +130,7 @@ def serving_copy(
         _decode_in_place(src, dest, where, blocks, on_bytes, workers)
         return True
     with open_h5(src) as f:
-        with create_file(dest) as out:
+        with new_file(dest, copy_size_bound(f)) as out:
 
             def visit(name: str, obj: Any) -> None:
                 copy = out.create_dataset(name, shape=obj.shape, dtype=obj.dtype)
@@ -249,11 +250,16 @@ class Contiguous:
             os.close(fd)
 
 
+def copy_size_bound(f: Any) -> int:
+    """The most bytes a contiguous copy of the open file ``f`` can take (``file_size_bound``)."""
+    return file_size_bound((d.shape, d.dtype, d.shape[0] if d.shape else 1) for _, d in _datasets(f))
+
+
 def _allocate(f: Any, dest: Path) -> list[_Block]:
     """``dest`` with ``f``'s groups, attributes and datasets, each contiguous and allocated now (so its
     offset is known before any byte is written); the row ranges the workers fill."""
     blocks: list[_Block] = []
-    with create_file(dest) as out:
+    with new_file(dest, copy_size_bound(f)) as out:
 
         def visit(name: str, obj: Any) -> None:
             copy = allocate_dataset(out, name, obj.shape, obj.id.get_type())

@@ -52,10 +52,11 @@ from jasper_ray.conversion.pieces import save_keyword_csr, write_piece
 from jasper_ray.conversion.plan import plan_conversion, work_dir_for
 from jasper_ray.faults import FAIL_ONCE_ENV, fail_once_env
 from jasper_ray.fingerprint import fingerprint
-from jasper_ray.formats import hdf5_writer
+from jasper_ray.formats import hdf5_files
 from jasper_ray.formats import pt as pt_format
 from jasper_ray.formats.base import is_mapped
-from jasper_ray.formats.hdf5_writer import file_size_bound, write_part
+from jasper_ray.formats.hdf5_files import file_size_bound
+from jasper_ray.formats.hdf5_writer import write_part
 from jasper_ray.formats.sharded import ShardedHDF5Reader
 from jasper_ray.schema import ATTR_CHECKSUM, CONFIG_FILE, HDF5_FILE, KEYWORD_IDS, MANIFEST, SHARDS_DIR, TENSOR, TENSORS
 
@@ -554,8 +555,8 @@ def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, m
     reader = open_dataset(big, storage_format="pt", use_mmap=True)
     plan = plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD)
     reserved: list[int] = []
-    real_reserve = hdf5_writer.reserve_space
-    monkeypatch.setattr(hdf5_writer, "reserve_space", lambda path, n: reserved.append(n) or real_reserve(path, n))
+    real_reserve = hdf5_files.reserve_space
+    monkeypatch.setattr(hdf5_files, "reserve_space", lambda path, n: reserved.append(n) or real_reserve(path, n))
     on_disk, in_memory = tmp_path / "reserved", tmp_path / "in-memory"
     on_disk.mkdir(), in_memory.mkdir()
     tasks = plan.tasks(on_disk)
@@ -564,7 +565,7 @@ def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, m
     assert len(reserved) == len(tasks) > len(plan.columns), "every piece reserved its space"
     for task, bound in zip(tasks, reserved):
         st = (on_disk / task.piece.file_name).stat()
-        assert bound == file_size_bound([(task.column, task.piece.stop - task.piece.start)])
+        assert bound == file_size_bound([(task.column.shape, task.column.dtype, task.piece.stop - task.piece.start)])
         assert st.st_size < bound and st.st_blocks * 512 <= st.st_size + (64 << 10), "the reservation's rest is free"
 
     monkeypatch.setattr(atomic, "_fallocate", lambda: None)  # a platform without fallocate(2)
@@ -581,7 +582,7 @@ def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, m
 def test_a_part_file_the_disk_cannot_hold_is_refused_before_hdf5_writes(tmp_path: Path, big: Path) -> None:
     reader = open_dataset(big, storage_format="pt", use_mmap=True)
     task = max(plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD).tasks(tmp_path), key=lambda t: t.column.nbytes)
-    bound = file_size_bound([(task.column, task.piece.stop - task.piece.start)])
+    bound = file_size_bound([(task.column.shape, task.column.dtype, task.piece.stop - task.piece.start)])
     with mounted_tmpfs(tmp_path / "full", f"size={bound // 2}") as target:
         path = target / task.piece.file_name
         with pytest.raises(OSError, match="No space left") as info:

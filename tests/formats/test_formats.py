@@ -39,7 +39,8 @@ from jasper_ray.fingerprint import fingerprint
 from jasper_ray.formats import MMAP_THRESHOLD_BYTES, decide_mmap
 from jasper_ray.formats.base import Writer
 from jasper_ray.formats.hdf5 import ChunkedRows, HDF5Reader
-from jasper_ray.formats.hdf5_writer import ALIGNMENT, HDF5Writer
+from jasper_ray.formats.hdf5_files import ALIGNMENT
+from jasper_ray.formats.hdf5_writer import HDF5Writer
 from jasper_ray.formats.pt import PTReader, PTWriter
 from jasper_ray.formats.sharded import ConcatRows, ShardedHDF5Reader
 from jasper_ray.schema import (
@@ -643,7 +644,7 @@ def test_new_hdf5_files_are_written_without_a_file_lock(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from jasper_ray.formats.hdf5_writer import create_file
+    from jasper_ray.formats.hdf5_files import create_file
 
     path = tmp_path / "part.h5"
     env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}

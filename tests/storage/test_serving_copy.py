@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from _support import FILL_AFTER_RESERVING, free_after_filling, mounted_tmpfs, subprocess_env
 
 import jasper_ray.formats.serving as serving
 from jasper_ray.errors import ChecksumError
@@ -57,3 +61,39 @@ def test_a_damaged_chunk_names_the_tensor(
     damaged.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match=r"s3://b/ds/dataset.h5: tensor /steering/residual"):
         serving_copy(damaged, tmp_path / "copy.h5", "s3://b/ds/dataset.h5", workers=workers)
+
+
+COPY_ON_A_FILLING_DISK = (
+    FILL_AFTER_RESERVING
+    + """
+import sys
+from pathlib import Path
+import jasper_ray.formats.serving as serving
+serving.PARALLEL_MIN_BYTES = 0 if sys.argv[3] == "2" else 1 << 40
+assert serving.serving_copy(Path(sys.argv[1]), Path(sys.argv[2]), "src", workers=int(sys.argv[3]))
+"""
+)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_copy_is_made_in_reserved_space(
+    workers: int, converted: Callable[[str | None], Path], tmp_path: Path
+) -> None:
+    """The copy's space is reserved before HDF5 (or the workers) write to it: a cache disk that another process
+    fills right after still gets the whole copy, and the unused rest of the reservation is given back."""
+    src = converted("gzip") / "dataset.h5"
+    with mounted_tmpfs(tmp_path / "cache", "size=64m") as cache:
+        dest = cache / "copy.h5"
+        child = subprocess.run(
+            [sys.executable, "-c", COPY_ON_A_FILLING_DISK, str(src), str(dest), str(workers)],
+            env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert child.returncode == 0, child.stderr[-3000:]
+        filled = free_after_filling(child.stdout)
+        assert filled < (64 << 10), "the disk was full while the copy was written"
+        assert shutil.disk_usage(cache).free > filled, "the reservation's unused rest was given back"
+        with h5py.File(src, "r", locking=False) as f:
+            assert dest.stat().st_size < serving.copy_size_bound(f)
+        want, got = _datasets(src), _datasets(dest)
+        assert want.keys() == got.keys() and all(np.array_equal(want[n], got[n]) for n in want)
+        check_file(dest, "copy")
