@@ -17,12 +17,13 @@ for gzip, lzf and none (``--codecs``), converts it four ways, each in a fresh in
 and, for gzip, one (b) per core at once: what this machine can run in parallel of
 the writer's work, the ceiling (d) is measured against (a note under the table).
 
-Printed (stdout, markdown): wall seconds (for Ray: including ``ray.init``,
-which is shown apart), MB/s of PT source, output size and saving, the speedup
-over (a), the shard phase, the chunk-copy assembly and its share of the wall
-time, the driver's peak RSS (VmHWM of its process) and one worker's peak RSS
-(``ru_maxrss`` of the busiest worker, from the shard results). Then a scaling
-model built from the measured per-shard times and assembly time. Progress goes
+Printed (stdout, markdown): wall seconds (for Ray: including Ray's start by
+``convert``, which is shown apart; (d) is then run again on the Ray up), MB/s
+of PT source, output size and saving, the speedup over (a), the shard phase,
+the chunk-copy assembly and its share of the wall time, the driver's peak RSS
+(VmHWM of its process) and one worker's peak RSS (``ru_maxrss`` of the busiest
+worker, from the shard results). Then a scaling model built from the measured
+per-shard times and assembly time. Progress goes
 to stderr. The data lives in ``--out/bench-convert-<pid>`` and is removed at the
 end unless ``--keep``.
 """
@@ -124,7 +125,7 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
 
         import ray
 
-        from jasper_ray.conversion.parallel import connect_for_conversion, convert
+        from jasper_ray.conversion.parallel import convert
         from jasper_ray.conversion.plan import plan_conversion
         from jasper_ray.schema import KEYWORD_IDS
 
@@ -137,22 +138,28 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
         plan = plan_conversion(open_dataset(src_dir, "pt", use_mmap=True), compression, piece_bytes=shard_bytes)
         result["plan_seconds"] = time.perf_counter() - t0
         workers = 1 if method == "ray1" else os.cpu_count() or 1
-        t0 = time.perf_counter()
-        connect_for_conversion(None, workers)  # a new local instance, as `jasper-ray convert` starts it
-        t_ray, cpu_driver, called_at = time.perf_counter(), time.process_time(), time.time()
+        kwargs: dict[str, Any] = dict(
+            compression=compression,
+            num_workers=workers,
+            shard_bytes=shard_bytes,
+            output=out,
+            progress=False,
+            validate=False,
+            force=True,  # timed: never the up-to-date no-op
+            keep_ray=True,
+        )
         try:
-            report = convert(
-                src_dir,
-                compression=compression,
-                num_workers=workers,
-                shard_bytes=shard_bytes,
-                output=out,
-                progress=False,
-                validate=False,
-                force=True,  # timed: never the up-to-date no-op
-            )
+            # Ray started by convert (as `jasper-ray convert` has it), then, for all cores, again on the Ray up
+            # (a running cluster): that run's timeline and pieces are reported.
+            t0, called_at, cpu0 = time.perf_counter(), time.time(), time.process_time()
+            report = convert(src_dir, **kwargs)
             seconds, returned_at = time.perf_counter() - t0, time.time() - called_at
-            cpu_driver = time.process_time() - cpu_driver
+            ray_start, up_seconds, cpu_driver = report.ray_start_seconds, seconds, time.process_time() - cpu0
+            if method == "rayN":
+                t0, called_at, cpu0 = time.perf_counter(), time.time(), time.process_time()
+                report = convert(src_dir, **kwargs)
+                up_seconds, returned_at = time.perf_counter() - t0, time.time() - called_at
+                cpu_driver = time.process_time() - cpu0
             # A worker's RSS with the shard task's imports and no shard: the floor its peak is measured from.
             probe = ray.remote(num_cpus=1)(worker_baseline)
             idle = min(rss for _, rss in ray.get([probe.remote() for _ in range(workers)]))
@@ -162,10 +169,10 @@ def w_convert(method: str, src: str, output: str, compression: str | None, shard
         busiest = max(results, key=lambda r: r.worker_peak_rss)
         result.update(
             seconds=seconds,
-            ray_start=t_ray - t0,
-            convert_seconds=report.seconds,
+            ray_start=ray_start,
+            convert_seconds=up_seconds if method == "rayN" else seconds - ray_start,  # (c): Ray's start taken off
             assembly=report.assembly_seconds,
-            shard_phase=report.seconds - report.assembly_seconds,
+            shard_phase=report.seconds - report.ray_start_seconds - report.assembly_seconds,
             workers=workers,
             shards=report.shards,
             shard_runs=[(r.seconds, r.worker_pid) for r in results],
@@ -418,8 +425,9 @@ class Bench:
             return "MET" if ok else "NOT MET"
 
         notes = [
-            "wall s: what the user waits for, validation off everywhere; Ray rows include ray.init and worker "
-            "start-up (ray.init s); MB/s of PT source; saving = 1 - output / source",
+            "wall s: what the user waits for, validation off everywhere; Ray rows include Ray's start by convert() "
+            "(ray.init s: how long it took, while the plan was made) and worker start-up; MB/s of PT source; "
+            "saving = 1 - output / source",
             "driver peak RSS = VmHWM of the converting process; worker peak RSS = ru_maxrss of the busiest worker "
             "(file-backed pages of the memory-mapped PT sources included)",
         ]
@@ -434,8 +442,9 @@ class Bench:
             with_init, up = gz_b["seconds"] / gz_d["seconds"], gz_b["seconds"] / gz_d["convert_seconds"]
             notes.append(
                 f"target: Ray with all cores >= {WRITER_SPEEDUP_TARGET}x (b) the single-process writer for gzip: "
-                f"{fmt_ratio(with_init)} with ray.init, {fmt_ratio(up)} once Ray is up (a running cluster: "
-                f"{gz_b['seconds']:.1f} s -> {gz_d['convert_seconds']:.1f} s): {verdict(up >= WRITER_SPEEDUP_TARGET)}"
+                f"{fmt_ratio(with_init)} with Ray's start ({gz_b['seconds']:.1f} s -> {gz_d['seconds']:.1f} s), "
+                f"{fmt_ratio(up)} once Ray is up (convert() again, as on a running cluster: "
+                f"{gz_d['convert_seconds']:.1f} s): {verdict(min(with_init, up) >= WRITER_SPEEDUP_TARGET)}"
             )
             work, cores = gz_d["cpu_seconds"], gz_d["workers"]
             notes.append(

@@ -621,14 +621,8 @@ def test_verify_bar_reaches_100_percent(converted) -> None:
 
 
 class FakeRay:
-    def __init__(self) -> None:
-        self.shutdowns = 0
-
     def is_initialized(self) -> bool:
         return False
-
-    def shutdown(self) -> None:
-        self.shutdowns += 1
 
 
 @pytest.mark.parametrize(
@@ -643,31 +637,25 @@ class FakeRay:
 def test_convert_says_it_starts_ray(
     dataset_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys, flags: list[str], said: str
 ) -> None:
-    """Ray's start-up is announced on stderr before it happens (Ray replaced: the call, the message, the stop).
-    A flag only Ray uses chooses Ray: no line about the choice."""
-    ray, calls = FakeRay(), []
+    """Ray's start-up is announced on stderr before ``convert`` starts it, with the workers and address given
+    (Ray and ``convert`` replaced); ``convert`` stops the Ray it started (no ``keep_ray``). A flag only Ray uses
+    chooses Ray: no line about the choice."""
+    calls = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("jasper_ray.cli.convert.require_ray", lambda purpose: ray)
-
-    def connect(address: str | None, **kwargs: Any) -> bool:
-        calls.append(("connect", address, kwargs))
-        return True
+    monkeypatch.setattr("jasper_ray.cli.convert.require_ray", lambda purpose: FakeRay())
 
     def convert(directory: str, **kwargs: Any) -> ConversionReport:
-        calls.append(("convert", directory, kwargs))
-        assert ray.shutdowns == 0
+        calls.append((directory, kwargs))
+        assert capsys.readouterr().err == said, "announced before Ray starts"
         return ConversionReport(Path(directory) / "dataset.h5", 100, 90, 1.5, "gzip", shards=2)
 
-    monkeypatch.setattr("jasper_ray.conversion.parallel.connect", connect)  # what connect_for_conversion calls
     monkeypatch.setattr("jasper_ray.cli.convert.convert", convert)
     assert main(["convert", str(dataset_copy), *flags]) == 0
-    captured = capsys.readouterr()
-    assert captured.err == said and "2 shards (0 reused)" in captured.out
+    assert "2 shards (0 reused)" in capsys.readouterr().out
     workers = int(flags[1]) if flags[:1] == ["--workers"] else None
     address = flags[1] if flags[:1] == ["--address"] else None
-    assert calls[0] == ("connect", address, {"num_cpus": workers})  # no runtime_env: NOTE [prestarted workers]
-    assert calls[1][0] == "convert" and calls[1][2]["num_workers"] == workers and calls[1][2]["address"] == address
-    assert ray.shutdowns == 1, "the CLI stops the Ray it started"
+    [(_, kwargs)] = calls
+    assert (kwargs["num_workers"], kwargs["address"], kwargs.get("keep_ray", False)) == (workers, address, False)
 
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..conversion.parallel import connect_for_conversion, convert, ray_worthwhile
+from ..conversion.parallel import convert, ray_worthwhile
 from ..conversion.plan import PIECE_BYTES, ConversionPlan, default_output, plan_conversion
 from ..conversion.publish import ASSEMBLY_MARGIN
 from ..conversion.writer import ConversionReport, convert_pt_to_hdf5, nothing_to_do
@@ -130,26 +129,22 @@ def run_convert(args: argparse.Namespace, report: Report) -> None:
             precision=args.precision,
         )
     else:
-        stop_ray = start_ray(args)
-        try:
-            result = convert(
-                args.dir,
-                compression=_compression(args.compression),
-                compression_opts=args.level,
-                shuffle=not args.no_shuffle,
-                num_workers=args.workers,
-                address=args.address,
-                layout=args.layout,
-                shard_bytes=_piece_bytes(args),
-                output=args.output,
-                progress=not args.quiet,
-                cache_dir=args.cache_dir,
-                force=args.force,
-                precision=args.precision,
-            )
-        finally:
-            if stop_ray is not None:
-                stop_ray()
+        announce_ray(args)
+        result = convert(
+            args.dir,
+            compression=_compression(args.compression),
+            compression_opts=args.level,
+            shuffle=not args.no_shuffle,
+            num_workers=args.workers,
+            address=args.address,
+            layout=args.layout,
+            shard_bytes=_piece_bytes(args),
+            output=args.output,
+            progress=not args.quiet,
+            cache_dir=args.cache_dir,
+            force=args.force,
+            precision=args.precision,
+        )
     _report_result(result, report)
 
 
@@ -166,21 +161,19 @@ def _report_result(result: ConversionReport, report: Report) -> None:
     report.lines += result.lines()
 
 
-def start_ray(args: argparse.Namespace) -> Callable[[], None] | None:
-    """Ray up before the conversion, announced on stderr ("starting Ray ..."), so its start-up of
-    several seconds shows as what it is and not as a progress bar stuck at 0%. Returns how to stop it
-    when this call started it (``convert`` leaves a Ray it did not start running), else None."""
+def announce_ray(args: argparse.Namespace) -> None:
+    """Say on stderr that Ray is starting ("starting Ray ..."), so its start-up of several seconds shows as
+    what it is and not as a progress bar stuck at 0%. ``convert`` starts it while it plans, and stops it
+    at the end (NOTE [planned while Ray starts] in conversion.parallel)."""
     try:
         ray = require_ray("Parallel conversion")
     except ImportError as exc:
         raise ImportError(f"{exc} Without Ray: jasper-ray convert --single-process.") from exc
     if ray.is_initialized():
-        return None
+        return
     address = args.address or os.environ.get("RAY_ADDRESS")
     cpus = args.workers or os.cpu_count()
     say(f"connecting to Ray at {address} ..." if address else f"starting Ray ({cpus} CPUs) ...", args.quiet)
-    started = connect_for_conversion(args.address, args.workers)  # convert() then finds this Ray up
-    return ray.shutdown if started else None
 
 
 # --- --dry-run ---------------------------------------------------------------------------------------

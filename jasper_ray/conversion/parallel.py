@@ -18,12 +18,14 @@ names from before the word "piece"; the sharded layout's files are the shards).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +52,8 @@ from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+
+    from ..formats.base import Reader
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,18 @@ def _warm_up(ray: ModuleType) -> list[Any]:
     """One empty task per CPU: the workers import this module and the piece writer while the driver plans."""
     warm = ray.remote(num_cpus=1)(_no_op).options(**_task_options())
     return [warm.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
+
+
+# NOTE [planned while Ray starts]: starting a local Ray takes seconds (2.4-3.8 s on 2 cores), most of it waiting
+# for its processes to come up, and the plan needs the keyword lists parsed (torch's weights_only unpickler, in
+# Python: 0.85 s for 150k pairs) and validation its scan. So the plan is made in a thread while this (main) thread
+# starts Ray: ray.init installs signal handlers and must run here. A dataset that fails validation has then
+# started Ray for nothing; it is shut down as the error leaves.
+def _checked_plan(reader: Reader, validate: bool, progress: bool, *plan_args: Any) -> ConversionPlan:
+    """The dataset validated (float tables: by the tasks, NOTE [floats checked as written] in validate), planned."""
+    if validate:
+        validate_dataset(reader, progress=progress)
+    return plan_conversion(reader, *plan_args)
 
 
 def _no_op() -> None:
@@ -283,12 +299,17 @@ def _convert(
     # fingerprint (the objects' identities) is whole already.
     fingerprint, whole = (source.fingerprint, None) if source else fingerprint_in_background(reader.files())
     whole_fingerprint: Callable[[], dict[str, Any]] = whole.result if whole else lambda: fingerprint
-    if validate:  # float tables: checked by the tasks (NOTE [floats checked as written] in validate)
-        validate_dataset(reader, progress=progress)
-    started_ray = connect_for_conversion(address, num_workers)
-    try:
+    with contextlib.ExitStack() as stack:
+        planned = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="jasper_ray-plan")).submit(
+            _checked_plan, reader, validate, progress, compression, compression_opts, shuffle, shard_bytes,
+            precision, fingerprint,
+        )  # fmt: skip
+        connecting = time.perf_counter()
+        if connect_for_conversion(address, num_workers) and not keep_ray:  # NOTE [planned while Ray starts]
+            stack.callback(ray.shutdown)
+        ray_start = time.perf_counter() - connecting
         _warm_up(ray)  # NOTE [prestarted workers]
-        plan = plan_conversion(reader, compression, compression_opts, shuffle, shard_bytes, precision, fingerprint)
+        plan = planned.result()
         work = WorkDir(work_dir_for(output), plan)
         in_place = layout == LAYOUT_SINGLE and compression is None  # NOTE [in-place assembly] in pieces
         upload = RemoteOutput.beside(target, plan.key) if target is not None else None
@@ -341,9 +362,6 @@ def _convert(
         else:
             publish_sharded(plan, work.path, output, results)
         assembled = time.perf_counter()
-    finally:
-        if started_ray and not keep_ray:
-            ray.shutdown()
     report = ConversionReport(
         output,
         reader.nbytes_on_disk(),
@@ -354,6 +372,7 @@ def _convert(
         sum(r.reused for r in results.values()),
         assembled - pieces_done,
         results,
+        ray_start_seconds=ray_start,
     )
     for line in report.lines():
         log.info(line)

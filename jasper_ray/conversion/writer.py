@@ -81,6 +81,7 @@ class ConversionReport:
     assembly_seconds: float = 0.0
     results: dict[str, Any] = field(default_factory=dict, repr=False)
     up_to_date: bool = False  # the output already matched its sources and the options: nothing was converted
+    ray_start_seconds: float = 0.0  # starting (or connecting to) Ray, while the plan was made; 0 when it was up
 
     @property
     def saving_percent(self) -> float:

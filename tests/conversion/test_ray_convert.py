@@ -316,6 +316,75 @@ def test_a_value_that_is_not_finite_is_refused_by_the_piece_writing_it(
     assert np.isnan(got[0, 2]) and np.isfinite(np.delete(got[0], 2)).all()
 
 
+class CountingRay:
+    """The session's Ray with ``shutdown`` counted, not done (the session is shared by the tests)."""
+
+    def __init__(self, ray: Any) -> None:
+        self._ray, self.shutdowns = ray, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ray, name)
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def starting_ray(monkeypatch: pytest.MonkeyPatch, planned: threading.Event) -> CountingRay:
+    """Ray's start replaced by one that lasts until the plan is made (in another thread) and says it started
+    Ray (validated and planned, or refused); what stops it is counted."""
+    import ray
+
+    from jasper_ray.conversion import parallel
+
+    counting = CountingRay(ray)
+    real_plan = parallel._checked_plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_plan(*args, **kwargs)
+        finally:
+            planned.set()
+
+    def connect(address: str | None, **kwargs: Any) -> bool:
+        assert threading.current_thread() is threading.main_thread(), "ray.init must run in the main thread"
+        assert planned.wait(DEADLINE_S), "the plan waited for Ray to start"
+        assert kwargs == {"num_cpus": NUM_CPUS}, "no runtime_env: NOTE [prestarted workers]"
+        return True
+
+    monkeypatch.setattr(parallel, "_require_ray", lambda: counting)
+    monkeypatch.setattr(parallel, "_checked_plan", plan)
+    monkeypatch.setattr(parallel, "connect", connect)
+    return counting
+
+
+def test_the_plan_is_made_while_ray_starts(tmp_path: Path, small: Path, small_single: Callable, monkeypatch) -> None:
+    """NOTE [planned while Ray starts]: Ray starts in the main thread while another validates and plans (the
+    start above waits for the plan: made after it, the conversion would fail); the Ray convert started is
+    stopped at the end, unless ``keep_ray``."""
+    planned = threading.Event()
+    ray = starting_ray(monkeypatch, planned)
+    out = tmp_path / "out" / "dataset.h5"
+    convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=out, progress=False, num_workers=NUM_CPUS)
+    assert ray.shutdowns == 1
+    assert_same_file(out, small_single("gzip"))
+    planned.clear()
+    convert(small, shard_bytes=SMALL_SHARD, output=out, progress=False, num_workers=NUM_CPUS, keep_ray=True, force=True)
+    assert ray.shutdowns == 1, "keep_ray leaves the Ray convert started running"
+
+
+def test_a_dataset_refused_while_ray_starts_stops_that_ray(tmp_path: Path, small: Path, monkeypatch) -> None:
+    source = tmp_path / "src"
+    shutil.copytree(small, source)
+    index = load_pt(source / TENSOR["pair_index"].pt_file).numpy().copy()
+    index[5, 0] = 1 << 40
+    save_pt(source, TENSOR["pair_index"].pt_file, index)
+    ray = starting_ray(monkeypatch, threading.Event())
+    with pytest.raises(ValidationError, match=r"pair_index\.pt at position \(5, 0\)"):
+        convert(source, compression="gzip", shard_bytes=SMALL_SHARD, progress=False, num_workers=NUM_CPUS)
+    assert ray.shutdowns == 1
+    assert leftovers(source) == []
+
+
 # --- 4: the driver killed mid-run ----------------------------------------------------------------------
 
 DRIVER = """
@@ -546,6 +615,45 @@ def test_full_target(tmp_path: Path, small: Path, small_single: Callable, phase:
         assert "No space left" in message or "errno = 28" in message or "ENOSPC" in message, message
         _assert_clean_failure(info.value, target, output)
         assert list(target.iterdir()) == [], "the space is given back"
+
+
+def test_published_files_are_sent_to_disk_as_they_are_written(tmp_path: Path, big: Path, monkeypatch) -> None:
+    """The single-process writer's file and the assembled ``dataset.h5`` have the disk start on each block and
+    part as it lands (``atomic.start_writeback`` on the file's own descriptor), so the fsync that publishes them
+    waits on the last ones only; part files, published unsynced and deleted once assembled, never are."""
+    from jasper_ray.formats import hdf5_writer
+
+    started: list[str] = []
+    real = hdf5_writer.start_writeback
+
+    def start_writeback(fd: int) -> None:
+        started.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    def temps_of(final: Path) -> bool:
+        return bool(started) and all(
+            Path(p).parent == final.parent and Path(p).name.startswith(f".{final.name}{TEMP_MARK}") for p in started
+        )
+
+    monkeypatch.setattr(hdf5_writer, "start_writeback", start_writeback)
+    single = tmp_path / "single" / "dataset.h5"
+    single.parent.mkdir()
+    convert_pt_to_hdf5(big, "gzip", output=single, progress=False)
+    columns = plan_conversion(open_dataset(big, storage_format="pt"), "gzip").columns
+    assert len(started) >= len(columns), "one a block at least"
+    assert temps_of(single), started
+
+    started.clear()
+    plan = plan_conversion(open_dataset(big, storage_format="pt", use_mmap=True), "gzip", piece_bytes=BIG_SHARD)
+    (tmp_path / "parts").mkdir()
+    for task in plan.tasks(tmp_path / "parts"):
+        write_piece(task)
+    assert started == [], "part files are not sent"
+
+    assembled = tmp_path / "ray" / "dataset.h5"
+    report = convert(big, compression="gzip", shard_bytes=BIG_SHARD, output=assembled, progress=False)
+    assert len(started) == report.shards and temps_of(assembled), started
+    assert checksums(assembled) == checksums(single)
 
 
 def test_part_files_are_written_into_reserved_space(tmp_path: Path, big: Path, monkeypatch) -> None:
