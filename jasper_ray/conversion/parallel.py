@@ -87,12 +87,6 @@ def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = PIECE_BYTE
     return open_dataset(dataset_dir, storage_format="pt").nbytes_on_disk() > shard_bytes
 
 
-def connect_for_conversion(address: str | None, num_workers: int | None) -> bool:
-    """Make sure Ray is up for conversion tasks (see ray_session); True when this call started it.
-    The CLI calls it before ``convert`` to announce Ray's start-up; ``convert`` then finds it up."""
-    return connect(address, num_cpus=num_workers)
-
-
 def _task_options() -> dict[str, Any]:
     env = faults.task_env()  # NOTE [prestarted workers]: no runtime_env otherwise
     return {"runtime_env": {"env_vars": env}} if env else {}
@@ -305,7 +299,7 @@ def _convert(
             precision, fingerprint,
         )  # fmt: skip
         connecting = time.perf_counter()
-        if connect_for_conversion(address, num_workers) and not keep_ray:  # NOTE [planned while Ray starts]
+        if connect(address, num_cpus=num_workers) and not keep_ray:  # NOTE [planned while Ray starts]
             stack.callback(ray.shutdown)
         ray_start = time.perf_counter() - connecting
         _warm_up(ray)  # NOTE [prestarted workers]
