@@ -259,19 +259,23 @@ class HDF5Writer(Writer):
         shape = tuple(rows.shape)
         dset = self.create_dataset(h5_path, shape, dtype)
         hasher = BlockHasher.for_tensor(shape, dtype)
-        write_rows(dset, rows, 0, shape[0], hasher, self.block_bytes, self._written, refuse_nonfinite=refuse_nonfinite)
+        written = self._block_written
+        write_rows(dset, rows, 0, shape[0], hasher, self.block_bytes, written, refuse_nonfinite=refuse_nonfinite)
         self.set_checksum(dset, hasher.finish())
         # Its chunks reach the file now, where a failing write (a full disk) raises here: left to the next
         # dataset's creation it would fail inside h5py's object cleanup, unraised, and crash later (h5py#914).
         dset.id.flush()
         return dset
 
-    def _written(self, nbytes: int) -> None:
+    def _send_to_disk(self) -> None:
         """A block or a part is in the file: the disk starts on it (``start_writeback``) while more is written,
         so publishing the file waits on its last blocks only (an fsync of 1 GB written as fast as this waits
         0.5 s). Not for files published unsynced, nor for an image in memory."""
         if self.durable and self._image is None:
             start_writeback(self.file.id.get_vfd_handle())
+
+    def _block_written(self, nbytes: int) -> None:
+        self._send_to_disk()
         if self.on_bytes is not None:
             self.on_bytes(nbytes)
 
@@ -303,7 +307,7 @@ class HDF5Writer(Writer):
                 for a in range(0, rows, step):
                     dset[dest_start + a : dest_start + min(a + step, rows)] = source[a : a + step]
             stored = int(src.id.get_storage_size())
-        self._written(stored)
+        self._send_to_disk()
         return stored
 
 
