@@ -89,9 +89,6 @@ def check_shapes(reader: Reader, sizes: dict[str, int]) -> None:
                     "2": "2",
                 }.get(sym, f"rows of {ENTITY_OF_SYMBOL.get(sym)}")
                 raise ValidationError(where, f"size {got} on axis {axis}", f"{sizes[sym]} ({what})")
-    n_kw = reader.n_keyword_pairs()
-    if n_kw != sizes["P"]:
-        raise ValidationError(reader.location_keywords(), f"{n_kw} entries", f"{sizes['P']} (one per pair)")
 
 
 def _blocks(n: int, row_elems: int) -> Iterable[tuple[int, int]]:
@@ -253,9 +250,24 @@ def validate_dataset(reader: Reader, progress: bool = False, *, scan_floats: boo
     Ids, tiers, relevance and distances are always scanned whole; the float tables only with
     ``scan_floats=True`` (``verify``): converters check them as they write them (NOTE [floats checked as
     written]), serving readers on first touch (NOTE [when values are checked])."""
+    check_structure(reader)
+    check_values(reader, progress, scan_floats=scan_floats)
+
+
+def check_structure(reader: Reader) -> None:
+    """The config, and every tensor's dtype and shape: what the files' headers tell, before any value is read
+    (``validate_dataset``'s first half; NOTE [keyword lists beside the pieces] in conversion.parallel)."""
     check_config(reader.config)
+    check_shapes(reader, symbol_sizes(reader))
+
+
+def check_values(reader: Reader, progress: bool = False, *, scan_floats: bool = False) -> None:
+    """The keyword lists (one per pair), ids in range, pair floats finite, splits: ``validate_dataset``'s
+    second half, after ``check_structure``."""
     sizes = symbol_sizes(reader)
-    check_shapes(reader, sizes)
+    n_kw = reader.n_keyword_pairs()
+    if n_kw != sizes["P"]:
+        raise ValidationError(reader.location_keywords(), f"{n_kw} entries", f"{sizes['P']} (one per pair)")
     floats = list(PAIR_FLOATS) + (list(FLOAT_TABLES) if scan_floats else [])
     names = ["pair_index", "pair_cluster_id", "hard_negatives", "negative_tiers", *floats]
     total = sum(reader.dtype(n).itemsize * int(np.prod(reader.shape(n), dtype=np.int64)) for n in names)
@@ -301,5 +313,7 @@ __all__ = [
     "check_epoch",
     "check_finite",
     "check_positions",
+    "check_structure",
+    "check_values",
     "validate_dataset",
 ]

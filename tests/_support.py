@@ -327,13 +327,13 @@ def h5_objects(path: Path) -> dict[str, Any]:
 SLOW_PIECES = """
 import sys, time
 from jasper_ray import convert
-from jasper_ray.conversion import parallel
+from jasper_ray.conversion import tasks
 
-real = parallel._piece_task
+real = tasks._piece_task
 def slow(task):
     time.sleep(0.5)
     return real(task)
-parallel._piece_task = slow
+tasks._piece_task = slow
 """
 
 

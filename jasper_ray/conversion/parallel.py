@@ -1,10 +1,10 @@
 """Parallel PT -> HDF5 conversion on Ray: plan, schedule piece tasks, assemble.
 
 Thin by design: the plan, the pieces, assembly and the manifest are in
-``plan``, ``pieces`` and ``publish`` (no Ray there). This module connects to
-Ray, submits one task per piece with retries, shows progress, names failed
-pieces, and cleans up. The only conversion module that uses Ray (through
-``ray_session``, so importing it needs no Ray: ``ray_worthwhile`` asks).
+``plan``, ``pieces`` and ``publish`` (no Ray there); ``tasks`` runs the pieces
+on the Ray this module connects to (through ``ray_session``, so importing it
+needs no Ray: ``ray_worthwhile`` asks). This module plans while Ray starts,
+decides what goes where, and cleans up.
 
 Where it runs: with no ``address`` and no ``RAY_ADDRESS``, a local Ray on this
 machine with ``num_workers`` (default: all) CPUs; with ``address="auto"``, an
@@ -25,30 +25,31 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .. import faults
 from ..atomic import fsync_path
-from ..errors import ConversionError, ValidationError
+from ..errors import ConversionError
 from ..fingerprint import fingerprint_in_background
 from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
+from ..formats.columns import Column, keyword_columns
 from ..formats.precision import check_precision
 from ..ray_session import connect, require_ray
 from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS_DIR, piece_file
 from ..storage import Location, locate
 from ..storage.fetch import delete
-from ..validate import refused_nonfinite, validate_dataset
-from .pieces import PieceResult, WorkDir, save_keyword_csr, write_piece
-from .plan import PIECE_BYTES, ConversionPlan, PieceTask, default_output, plan_conversion, work_dir_for
+from ..validate import check_structure, check_values, refused_nonfinite
+from .pieces import PieceResult, WorkDir, save_keyword_csr
+from .plan import PIECE_BYTES, ConversionPlan, Piece, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import Assembly, allocate_in_place, finish_in_place, publish_sharded, publish_to_bucket
 from .ranged import RemoteOutput, RemoteSource, prepare_source
 from .remote import is_remote_job, output_location, staged_output, staging_for
-from .writer import ConversionReport, _progress, nothing_to_do, output_bytes
+from .tasks import LaterTasks, run_pieces, warm_up
+from .writer import ConversionReport, nothing_to_do, output_bytes
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -56,16 +57,6 @@ if TYPE_CHECKING:
     from ..formats.base import Reader
 
 log = logging.getLogger(__name__)
-
-
-# NOTE [prestarted workers]: piece tasks run in the workers Ray starts with the cluster, whose runtime_env is
-# empty: a runtime_env of their own (even a job's env_vars alone) has Ray start new workers for it, and the
-# first tasks then began 1.4 s after they were submitted against 0.4 s (2 CPUs, idle workers up). So the tasks
-# carry none (the faults variable, in tests, is the exception) and open their HDF5 files with ``locking=False``
-# themselves: HDF5 2.0 reads HDF5_USE_FILE_LOCKING once, when h5py is first imported in a process, so a task
-# setting it works only in a worker where no earlier task imported h5py; the flag does not depend on that.
-# While the driver plans, one empty task per CPU imports this module (numpy, the plan and the piece writer;
-# h5py is imported by the first piece) in the workers the pieces will run in.
 
 
 def _require_ray() -> ModuleType:
@@ -87,108 +78,39 @@ def ray_worthwhile(dataset_dir: str | os.PathLike, shard_bytes: int = PIECE_BYTE
     return open_dataset(dataset_dir, storage_format="pt").nbytes_on_disk() > shard_bytes
 
 
-def _task_options() -> dict[str, Any]:
-    env = faults.task_env()  # NOTE [prestarted workers]: no runtime_env otherwise
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
-def _warm_up(ray: ModuleType) -> list[Any]:
-    """One empty task per CPU: the workers import this module and the piece writer while the driver plans."""
-    warm = ray.remote(num_cpus=1)(_no_op).options(**_task_options())
-    return [warm.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
-
-
 # NOTE [planned while Ray starts]: starting a local Ray takes seconds (2.4-3.8 s on 2 cores), most of it waiting
-# for its processes to come up, and the plan needs the keyword lists parsed (torch's weights_only unpickler, in
-# Python: 0.85 s for 150k pairs) and validation its scan. So the plan is made in a thread while this (main) thread
-# starts Ray: ray.init installs signal handlers and must run here. A dataset that fails validation has then
-# started Ray for nothing; it is shut down as the error leaves.
-def _checked_plan(reader: Reader, validate: bool, progress: bool, *plan_args: Any) -> ConversionPlan:
-    """The dataset validated (float tables: by the tasks, NOTE [floats checked as written] in validate), planned."""
+# for its processes to come up, and the plan needs validation's checks and the keyword lists parsed (NOTE [keyword
+# lists beside the pieces]). So the plan is made in a thread while this (main) thread starts Ray: ray.init
+# installs signal handlers and must run here. A dataset that fails validation has then started Ray for nothing;
+# it is shut down as the error leaves.
+def _checked_plan(reader: Reader, validate: bool, *plan_args: Any) -> ConversionPlan:
+    """The dataset's structure checked (NOTE [keyword lists beside the pieces]), its tensors and splits planned."""
     if validate:
-        validate_dataset(reader, progress=progress)
-    return plan_conversion(reader, *plan_args)
+        check_structure(reader)
+    return plan_conversion(reader, *plan_args, keywords=False)
 
 
-def _no_op() -> None:
-    """Nothing: a worker that unpickles it has imported this module."""
-
-
-def _piece_task(task: PieceTask) -> PieceResult | ValidationError:
-    try:
-        return write_piece(task)
-    except ValidationError as exc:  # the input is refused: returned, so Ray does not retry it
-        return exc
+# NOTE [keyword lists beside the pieces]: two things in a conversion read values in this process, one after the
+# other: the keyword lists, which must be parsed (torch's weights_only unpickler, in Python: ~5 us a pair, 0.75 s
+# for 150k pairs, ~20 s at 50 GB), and validation's scans of the ids. Neither is needed to convert a tensor. So the
+# plan thread first checks what the files' headers tell (the config, every dtype and shape: ``check_structure``)
+# and plans the tensors and splits, whose pieces start at once; then checks the values, parses the keyword lists,
+# and the keyword columns join the queue (``LaterTasks``), planned after the others (numbered last; the plan's key
+# leaves them out). A dataset refused then is refused as a refused piece is: no new piece starts, those in flight
+# are waited for, the error is raised and the work directory removed. Uncompressed into one file (NOTE [in-place
+# assembly] in pieces), every column is allocated before the first piece, so the whole plan is waited for.
+def _keyword_columns(reader: Reader, validate: bool, planned: Future) -> list[Column]:
+    """The values checked, the keyword columns; nothing when the first step (``planned``, done before this began
+    in the same thread) failed: its error is raised by the driver, which waits for this thread as it leaves."""
+    if planned.exception() is not None:
+        return []
+    if validate:
+        check_values(reader)
+    return keyword_columns(reader)
 
 
 def _sync_shard(work_dir: Path, result: PieceResult, in_flight_bytes: int) -> None:
     fsync_path(work_dir / piece_file(result.piece_id))
-
-
-def _reason(exc: BaseException) -> str:
-    """Why a task failed, on one line: the task's own exception (a RayTaskError's first line is only
-    ``ray::_piece_task() (pid=..., ip=...)``), else Ray's (a worker that died)."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        exc = cause
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:500]}"
-
-
-def run_pieces(
-    ray: ModuleType,
-    tasks: list[PieceTask],
-    *,
-    max_retries: int,
-    progress: bool,
-    total_bytes: int,
-    max_in_flight: int | None = None,
-    on_result: Callable[[PieceResult, int], object] | None = None,
-) -> dict[str, PieceResult]:
-    """Run every piece task, the largest first (the last ones to finish are then short); return results by
-    piece id, or raise the ValidationError of a piece that refused its input (no new piece starts after it), or
-    ConversionError naming the failures. ``on_result(result, in_flight_bytes)`` runs in this
-    process as each piece returns, while the others go on (``in_flight_bytes``: their source bytes)."""
-    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(_piece_task)
-    remote = remote.options(**_task_options())
-    bytes_of = {
-        t.piece.piece_id: t.column.nbytes * (t.piece.stop - t.piece.start) // max(t.column.shape[0], 1) for t in tasks
-    }
-    queue = sorted(tasks, key=lambda t: -bytes_of[t.piece.piece_id])
-    limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict[Any, PieceTask] = {}
-    results: dict[str, PieceResult] = {}
-    failures: list[str] = []
-    refused: ValidationError | None = None
-    with _progress(total_bytes, progress, "convert") as bar:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                task = queue.pop(0)
-                pending[remote.remote(task)] = task
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                task = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - reported by piece id below
-                    failures.append(
-                        f"{task.piece.piece_id} (rows {task.piece.start}:{task.piece.stop} of "
-                        f"{task.column.h5_path}): {_reason(exc)}"
-                    )
-                    continue
-                if isinstance(result, ValidationError):  # raised as the single-process writer raises it
-                    refused, queue = refused or result, []
-                    continue
-                results[result.piece_id] = result
-                if on_result is not None and not failures and refused is None:
-                    on_result(result, sum(bytes_of[t.piece.piece_id] for t in pending.values()))
-                bar.update(bytes_of[result.piece_id])
-    if refused is not None:
-        raise refused
-    if failures:
-        # "shard(s)": the documented wording (docs/troubleshooting.md), from before the word "piece".
-        raise ConversionError(f"{len(failures)} shard(s) failed after {max_retries} retries: " + "; ".join(failures))
-    return results
 
 
 def convert(
@@ -294,23 +216,45 @@ def _convert(
     fingerprint, whole = (source.fingerprint, None) if source else fingerprint_in_background(reader.files())
     whole_fingerprint: Callable[[], dict[str, Any]] = whole.result if whole else lambda: fingerprint
     with contextlib.ExitStack() as stack:
-        planned = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="jasper_ray-plan")).submit(
-            _checked_plan, reader, validate, progress, compression, compression_opts, shuffle, shard_bytes,
-            precision, fingerprint,
+        plan_thread = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="jasper_ray-plan"))
+        planned = plan_thread.submit(
+            _checked_plan, reader, validate, compression, compression_opts, shuffle, shard_bytes, precision,
+            fingerprint,
         )  # fmt: skip
+        keywords = plan_thread.submit(_keyword_columns, reader, validate, planned)  # NOTE [keyword lists beside ...]
         connecting = time.perf_counter()
         if connect(address, num_cpus=num_workers) and not keep_ray:  # NOTE [planned while Ray starts]
             stack.callback(ray.shutdown)
         ray_start = time.perf_counter() - connecting
-        _warm_up(ray)  # NOTE [prestarted workers]
+        warm_up(ray)  # NOTE [prestarted workers] in tasks
         plan = planned.result()
-        work = WorkDir(work_dir_for(output), plan)
         in_place = layout == LAYOUT_SINGLE and compression is None  # NOTE [in-place assembly] in pieces
+        if in_place:  # every column allocated first
+            plan.add_columns(keywords.result())
+        work = WorkDir(work_dir_for(output), plan)
         upload = RemoteOutput.beside(target, plan.key) if target is not None else None
         with work:
             try:
                 offsets = allocate_in_place(plan, work.path) if in_place else None
-                if source is None:  # NOTE [keyword lists once] in pieces
+
+                def prepared(pieces: list[Piece]) -> list[PieceTask]:
+                    tasks = plan.tasks(work.path, offsets, pieces)
+                    if validate:
+                        tasks = [replace(t, refuse_nonfinite=refused_nonfinite(reader, t.column)) for t in tasks]
+                    if source is not None:
+                        ranged = source.ranged
+                        tasks = [replace(t, source=source.location, ranged=ranged.get(t.column.source)) for t in tasks]
+                    if upload is not None:
+                        tasks = [replace(t, upload=upload) for t in tasks]
+                    return tasks
+
+                def keyword_tasks(found: list[Column]) -> list[PieceTask]:
+                    pieces = plan.add_columns(found)
+                    if source is None:  # NOTE [keyword lists once] in pieces
+                        save_keyword_csr(reader, found, work.path)
+                    return prepared(pieces)
+
+                if source is None:
                     save_keyword_csr(reader, plan.columns, work.path)
                 reused = work.existing_pieces()
                 if reused:
@@ -319,18 +263,14 @@ def _convert(
                         reused,
                         len(plan.pieces),
                     )
-                tasks = plan.tasks(work.path, offsets)
-                if validate:
-                    tasks = [replace(t, refuse_nonfinite=refused_nonfinite(reader, t.column)) for t in tasks]
-                if source is not None:
-                    ranged = source.ranged
-                    tasks = [replace(t, source=source.location, ranged=ranged.get(t.column.source)) for t in tasks]
                 if upload is not None:
                     delete(upload.target.child(MANIFEST))  # from here on a reader sees no dataset, never a mix
-                    tasks = [replace(t, upload=upload) for t in tasks]
+                tasks = prepared(plan.pieces)
+                later = None if in_place else LaterTasks(keywords, keyword_tasks)
                 run = functools.partial(
-                    run_pieces, ray, tasks, max_retries=max_retries, progress=progress, total_bytes=plan.total_bytes
-                )
+                    run_pieces, ray, tasks, max_retries=max_retries, progress=progress,
+                    total_bytes=plan.total_bytes, later=later,
+                )  # fmt: skip
                 if layout == LAYOUT_SINGLE and not in_place:
                     with Assembly(plan, work.path, output) as assembly:
                         results = run(on_result=assembly.add)

@@ -26,7 +26,7 @@ from ..fingerprint import fingerprint
 from ..formats.base import Reader
 from ..formats.checksum import block_rows
 from ..formats.chunks import CompressionOpts, check_options
-from ..formats.columns import Column, columns
+from ..formats.columns import KEYWORD_SOURCE, Column, keyword_columns, tensor_columns
 from ..schema import FORMAT_VERSION, HDF5_FILE, LAYOUT_SINGLE, PRECISION_FLOAT32, SHARDS_DIR, piece_file, work_dir_name
 
 if TYPE_CHECKING:
@@ -99,14 +99,21 @@ class ConversionPlan:
             self.key = hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def _body(self) -> dict[str, Any]:
-        """What the key hashes, and plan.json holds. Its keys predate the word "piece" ("shards", "jobs"): kept,
-        so a plan's key stays what it was. Its source fingerprint has no crc32s (NOTE [crc32 beside the work] in
-        ``fingerprint``): a conversion interrupted under a version that hashed them starts over."""
+        """What the key hashes, and plan.json holds. Its keys predate the word "piece" ("shards", "jobs"): kept.
+        Its source fingerprint has no crc32s (NOTE [crc32 beside the work] in ``fingerprint``), and it leaves
+        out the keyword columns, planned later (NOTE [keyword lists beside the pieces] in parallel): their
+        shapes follow from the sources, which the fingerprint covers. A conversion interrupted under a version
+        that planned otherwise starts over."""
+        tensors = [c for c in self.columns if c.source_kind != KEYWORD_SOURCE]
+        paths = {c.h5_path for c in tensors}
         jobs = [
-            {"h5_path": c.h5_path, "shape": list(c.shape), "dtype": c.dtype.str, "source": c.source}
-            for c in self.columns
+            {"h5_path": c.h5_path, "shape": list(c.shape), "dtype": c.dtype.str, "source": c.source} for c in tensors
         ]
-        pieces = [{"shard_id": p.piece_id, "h5_path": p.h5_path, "start": p.start, "stop": p.stop} for p in self.pieces]
+        pieces = [
+            {"shard_id": p.piece_id, "h5_path": p.h5_path, "start": p.start, "stop": p.stop}
+            for p in self.pieces
+            if p.h5_path in paths
+        ]
         precision = {} if self.precision == PRECISION_FLOAT32 else {"precision": self.precision}
         return {
             **precision,
@@ -121,8 +128,18 @@ class ConversionPlan:
             "shards": pieces,
         }
 
-    def tasks(self, work_dir: Path, offsets: dict[str, int] | None = None) -> list[PieceTask]:
-        """One task per piece; with ``offsets`` (each column's place in the preallocated file), in place."""
+    def add_columns(self, found: list[Column]) -> list[Piece]:
+        """Plan ``found`` after the columns planned so far; return their pieces. The key stays what it was."""
+        added = cut_pieces(found, self.piece_bytes, first=len(self.pieces))
+        self.columns += found
+        self.pieces += added
+        return added
+
+    def tasks(
+        self, work_dir: Path, offsets: dict[str, int] | None = None, pieces: list[Piece] | None = None
+    ) -> list[PieceTask]:
+        """One task per piece (of ``pieces``, default all); with ``offsets`` (each column's place in the
+        preallocated file), in place."""
         column_of = {c.h5_path: c for c in self.columns}
         return [
             PieceTask(
@@ -135,7 +152,7 @@ class ConversionPlan:
                 self.shuffle,
                 None if offsets is None else offsets[p.h5_path],
             )
-            for p in self.pieces
+            for p in (self.pieces if pieces is None else pieces)
         ]
 
     def pieces_of(self, column: Column) -> list[Piece]:
@@ -154,17 +171,15 @@ def plan_conversion(
     piece_bytes: int = PIECE_BYTES,
     precision: str = PRECISION_FLOAT32,
     source_fingerprint: dict[str, Any] | None = None,
+    *,
+    keywords: bool = True,
 ) -> ConversionPlan:
     """A deterministic plan: the same sources and options always give the same pieces and key.
-    ``source_fingerprint``: given for sources that are not local files (the objects' identities)."""
+    ``source_fingerprint``: given for sources that are not local files (the objects' identities).
+    The keyword columns are planned last (``keywords=False``: not yet, ``add_columns`` later)."""
     check_options(compression, compression_opts, shuffle)
-    found = columns(reader, precision)
-    pieces: list[Piece] = []
-    for column in found:
-        for i, (start, stop) in enumerate(piece_ranges(column, piece_bytes)):
-            piece_id = f"{len(pieces):05d}-{column.h5_path.replace('/', '.')}-{i}"
-            pieces.append(Piece(piece_id, column.h5_path, start, stop))
-    return ConversionPlan(
+    found = tensor_columns(reader, precision)
+    plan = ConversionPlan(
         str(reader.directory),
         compression,
         compression_opts,
@@ -173,9 +188,22 @@ def plan_conversion(
         reader.config,
         fingerprint(reader.files()) if source_fingerprint is None else source_fingerprint,
         found,
-        pieces,
+        cut_pieces(found, piece_bytes),
         precision,
     )
+    if keywords:
+        plan.add_columns(keyword_columns(reader))
+    return plan
+
+
+def cut_pieces(found: list[Column], piece_bytes: int, first: int = 0) -> list[Piece]:
+    """The pieces of ``found``, numbered from ``first`` in order."""
+    pieces: list[Piece] = []
+    for column in found:
+        for i, (start, stop) in enumerate(piece_ranges(column, piece_bytes)):
+            piece_id = f"{first + len(pieces):05d}-{column.h5_path.replace('/', '.')}-{i}"
+            pieces.append(Piece(piece_id, column.h5_path, start, stop))
+    return pieces
 
 
 def piece_ranges(column: Column, piece_bytes: int) -> list[tuple[int, int]]:

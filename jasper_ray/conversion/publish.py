@@ -79,20 +79,27 @@ class Assembly:
         options = plan.compression, plan.compression_opts, plan.shuffle
         self._writer = HDF5Writer(output, *options, precision=plan.precision)
         self._datasets: dict[str, Any] = {}
-        self._pieces = {p.piece_id: p for p in plan.pieces}
 
     def __enter__(self) -> Assembly:
-        writer = self._writer.__enter__()
+        self._writer.__enter__()
         for column in self.plan.columns:  # in the file's order, as the single-process writer creates them
-            self._datasets[column.h5_path] = writer.create_dataset(column.h5_path, column.shape, column.dtype)
+            self._dataset(column.h5_path)
         return self
+
+    def _dataset(self, h5_path: str) -> Any:
+        """The dataset at ``h5_path``, created on first use: columns planned late (NOTE [keyword lists beside
+        the pieces] in parallel) come after the others."""
+        if h5_path not in self._datasets:
+            column = next(c for c in self.plan.columns if c.h5_path == h5_path)
+            self._datasets[h5_path] = self._writer.create_dataset(h5_path, column.shape, column.dtype)
+        return self._datasets[h5_path]
 
     def add(self, result: PieceResult, in_flight_bytes: int = 0) -> int:
         """Copy the finished piece's part file into the file; return its stored bytes."""
-        piece = self._pieces[result.piece_id]
+        piece = next(p for p in self.plan.pieces if p.piece_id == result.piece_id)
         part = self.work_dir / piece.file_name
         check_free_space(self.output, part.stat().st_size + in_flight_bytes)
-        return self._writer.copy_part(self._datasets[piece.h5_path], part, piece.start)
+        return self._writer.copy_part(self._dataset(piece.h5_path), part, piece.start)
 
     def finish(self, results: dict[str, PieceResult]) -> None:
         """Every dataset's checksum from its pieces' digests (each piece added before); the config and the

@@ -63,16 +63,28 @@ class Column:
         return values if self.source_name == KEYWORD_VALUES else offsets
 
 
-def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
-    """Every dataset of the file for ``reader``'s dataset at ``precision``, in upstream's group order."""
+def tensor_columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
+    """The datasets of the tensors and splits, in upstream's group order: known from the files' metadata, without
+    parsing the keyword lists."""
     found = [
         Column(s.h5_path, reader.shape(s.name), stored_dtype(s.name, precision), f"{TENSOR_SOURCE}:{s.name}")
         for s in TENSORS
     ]
-    values, offsets = reader.keyword_csr()
-    values_source, offsets_source = f"{KEYWORD_SOURCE}:{KEYWORD_VALUES}", f"{KEYWORD_SOURCE}:{KEYWORD_OFFSETS}"
-    found.append(Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, values_source))
-    found.append(Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), offsets_source))
     for split in reader.split_names():
         found.append(Column(split_h5_path(split), (len(reader.split(split)),), SPLIT_DTYPE, f"{SPLIT_SOURCE}:{split}"))
+    return sorted(found, key=lambda c: GROUP_ORDER.index(c.group))
+
+
+def keyword_columns(reader: Reader) -> list[Column]:
+    """The keyword ids' two datasets (CSR values and offsets): their shapes need the keyword lists parsed."""
+    values, offsets = reader.keyword_csr()
+    return [
+        Column(KEYWORD_IDS.h5_values, (values.shape[0],), KEYWORD_IDS.dtype, f"{KEYWORD_SOURCE}:{KEYWORD_VALUES}"),
+        Column(KEYWORD_IDS.h5_offsets, (len(offsets),), np.dtype("int64"), f"{KEYWORD_SOURCE}:{KEYWORD_OFFSETS}"),
+    ]
+
+
+def columns(reader: Reader, precision: str = PRECISION_FLOAT32) -> list[Column]:
+    """Every dataset of the file for ``reader``'s dataset at ``precision``, in upstream's group order."""
+    found = tensor_columns(reader, precision) + keyword_columns(reader)
     return sorted(found, key=lambda c: GROUP_ORDER.index(c.group))

@@ -51,7 +51,7 @@ def empty_file_image() -> bytes:
 
 def create_file(target: str | os.PathLike | BinaryIO, reopen: bool = False) -> Any:
     """A new HDF5 file for writing (``reopen``: one ``begin_file`` started), with ``ALIGNMENT``; unlocked
-    (NOTE [prestarted workers], conversion.parallel)."""
+    (NOTE [prestarted workers], conversion.tasks)."""
     mode = "r+" if reopen else "w"
     return require_h5py().File(target, mode, alignment_threshold=1, alignment_interval=ALIGNMENT, locking=False)
 

@@ -10,6 +10,7 @@ start without it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -191,7 +192,15 @@ class PTReader(Reader):
         self._ensure_open()
         if self._keywords is None:
             path = self.directory / KEYWORD_IDS.pt_file
-            self._keywords = keyword_lists_to_csr(load_pt(path, mmap=False), str(path))
+            # Unpickling one list per pair runs the cyclic collector over all of them again and again; lists of
+            # ints hold no cycles. 148,570 pairs: 1.10 s with it, 0.75 s with it paused.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                self._keywords = keyword_lists_to_csr(load_pt(path, mmap=False), str(path))
+            finally:
+                if collecting:
+                    gc.enable()
         return self._keywords
 
     def files(self) -> list[Path]:

@@ -372,17 +372,83 @@ def test_the_plan_is_made_while_ray_starts(tmp_path: Path, small: Path, small_si
     assert ray.shutdowns == 1, "keep_ray leaves the Ray convert started running"
 
 
-def test_a_dataset_refused_while_ray_starts_stops_that_ray(tmp_path: Path, small: Path, monkeypatch) -> None:
-    source = tmp_path / "src"
-    shutil.copytree(small, source)
+def break_pair_index(source: Path) -> str:
     index = load_pt(source / TENSOR["pair_index"].pt_file).numpy().copy()
     index[5, 0] = 1 << 40
     save_pt(source, TENSOR["pair_index"].pt_file, index)
+    return r"pair_index\.pt at position \(5, 0\)"
+
+
+def break_keyword_ids(source: Path) -> str:
+    lists = load_pt(source / KEYWORD_IDS.pt_file)
+    lists[7] = [*lists[7], 1 << 20]
+    save_pt(source, KEYWORD_IDS.pt_file, lists)
+    return rf"{KEYWORD_IDS.pt_file} at position pair 7, entry {len(lists[7]) - 1}: found keyword id {1 << 20}"
+
+
+def break_dtype(source: Path) -> str:
+    relevance = load_pt(source / TENSOR["pair_relevance"].pt_file)
+    save_pt(source, TENSOR["pair_relevance"].pt_file, relevance.double())
+    return r"pair_relevance\.pt: found dtype float64"
+
+
+@pytest.mark.parametrize("breaks", [break_pair_index, break_keyword_ids, break_dtype], ids=lambda f: f.__name__)
+def test_a_dataset_refused_while_ray_starts_stops_that_ray(
+    tmp_path: Path, small: Path, monkeypatch, breaks: Callable[[Path], str]
+) -> None:
+    """Refused by the structure check (before any piece) or by the value checks (while the tensor pieces run,
+    NOTE [keyword lists beside the pieces]): the same error, Ray stopped, nothing left behind."""
+    source = tmp_path / "src"
+    shutil.copytree(small, source)
+    message = breaks(source)
     ray = starting_ray(monkeypatch, threading.Event())
-    with pytest.raises(ValidationError, match=r"pair_index\.pt at position \(5, 0\)"):
+    with pytest.raises(ValidationError, match=message):
         convert(source, compression="gzip", shard_bytes=SMALL_SHARD, progress=False, num_workers=NUM_CPUS)
     assert ray.shutdowns == 1
     assert leftovers(source) == []
+
+
+def test_tensor_pieces_run_while_the_keyword_lists_are_parsed(
+    tmp_path: Path, small: Path, small_single: Callable, monkeypatch
+) -> None:
+    """NOTE [keyword lists beside the pieces]: the keyword lists are parsed while the tensor pieces run. Here
+    their parse waits until a piece has returned: planned before the pieces, it would wait out the deadline and
+    fail the conversion. The file equals the single-process writer's; the keyword pieces are planned last."""
+    from jasper_ray.conversion import parallel, publish
+
+    returned = threading.Event()
+    real_add, real_columns = publish.Assembly.add, parallel.keyword_columns
+
+    def add(self: Any, result: Any, in_flight_bytes: int = 0) -> int:
+        returned.set()
+        return real_add(self, result, in_flight_bytes)
+
+    def columns_once_a_piece_returned(reader: Any) -> Any:
+        assert returned.wait(DEADLINE_S), "no piece ran before the keyword lists were parsed"
+        return real_columns(reader)
+
+    monkeypatch.setattr(publish.Assembly, "add", add)
+    monkeypatch.setattr(parallel, "keyword_columns", columns_once_a_piece_returned)
+    out = tmp_path / "dataset.h5"
+    report = convert(small, compression="gzip", shard_bytes=SMALL_SHARD, output=out, progress=False)
+    assert_same_file(out, small_single("gzip"))
+    keyword_pieces = sorted(p for p in report.results if "keyword_ids" in p)
+    assert len(keyword_pieces) == 2 and sorted(report.results)[-2:] == keyword_pieces
+
+
+def test_the_plan_key_leaves_out_the_keyword_columns(big: Path) -> None:
+    """Planned with or without the keyword columns (added later, numbered last), a plan has the same key and
+    the same pieces before them: a resumed conversion finds its pieces whichever way it planned."""
+    reader = open_dataset(big, "pt")
+    whole = plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD)
+    first = plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD, keywords=False)
+    assert first.key == whole.key
+    assert whole.pieces[: len(first.pieces)] == first.pieces
+    keyword_paths = {KEYWORD_IDS.h5_values, KEYWORD_IDS.h5_offsets}
+    assert {p.h5_path for p in whole.pieces[len(first.pieces) :]} == keyword_paths
+    assert not keyword_paths & {c.h5_path for c in first.columns}
+    edited = plan_conversion(reader, "gzip", piece_bytes=BIG_SHARD // 2)
+    assert edited.key != whole.key
 
 
 # --- 4: the driver killed mid-run ----------------------------------------------------------------------

@@ -157,6 +157,34 @@ def test_pt_mmap_maps_the_file_and_load_does_not(small_dir: Path) -> None:
     del arr, arr2
 
 
+def test_keyword_lists_load_with_the_collector_paused(small_dir: Path, small_expected, monkeypatch) -> None:
+    """The keyword lists are unpickled with the cyclic collector off (a list per pair, no cycles), and it is
+    on again after, whether the load succeeds or fails; the lists come out as they were saved."""
+    import gc
+
+    from jasper_ray.formats import pt as pt_format
+
+    real_load, seen = pt_format.load_pt, []
+
+    def load(path: Path, *, mmap: bool) -> object:
+        seen.append(gc.isenabled())
+        return real_load(path, mmap=mmap)
+
+    monkeypatch.setattr(pt_format, "load_pt", load)
+    values, offsets = open_dataset(small_dir, "pt").keyword_csr()
+    assert seen == [False] and gc.isenabled()
+    lists = [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert lists == [list(ids) for ids in small_expected.keyword_ids]
+
+    def refuse(path: Path, *, mmap: bool) -> object:
+        raise DatasetFormatError(f"{path}: refused")
+
+    monkeypatch.setattr(pt_format, "load_pt", refuse)
+    with pytest.raises(DatasetFormatError, match="refused"):
+        open_dataset(small_dir, "pt").keyword_csr()
+    assert gc.isenabled()
+
+
 def test_uncompressed_hdf5_is_served_through_memmap(converted) -> None:
     reader = open_dataset(converted(None), "hdf5", use_mmap=True)
     for spec in TENSORS:
