@@ -38,6 +38,7 @@ from _support import SLOW_PIECES, edit_config, h5_objects, kill_driver_after, lo
 
 from jasper_ray import (
     ConversionError,
+    DatasetFormatError,
     JASPERSteeringDataset,
     ValidationError,
     atomic,
@@ -405,6 +406,19 @@ def test_a_dataset_refused_while_ray_starts_stops_that_ray(
     with pytest.raises(ValidationError, match=message):
         convert(source, compression="gzip", shard_bytes=SMALL_SHARD, progress=False, num_workers=NUM_CPUS)
     assert ray.shutdowns == 1
+    assert leftovers(source) == []
+
+
+def test_damaged_keyword_lists_found_while_the_pieces_run_are_named(tmp_path: Path, small: Path) -> None:
+    """A keyword file that cannot be read is found after the tensor pieces started (NOTE [keyword lists beside
+    the pieces]): its error names the file, and nothing is published or left behind."""
+    source = tmp_path / "src"
+    shutil.copytree(small, source)
+    keywords = source / KEYWORD_IDS.pt_file
+    keywords.write_bytes(keywords.read_bytes()[: keywords.stat().st_size // 2])
+    with pytest.raises(DatasetFormatError, match=re.escape(str(keywords))):
+        convert(source, compression="gzip", shard_bytes=SMALL_SHARD, progress=False)
+    assert not (source / HDF5_FILE).exists()
     assert leftovers(source) == []
 
 
