@@ -92,7 +92,7 @@ class DemoSummary:
             f"{'':<40} {'seconds':>10} {'samples/s':>16}  {'seconds':>10} {'samples/s':>16}  whole split",
         ]
         for p in self.paths:
-            timings = "  ".join(f"{e.seconds:>10.2f} {e.samples_per_s:>16,.0f}" for e in p.epochs)
+            timings = "  ".join(f"{e.seconds:>10.3f} {e.samples_per_s:>16,.0f}" for e in p.epochs)
             counts = ", ".join(f"{e.samples}/{self.split_size}" for e in p.epochs)
             lines.append(f"{p.name:<40} {timings}  {'yes' if p.complete else 'NO'} ({counts})")
         return "\n".join(lines)

@@ -32,8 +32,9 @@ def test_demo_checks_its_own_summary(tmp_path: Path) -> None:
     assert [p[0] for p in paths] == ["local JASPERSteeringDataset", "read_jasper", "ShardedJasper"], run.stdout
     for name, s1, rate1, s2, rate2, verdict, got1, want1, got2, want2 in paths:
         assert verdict == "yes" and got1 == want1 == got2 == want2 and int(want1) > 0, f"{name}: {got1}, {got2}"
-        for seconds, rate in ((s1, rate1), (s2, rate2)):  # each epoch timed on its own
-            assert float(seconds) > 0 and int(rate.replace(",", "")) > 0, f"{name}: {seconds} s, {rate}/s"
+        for seconds, rate in ((s1, rate1), (s2, rate2)):  # each epoch timed on its own: a finite rate
+            # A small split may pass in under half a millisecond locally: its seconds then print as 0.000.
+            assert float(seconds) >= 0 and int(rate.replace(",", "")) > 0, f"{name}: {seconds} s, {rate}/s"
     assert "1st epoch (with start-up)" in run.stdout and "2nd epoch (steady)" in run.stdout
     assert "convert on Ray" in run.stdout and (tmp_path / "demo" / "pt" / "dataset.h5").is_file()
     assert "decompress into the node-local cache" in run.stdout, "one conversion: gzip, served through the cache"
