@@ -74,6 +74,7 @@ class DemoSummary:
     pt_bytes: int
     steps: list[tuple[str, float, str]] = field(default_factory=list)
     paths: list[PathResult] = field(default_factory=list)
+    removed: bool = False  # the demo's own temporary directory, removed at its end
 
     @property
     def ok(self) -> bool:
@@ -81,7 +82,8 @@ class DemoSummary:
 
     def table(self) -> str:
         lines = [
-            f"jasper_ray demo in {self.directory}: {self.n_pairs} pairs, {self.pt_bytes / 1e6:.0f} MB of PT files",
+            f"jasper_ray demo in {self.directory}{' (removed at the end)' if self.removed else ''}: "
+            f"{self.n_pairs} pairs, {self.pt_bytes / 1e6:.0f} MB of PT files",
             "",
             f"{'step':<40} {'seconds':>8}  result",
         ]
@@ -164,12 +166,31 @@ def run_demo(
 ) -> DemoSummary:
     """Synthesise ``size`` of data, convert it on Ray and read two epochs through each path; the summary
     says how long each epoch took and whether each delivered the whole split. ``directory`` may be a URI:
-    the converted dataset goes there (the PT files and the cache stay in a local temporary directory)."""
-    remote = directory is not None and is_uri(str(directory))
-    base = Path(directory) if directory and not remote else Path(tempfile.mkdtemp(prefix="jasper-demo-"))
+    the converted dataset goes there (the PT files and the cache go in a local temporary directory). Without a
+    local ``directory``, the demo's own temporary directory (GBs: the PT files, dataset.h5, the cache's copy) is
+    removed at its end."""
+    remote = str(directory).rstrip("/") if directory is not None and is_uri(str(directory)) else None
+    if directory and remote is None:
+        return _run_demo(Path(directory), None, size, workers, address, dim, n_neg, progress)
+    with tempfile.TemporaryDirectory(prefix="jasper-demo-") as temp:
+        summary = _run_demo(Path(temp), remote, size, workers, address, dim, n_neg, progress)
+    summary.removed = True
+    return summary
+
+
+def _run_demo(
+    base: Path,
+    remote: str | None,
+    size: str,
+    workers: int | None,
+    address: str | None,
+    dim: int,
+    n_neg: int,
+    progress: bool,
+) -> DemoSummary:
     pt_dir, cache_dir = base / "pt", base / "cache"
     # Where the converted dataset lives and is served from: beside the PT files, or at the URI.
-    store: str | Path = str(directory).rstrip("/") if remote else pt_dir
+    store: str | Path = remote or pt_dir
     n_pairs = pairs_for_size(parse_size(size), dim, n_neg)
 
     t = time.perf_counter()

@@ -41,3 +41,18 @@ def test_demo_checks_its_own_summary(tmp_path: Path) -> None:
     (copy,) = (tmp_path / "demo" / "cache").rglob("dataset.h5")
     assert copy.stat().st_size > (tmp_path / "demo" / "pt" / "dataset.h5").stat().st_size, "decompressed there"
     assert "Token authentication is enabled" not in run.stdout + run.stderr
+
+
+def test_the_demos_own_directory_is_removed_at_its_end(tmp_path: Path, monkeypatch, ray_session) -> None:
+    """Without ``--dir`` the demo writes GBs (the PT files, dataset.h5, the cache's copy) into a temporary
+    directory of its own: gone when it ends, and the summary says so. With ``--dir`` (above) they stay."""
+    import tempfile
+
+    from jasper_ray.tools.demo import run_demo
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    summary = run_demo("10MB", progress=False)
+    assert summary.ok and summary.removed
+    assert summary.directory.parent == tmp_path and summary.directory.name.startswith("jasper-demo-")
+    assert list(tmp_path.iterdir()) == []
+    assert f"jasper_ray demo in {summary.directory} (removed at the end):" in summary.table()
