@@ -254,7 +254,7 @@ def _convert(
                         save_keyword_csr(reader, found, work.path)
                     return prepared(pieces)
 
-                if source is None:
+                if source is None and in_place:  # the keyword columns are planned already
                     save_keyword_csr(reader, plan.columns, work.path)
                 reused = work.existing_pieces()
                 if reused:

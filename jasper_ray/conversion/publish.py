@@ -79,6 +79,7 @@ class Assembly:
         options = plan.compression, plan.compression_opts, plan.shuffle
         self._writer = HDF5Writer(output, *options, precision=plan.precision)
         self._datasets: dict[str, Any] = {}
+        self._pieces: dict[str, Piece] = {}
 
     def __enter__(self) -> Assembly:
         self._writer.__enter__()
@@ -96,7 +97,9 @@ class Assembly:
 
     def add(self, result: PieceResult, in_flight_bytes: int = 0) -> int:
         """Copy the finished piece's part file into the file; return its stored bytes."""
-        piece = next(p for p in self.plan.pieces if p.piece_id == result.piece_id)
+        if result.piece_id not in self._pieces:  # a piece planned since (NOTE [keyword lists beside the pieces])
+            self._pieces = {p.piece_id: p for p in self.plan.pieces}
+        piece = self._pieces[result.piece_id]
         part = self.work_dir / piece.file_name
         check_free_space(self.output, part.stat().st_size + in_flight_bytes)
         return self._writer.copy_part(self._dataset(piece.h5_path), part, piece.start)
