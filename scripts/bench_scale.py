@@ -36,6 +36,7 @@ script says how much it needs and stops (exit 1). Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -174,8 +175,8 @@ class ScaleBench:
                          str(N_NEG), *quiet), 0)  # fmt: skip
         base_bytes = pt_bytes(base)
         self.step("baseline", "single-process writer, gzip (baseline)",
-                  jasper("convert", str(base), "--single-process", "--compression", "gzip", "--force", *quiet),
-                  base_bytes)  # fmt: skip
+                  jasper("convert", str(base), "--single-process", "--compression", "gzip", "--force", "--json",
+                         *quiet), base_bytes)  # fmt: skip
         shutil.rmtree(base)
 
         src = self.work / "src"
@@ -187,7 +188,7 @@ class ScaleBench:
         ray = ["--workers", str(self.args.workers or os.cpu_count() or 1)]  # a Ray flag: Ray at any size
         self.step("convert_gzip", "Ray, gzip, sharded",
                   jasper("convert", str(src), "--compression", "gzip", "--layout", "sharded", "--force", *ray,
-                         *quiet))  # fmt: skip
+                         "--json", *quiet))  # fmt: skip
         skip = self.args.skip
         if "verify" not in skip:
             self.step("verify_gzip", "verify (gzip, sharded)", jasper("verify", str(src), "--format", "hdf5", *quiet))
@@ -242,12 +243,24 @@ class ScaleBench:
         ]
         base, gz = by_name["baseline"], by_name["convert_gzip"]
         ratio = (gz["nbytes"] / gz["seconds"]) / (base["nbytes"] / base["seconds"])
+        # The same, from the commands' own reports: the conversions alone, Ray's start taken off (as on a
+        # running cluster); the interpreter, the imports and Ray's stop are outside them.
+        base_report, gz_report = json.loads(base["stdout"]), json.loads(gz["stdout"])
+        ray_start = gz_report["ray_start_seconds"]
+        converting = gz_report["seconds"] - ray_start
+        alone = (gz["nbytes"] / converting) / (base["nbytes"] / base_report["seconds"])
         record("scale_speedup", ray_gzip_mb_per_s=gz["nbytes"] / 1e6 / gz["seconds"],
-               single_gzip_mb_per_s=base["nbytes"] / 1e6 / base["seconds"], ratio=ratio)  # fmt: skip
-        notes.append(
+               single_gzip_mb_per_s=base["nbytes"] / 1e6 / base["seconds"], ratio=ratio,
+               ray_start_seconds=ray_start, ratio_once_ray_is_up=alone)  # fmt: skip
+        notes += [
             f"target: Ray gzip conversion >= {SPEEDUP_TARGET}x the single-process writer (MB/s; the writer on the "
-            f"first {fmt_bytes(base['nbytes'])}): {fmt_ratio(ratio)}: {verdict(ratio >= SPEEDUP_TARGET)}"
-        )
+            f"first {fmt_bytes(base['nbytes'])}), the commands as the user waits for them: {fmt_ratio(ratio)}: "
+            f"{verdict(ratio >= SPEEDUP_TARGET)}",
+            f"the same, the conversions alone (each command's reported seconds; Ray's start, {ray_start:.1f} s, "
+            f"taken off, as on a running cluster): {fmt_ratio(alone)}: {verdict(alone >= SPEEDUP_TARGET)}; "
+            f"fixed costs of the Ray command outside its conversion: {gz['seconds'] - converting:.1f} s (Ray's "
+            "start and stop, the interpreter and its imports)",
+        ]
         return notes
 
 

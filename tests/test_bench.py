@@ -105,6 +105,10 @@ def test_bench_tiny_writes_every_table_and_plot(tmp_path: Path, capsys) -> None:
     steps = {r["values"]["step"]: r["values"] for r in scale["records"] if r["name"] == "scale"}
     assert steps["convert_gzip"]["processes"] > 2, "Ray's processes are in the sampled tree"
     assert all(s["peak_owned_bytes"] > 0 and s["seconds"] > 0 for s in steps.values())
+    (speedup,) = [r["values"] for r in scale["records"] if r["name"] == "scale_speedup"]
+    assert speedup["ray_start_seconds"] > 0, "the convert command started its own Ray, and its report says so"
+    assert 0 < speedup["ratio"] < float("inf") and 0 < speedup["ratio_once_ray_is_up"] < float("inf")
+    assert "taken off, as on a running cluster" in md
 
 
 def test_bench_scale_is_opt_in() -> None:

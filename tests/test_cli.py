@@ -284,6 +284,7 @@ def test_convert_json_and_output(dataset_copy: Path, tmp_path: Path, small_expec
         "lzf",
     )
     assert (doc["pieces"], doc["pieces_reused"]) == (1, 0) and doc["seconds"] > 0
+    assert (doc["ray_start_seconds"], doc["assembly_seconds"]) == (0, 0), "no Ray, no pieces to assemble"
     with h5py.File(output, "r") as f:
         got = f[TENSOR["question_embs"].h5_path][...]
     np.testing.assert_array_equal(got, small_expected.tensors["question_embs"])

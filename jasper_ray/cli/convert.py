@@ -157,6 +157,8 @@ def _report_result(result: ConversionReport, report: Report) -> None:
         source_bytes=result.source_bytes,
         output_bytes=result.output_bytes,
         seconds=round(result.seconds, 3),
+        ray_start_seconds=round(result.ray_start_seconds, 3),
+        assembly_seconds=round(result.assembly_seconds, 3),
     )
     report.lines += result.lines()
 

@@ -105,6 +105,7 @@ class ConversionReport:
             f"File sizes: PT format={self.source_bytes / 2**20:.1f} MB, HDF5={self.output_bytes / 2**20:.1f} MB "
             f"(compression: {self.saving_percent:.1f}%)",
             f"Wall time: {self.seconds:.2f} s ({self.mb_per_s:.1f} MB/s)"
+            + (f", Ray's start {self.ray_start_seconds:.2f} s of it" if self.ray_start_seconds > 0 else "")
             + (
                 f", {self.shards} shards ({self.shards_reused} reused), assembly {self.assembly_seconds:.2f} s"
                 if self.shards > 1

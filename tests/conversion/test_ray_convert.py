@@ -977,6 +977,9 @@ def test_cli_convert(tmp_path: Path, small: Path, ray_subprocess_env: Callable[.
     assert f"Conversion complete. HDF5 file saved to {output}" in proc.stdout
     assert "File sizes: PT format=" in proc.stdout and "(compression: " in proc.stdout
     assert "Wall time: " in proc.stdout and "shards (0 reused)" in proc.stdout
+    started = re.search(r"Wall time: (\d+\.\d+) s \(.*MB/s\), Ray's start (\d+\.\d\d) s of it", proc.stdout)
+    assert started, f"the CLI started Ray: its report says how long that took\n{proc.stdout}"
+    assert 0 < float(started[2]) < float(started[1])
     if layout == "sharded":
         assert (output / MANIFEST).is_file() and not (data / "dataset.h5").exists()
     reader = open_dataset(data)
