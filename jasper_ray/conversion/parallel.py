@@ -46,7 +46,7 @@ from ..validate import check_structure, check_values, refused_nonfinite
 from .pieces import PieceResult, WorkDir, save_keyword_csr
 from .plan import PIECE_BYTES, ConversionPlan, Piece, PieceTask, default_output, plan_conversion, work_dir_for
 from .publish import Assembly, allocate_in_place, finish_in_place, publish_sharded, publish_to_bucket
-from .ranged import RemoteOutput, RemoteSource, prepare_source
+from .ranged import RangedTensor, RemoteOutput, RemoteSource, local_ranges, prepare_source
 from .remote import is_remote_job, output_location, staged_output, staging_for
 from .tasks import LaterTasks, run_pieces, warm_up
 from .writer import ConversionReport, nothing_to_do, output_bytes
@@ -236,6 +236,7 @@ def _convert(
         with work:
             try:
                 offsets = allocate_in_place(plan, work.path) if in_place else None
+                mapped: dict[str, RangedTensor] = {}
 
                 def prepared(pieces: list[Piece]) -> list[PieceTask]:
                     tasks = plan.tasks(work.path, offsets, pieces)
@@ -244,6 +245,10 @@ def _convert(
                     if source is not None:
                         ranged = source.ranged
                         tasks = [replace(t, source=source.location, ranged=ranged.get(t.column.source)) for t in tasks]
+                    else:  # NOTE [mapped sources] in ranged
+                        new = [t.column for t in tasks if t.column.source not in mapped]
+                        mapped.update(local_ranges(dataset_dir, reader, new))
+                        tasks = [replace(t, ranged=mapped.get(t.column.source)) for t in tasks]
                     if upload is not None:
                         tasks = [replace(t, upload=upload) for t in tasks]
                     return tasks

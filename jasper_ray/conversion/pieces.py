@@ -69,7 +69,7 @@ from ..formats.serving import Contiguous
 from ..schema import HDF5_FILE, HDF5_SUFFIX, LOCK_FILE, PLAN_FILE
 from ..storage.fetch import fetched_bytes
 from .plan import ConversionPlan, PieceTask
-from .ranged import recorded_piece, remote_rows, upload_piece
+from .ranged import ranged_rows, recorded_piece, remote_rows, upload_piece
 
 # The preallocated file of an in-place conversion, in the work directory, and a finished piece's record beside it.
 IN_PLACE_FILE = HDF5_FILE
@@ -133,14 +133,17 @@ def save_keyword_csr(reader: Reader, columns: list[Column], work_dir: Path) -> N
 
 @contextlib.contextmanager
 def _rows(task: PieceTask) -> Iterator[RowArray]:
-    """The whole source array of the task's column (read lazily): mapped PT files, the driver's keyword CSR
-    arrays, or ranged GETs."""
+    """The whole source array of the task's column (read lazily): the driver's keyword CSR arrays, byte ranges
+    of the PT files (mapped, or ranged GETs: NOTE [mapped sources] in ranged), or the files opened by torch."""
     saved = keyword_csr_file(task.column)
     if saved is not None and (Path(task.work_dir) / saved).exists():
         yield np.load(Path(task.work_dir) / saved, mmap_mode="r", allow_pickle=False)
         return
+    if task.ranged is not None:
+        yield ranged_rows(task.ranged)
+        return
     if task.source is not None:
-        with remote_rows(task.source, task.column, task.ranged) as rows:
+        with remote_rows(task.source, task.column) as rows:
             yield rows
         return
     with _source(task.dataset_dir) as source:

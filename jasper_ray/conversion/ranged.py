@@ -11,6 +11,17 @@ there, never read. Each task reads the rows of its piece with ranged GETs
 convert them. The sources' fingerprint is the objects' identities (size, ETag,
 modification time): an object replaced since gives another plan.
 
+NOTE [mapped sources]: local PT files are read the same way, without torch in
+the tasks. The driver, which opened every file with torch's safe loader for
+the plan, records where each tensor's and split's data record lies
+(``local_ranges``) and the file's size and modification time; a task maps that
+byte range (``ranged_rows``: ``np.memmap``) after checking the file is still
+the one planned. Importing torch cost each Ray worker ~0.8 s of CPU on its
+first piece and ~130 MB of owned memory for as long as it lived; the pieces
+need none of it. A tensor that is not its whole storage (a view saved as
+such), or a file with several storages or another byte order, keeps the old
+way: the task opens the file with torch.
+
 Outputs (NOTE [pieces in the bucket]): for the sharded layout each task uploads
 the shard it made, then a record of it (plan key, block digests) under a hidden
 prefix beside the output; the driver deletes the old manifest before the first
@@ -37,17 +48,19 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from ..atomic import atomic_output
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from ..formats.arrays import RowArray
+from ..formats.base import Reader
 from ..formats.checksum import row_nbytes
 from ..formats.columns import KEYWORD_SOURCE, SPLIT_SOURCE, TENSOR_SOURCE, Column
 from ..formats.pt import PTReader, load_pt_tensor, zip_records
@@ -73,6 +86,7 @@ class RangedTensor:
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    identity: tuple[int, int] | None = None  # a local file's (size, mtime_ns) when planned (NOTE [mapped sources])
 
 
 class RangedRows:
@@ -156,11 +170,12 @@ def _skeleton_file(location: Location, size: int, path: Path) -> tuple[int, int]
     head = read_range(location, 0, min(WINDOW_BYTES, size))
     tail_at = max(len(head), size - WINDOW_BYTES)
     windows = {0: head, tail_at: read_range(location, tail_at, size - tail_at)}
-    records = zip_records(RemoteFile(location, size, windows), location.uri)  # type: ignore[arg-type]
-    data = [(offset, n) for name, (offset, n) in records.items() if name.startswith("data/")]
-    if len(data) != 1:
-        raise DatasetFormatError(f"{location.uri}: {len(data)} tensor storages; a PT tensor file holds one")
-    offset, nbytes = data[0]
+    remote = RemoteFile(location, size, windows)
+    records = zip_records(remote, location.uri)  # type: ignore[arg-type]
+    found, why = storage_extent(remote, records)  # type: ignore[arg-type]
+    if found is None:
+        raise DatasetFormatError(f"{location.uri}: {why}; expected one storage, little-endian, read by byte ranges")
+    offset, nbytes = found
     with atomic_output(path) as temp:
         with open(temp, "wb") as f:
             f.truncate(size)
@@ -207,12 +222,63 @@ def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> R
     return RemoteSource(location, local, ranged, fingerprint)
 
 
+def storage_extent(f: IO[bytes], records: dict[str, tuple[int, int]]) -> tuple[tuple[int, int] | None, str]:
+    """(offset, bytes) of the one tensor storage of torch file ``f`` (its ``zip_records``) when its bytes are
+    the values as this machine reads them (little-endian), else None and why."""
+    data = [extent for name, extent in records.items() if name.startswith("data/")]
+    order = b"little"  # files written before torch recorded the byte order are little-endian
+    if "byteorder" in records:
+        at, n = records["byteorder"]
+        f.seek(at)
+        order = f.read(n)
+    if len(data) != 1:
+        return None, f"{len(data)} tensor storages"
+    if order != b"little" or sys.byteorder != "little":
+        return None, f"stored {order.decode(errors='replace')}-endian, read on a {sys.byteorder}-endian machine"
+    return data[0], ""
+
+
+def local_ranges(directory: Path, reader: Reader, columns: list[Column]) -> dict[str, RangedTensor]:
+    """Where the tensors' and splits' rows lie in the PT files of ``directory`` (``reader``'s), by column source
+    (NOTE [mapped sources]); those the tasks cannot map are left out."""
+    found: dict[str, RangedTensor] = {}
+    for column in columns:
+        if column.source_kind == KEYWORD_SOURCE or column.source in found:
+            continue
+        path = directory / source_file(column)
+        array = column.rows(reader)
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            extent, _ = storage_extent(f, zip_records(f, str(path)))
+        if extent is None or not isinstance(array, np.ndarray):
+            continue
+        if array.nbytes == extent[1] and array.flags.c_contiguous:  # the tensor is its whole storage, in order
+            where = Location(str(path), str(path))
+            identity = (stat.st_size, stat.st_mtime_ns)
+            found[column.source] = RangedTensor(where, extent[0], tuple(array.shape), array.dtype, identity)
+    return found
+
+
+def ranged_rows(tensor: RangedTensor) -> RowArray:
+    """A tensor's rows by their byte range: a local file mapped (after checking it is the file planned), or
+    ranged GETs of an object."""
+    if tensor.location.is_remote:
+        return RangedRows(tensor)
+    path = tensor.location.local_path
+    stat = path.stat()
+    if (stat.st_size, stat.st_mtime_ns) != tensor.identity:
+        raise DatasetFormatError(
+            f"{path}: changed since this conversion was planned (size {stat.st_size} bytes, modified "
+            f"{stat.st_mtime_ns} ns; planned: {tensor.identity}). Convert again once the files stay as they are."
+        )
+    if 0 in tensor.shape:
+        return np.empty(tensor.shape, tensor.dtype)
+    return np.memmap(path, dtype=tensor.dtype, mode="r", offset=tensor.offset, shape=tensor.shape)
+
+
 @contextlib.contextmanager
-def remote_rows(source: Location, column: Column, ranged: RangedTensor | None) -> Iterator[RowArray]:
-    """The rows of ``column`` from the remote PT directory ``source``: ranged, or its file fetched whole here."""
-    if ranged is not None:
-        yield RangedRows(ranged)
-        return
+def remote_rows(source: Location, column: Column) -> Iterator[RowArray]:
+    """The rows of ``column`` from the remote PT directory ``source``, its file fetched whole here."""
     with tempfile.TemporaryDirectory(prefix="jasper-source-") as tmp:
         for name in (CONFIG_FILE, source_file(column)):
             _fetch_whole(source.child(name), Path(tmp) / name)

@@ -34,7 +34,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _support import SLOW_PIECES, edit_config, h5_objects, kill_driver_after, load_pt, mounted_tmpfs, save_pt
+from _support import (
+    SLOW_PIECES,
+    assert_same_file,
+    edit_config,
+    h5_objects,
+    kill_driver_after,
+    load_pt,
+    mounted_tmpfs,
+    raw_chunks,
+    save_pt,
+)
 
 from jasper_ray import (
     ConversionError,
@@ -73,41 +83,6 @@ DEADLINE_S = 120
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def raw_chunks(dset: Any) -> list[tuple[tuple[int, ...], int, bytes]]:
-    """Every stored chunk as HDF5 keeps it (still compressed): (offset, filter mask, bytes)."""
-    chunks = []
-    for i in range(dset.id.get_num_chunks()):
-        offset = dset.id.get_chunk_info(i).chunk_offset
-        mask, data = dset.id.read_direct_chunk(offset)
-        chunks.append((offset, mask, bytes(data)))
-    return chunks
-
-
-def assert_same_file(ours: Path, reference: Path) -> None:
-    """Bit for bit: every dataset's values, dtype, shape, chunks, filters and attributes (sha256 included)."""
-    a, b = h5_objects(ours), h5_objects(reference)
-    assert sorted(a) == sorted(b)
-    for name in b:
-        kind, attrs, layout, values = b[name]
-        assert a[name][0] == kind, name
-        assert a[name][1] == attrs, f"{name}: attributes differ"
-        assert a[name][2] == layout, f"{name}: layout differs: {a[name][2]} != {layout}"
-        assert a[name][3] == values, f"{name}: values differ"
-        if kind == "dataset":
-            assert ATTR_CHECKSUM in attrs, name
-    with h5py.File(ours, "r") as fa, h5py.File(reference, "r") as fb:
-        for name, (kind, _, layout, _) in b.items():
-            if kind == "dataset" and layout[2] is not None:
-                ours_chunks, their_chunks = raw_chunks(fa[name]), raw_chunks(fb[name])
-                if layout[3] == "lzf":
-                    # liblzf leaves its hash table uninitialised (INIT_HTAB 0): the same chunk may compress
-                    # to other (equally valid) bytes in another process. Same chunks, same values (above).
-                    ours_chunks = [c[:2] for c in ours_chunks]
-                    their_chunks = [c[:2] for c in their_chunks]
-                # Chunk bytes equal: assembly copied the pieces' compressed chunks, it did not re-encode.
-                assert ours_chunks == their_chunks, f"{name}: stored chunks differ"
 
 
 def _walk(f: Any) -> list[tuple[str, Any]]:

@@ -8,6 +8,7 @@ of a remote sharded output (NOTE [ranged sources], NOTE [pieces in the bucket] i
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,12 +20,12 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 from _s3 import S3Endpoint
-from _support import SLOW_PIECES, h5_objects, kill_driver_after, save_pt, subprocess_env
+from _support import SLOW_PIECES, h5_objects, kill_driver_after, save_big_endian, save_pt, subprocess_env
 
-from jasper_ray import ValidationError, convert, convert_pt_to_hdf5, open_dataset, synth_dataset
+from jasper_ray import DatasetFormatError, ValidationError, convert, convert_pt_to_hdf5, open_dataset, synth_dataset
 from jasper_ray.conversion.plan import plan_conversion
 from jasper_ray.formats.checksum import row_nbytes
-from jasper_ray.schema import ATTR_FINGERPRINT, MANIFEST, TENSORS
+from jasper_ray.schema import ATTR_FINGERPRINT, MANIFEST, TENSOR, TENSORS
 from jasper_ray.storage.fetch import fetched_bytes
 
 
@@ -261,4 +262,16 @@ def test_ray_s3_source_values_are_validated_by_the_driver_and_the_tasks(
     uri = s3.upload(dataset_copy, s3.bucket(), "bad-floats")
     with pytest.raises(ValidationError, match=r"steering_residual\.pt.*\(123, 4\)"):
         convert(uri, compression="gzip", output=out, progress=False, cache_dir=tmp_path / "c", max_retries=0)
+    assert not out.exists()
+
+
+def test_an_s3_tensor_stored_big_endian_is_refused_by_name(s3: S3Endpoint, dataset_copy: Path, tmp_path: Path) -> None:
+    """Ranged reads take a tensor's bytes as they lie in the object: one written big-endian is refused before any
+    task, naming it, never read as little-endian values (NOTE [mapped sources] in conversion/ranged)."""
+    save_big_endian(dataset_copy / TENSOR["source_embs"].pt_file)
+    uri = s3.upload(dataset_copy, s3.bucket(), "big-endian")
+    out = tmp_path / "out" / "dataset.h5"
+    where = re.escape(f"{uri}/{TENSOR['source_embs'].pt_file}: stored big-endian")
+    with pytest.raises(DatasetFormatError, match=where):
+        convert(uri, compression="gzip", output=out, progress=False, cache_dir=tmp_path / "c")
     assert not out.exists()
