@@ -11,7 +11,8 @@ types it (``python -m jasper_ray synth|convert|verify``; the pass is a short
 
 1. baseline: the single-process gzip writer (``convert --single-process``) on
    the first ``--baseline-size`` (2GB) of data: its own synth of that size,
-   deleted after;
+   deleted after; then one such writer per Ray worker at once (``capacity``):
+   what the machine runs in parallel, the ceiling of any parallel conversion;
 2. ``synth --size``: the dataset;
 3. ``convert --compression gzip --layout sharded`` on Ray (every core): the
    sharded layout, because one gzip ``dataset.h5`` needs its pieces and the
@@ -28,8 +29,10 @@ memory (RssAnon: heap and copies, not page cache) summed over the step's whole
 process tree (Ray's GCS, raylet and workers are children of the converting
 process), sampled every ``--interval`` seconds. Targets: owned memory of all
 processes < 10% of the dataset in every step; Ray gzip conversion >= 1.8x the
-single-process writer's MB/s. ``--skip verify,none,pass`` leaves steps 3's
-verify, 4 and 5 out. Free disk is checked first: without enough, the
+single-process writer's MB/s, as the user waits for the commands and from their
+``--json`` reports (the conversions alone, Ray's start taken off), and as a
+share of the capacity. ``--skip capacity,verify,none,pass`` leaves the
+capacity, step 3's verify, 4 and 5 out. Free disk is checked first: without enough, the
 script says how much it needs and stops (exit 1). Progress goes to stderr.
 """
 
@@ -59,7 +62,16 @@ OWNED_TARGET = 0.10  # of the dataset's bytes, summed over every process of a st
 SPEEDUP_TARGET = 1.8  # Ray gzip against the single-process writer, MB/s
 DISK_FACTOR = 2.1  # the sources and one uncompressed copy (synth's scratch; the in-place output), and a margin
 BATCH = 1024
-SKIPPABLE = ("verify", "none", "pass")
+SKIPPABLE = ("capacity", "verify", "none", "pass")
+# Runs the commands given (a JSON list) at once; prints their JSON reports as one list; fails if one fails.
+AT_ONCE = """
+import json, subprocess, sys
+procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for cmd in json.loads(sys.argv[1])]
+outs = [p.communicate()[0] for p in procs]
+if any(p.returncode for p in procs):
+    sys.exit("a writer failed: " + repr([p.returncode for p in procs]))
+print(json.dumps([json.loads(out) for out in outs]))
+"""
 PASS = """
 import sys, time
 from jasper_ray import create_loader
@@ -157,6 +169,7 @@ class ScaleBench:
         self.baseline_size = min(parse_size(args.baseline_size), self.size)
         self.steps: list[dict[str, Any]] = []
         self.dataset_bytes = 0
+        self.workers = args.workers or os.cpu_count() or 1
 
     def step(self, name: str, label: str, cmd: list[str], nbytes: int | None = None) -> dict[str, Any]:
         log.info("%s ...", label)
@@ -166,6 +179,22 @@ class ScaleBench:
                  r["processes"])  # fmt: skip
         self.steps.append(r)
         return r
+
+    def side_by_side(self, base: Path, base_bytes: int) -> None:
+        """One single-process writer per Ray worker, all at once on the baseline's data (each its own output):
+        what this machine runs in parallel of the writer's work (cores, memory bandwidth, disk), the most any
+        parallel conversion can reach here."""
+        n = self.workers
+        outputs = [str(self.work / f"side-by-side-{i}.h5") for i in range(n)]
+        writers = [
+            jasper("convert", str(base), "--single-process", "--compression", "gzip", "--force", "--json", "-q",
+                   "--output", out)
+            for out in outputs
+        ]  # fmt: skip
+        self.step("capacity", f"{n} single-process writers at once (capacity)",
+                  [sys.executable, "-c", AT_ONCE, json.dumps(writers)], n * base_bytes)  # fmt: skip
+        for out in outputs:
+            Path(out).unlink(missing_ok=True)
 
     def run(self) -> None:
         quiet = ["-q"]
@@ -177,6 +206,8 @@ class ScaleBench:
         self.step("baseline", "single-process writer, gzip (baseline)",
                   jasper("convert", str(base), "--single-process", "--compression", "gzip", "--force", "--json",
                          *quiet), base_bytes)  # fmt: skip
+        if "capacity" not in self.args.skip:
+            self.side_by_side(base, base_bytes)
         shutil.rmtree(base)
 
         src = self.work / "src"
@@ -185,7 +216,7 @@ class ScaleBench:
                                  *quiet), 0)  # fmt: skip
         self.dataset_bytes = pt_bytes(src)
         synth["nbytes"] = self.dataset_bytes
-        ray = ["--workers", str(self.args.workers or os.cpu_count() or 1)]  # a Ray flag: Ray at any size
+        ray = ["--workers", str(self.workers)]  # a Ray flag: Ray at any size
         self.step("convert_gzip", "Ray, gzip, sharded",
                   jasper("convert", str(src), "--compression", "gzip", "--layout", "sharded", "--force", *ray,
                          "--json", *quiet))  # fmt: skip
@@ -261,6 +292,16 @@ class ScaleBench:
             f"fixed costs of the Ray command outside its conversion: {gz['seconds'] - converting:.1f} s (Ray's "
             "start and stop, the interpreter and its imports)",
         ]
+        if "capacity" in by_name:
+            writers = json.loads(by_name["capacity"]["stdout"])
+            capacity = len(writers) * base_report["seconds"] / max(w["seconds"] for w in writers)
+            record("scale_capacity", writers=len(writers), capacity=capacity, ray_share=alone / capacity)
+            share = fmt_pct(100 * alone / capacity)
+            notes.append(
+                f"capacity: {len(writers)} single-process writers at once (each its own output of the baseline's "
+                f"data) converted at {fmt_ratio(capacity)} one writer's MB/s (their reported seconds): the most any "
+                f"parallel conversion reaches on this machine; Ray's conversion alone reached {share} of it"
+            )
         return notes
 
 
@@ -298,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = parse_size(args.size)
-    need = int(DISK_FACTOR * size)  # the baseline's data (at most --size) is gone before the dataset is made
+    baseline = min(parse_size(args.baseline_size), size)
+    writers = 0 if "capacity" in args.skip else args.workers or os.cpu_count() or 1
+    # The baseline's data and its writers' outputs are gone before the dataset is made.
+    need = max(int(DISK_FACTOR * size), (writers + 1) * baseline)
     free = shutil.disk_usage(out).free
     if free < need:
         print(

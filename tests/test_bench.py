@@ -60,7 +60,7 @@ RECORDS = {
     "ray_data": {"ray_data": 8},
     "actors": {"actors": 4},
     "remote": {"remote": 1},
-    "scale": {"scale": 7, "scale_speedup": 1},
+    "scale": {"scale": 8, "scale_speedup": 1, "scale_capacity": 1},
 }
 
 
@@ -109,6 +109,9 @@ def test_bench_tiny_writes_every_table_and_plot(tmp_path: Path, capsys) -> None:
     assert speedup["ray_start_seconds"] > 0, "the convert command started its own Ray, and its report says so"
     assert 0 < speedup["ratio"] < float("inf") and 0 < speedup["ratio_once_ray_is_up"] < float("inf")
     assert "taken off, as on a running cluster" in md
+    (capacity,) = [r["values"] for r in scale["records"] if r["name"] == "scale_capacity"]
+    assert capacity["writers"] == os.cpu_count() and steps["capacity"]["processes"] > capacity["writers"]
+    assert 0 < capacity["capacity"] < float("inf") and capacity["ray_share"] > 0
 
 
 def test_bench_scale_is_opt_in() -> None:
