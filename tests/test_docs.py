@@ -16,6 +16,8 @@ import torch
 
 import jasper_ray
 from jasper_ray import StaleDatasetError, open_dataset
+from jasper_ray.conversion.plan import plan_conversion
+from jasper_ray.conversion.ranged import local_ranges, ranged_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -193,3 +195,15 @@ def test_corrupt_files(tmp_path: Path) -> None:
     assert len(problems) == 1 and _quoted("(the stored bytes changed)") in problems[0]
     (directory / "dataset.h5").write_bytes(np.random.default_rng(0).bytes(4096))
     assert _quoted("not a readable HDF5 file") in _error(lambda: open_dataset(directory, "hdf5").read("question_embs"))
+
+
+def test_a_source_changed_during_a_ray_conversion(tmp_path: Path) -> None:
+    directory = jasper_ray.synth_dataset(tmp_path / "ds", n_pairs=300, dim=16, n_neg=4, seed=1)
+    reader = open_dataset(directory, storage_format="pt", use_mmap=True)
+    tensor = local_ranges(directory, reader, plan_conversion(reader, "gzip").columns)["tensor:question_embs"]
+    reader.close()
+    path = tensor.location.local_path
+    size, planned_ns = tensor.identity or (0, 0)
+    os.utime(path, ns=(planned_ns, planned_ns + 1_000_000))  # touched after the plan
+    message = _error(lambda: ranged_rows(tensor))
+    assert message.startswith(f"{path}: ") and _quoted("changed since this conversion was planned (size") in message
