@@ -156,6 +156,15 @@ def jasper(*args: str) -> list[str]:
     return [sys.executable, "-m", "jasper_ray", *args]
 
 
+def single_process_gzip(directory: Path, *extra: str) -> list[str]:
+    """The single-process gzip writer's command (the baseline), its report on stdout."""
+    return jasper("convert", str(directory), "--single-process", "--compression", "gzip", "--force", "--json", *extra)
+
+
+def ray_workers(args: argparse.Namespace) -> int:
+    return args.workers or os.cpu_count() or 1
+
+
 def pt_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.suffix == ".pt" or p.name == "config.json")
 
@@ -169,7 +178,7 @@ class ScaleBench:
         self.baseline_size = min(parse_size(args.baseline_size), self.size)
         self.steps: list[dict[str, Any]] = []
         self.dataset_bytes = 0
-        self.workers = args.workers or os.cpu_count() or 1
+        self.workers = ray_workers(args)
 
     def step(self, name: str, label: str, cmd: list[str], nbytes: int | None = None) -> dict[str, Any]:
         log.info("%s ...", label)
@@ -186,11 +195,7 @@ class ScaleBench:
         parallel conversion can reach here."""
         n = self.workers
         outputs = [str(self.work / f"side-by-side-{i}.h5") for i in range(n)]
-        writers = [
-            jasper("convert", str(base), "--single-process", "--compression", "gzip", "--force", "--json", "-q",
-                   "--output", out)
-            for out in outputs
-        ]  # fmt: skip
+        writers = [single_process_gzip(base, "-q", "--output", out) for out in outputs]
         self.step("capacity", f"{n} single-process writers at once (capacity)",
                   [sys.executable, "-c", AT_ONCE, json.dumps(writers)], n * base_bytes)  # fmt: skip
         for out in outputs:
@@ -204,8 +209,7 @@ class ScaleBench:
                          str(N_NEG), *quiet), 0)  # fmt: skip
         base_bytes = pt_bytes(base)
         self.step("baseline", "single-process writer, gzip (baseline)",
-                  jasper("convert", str(base), "--single-process", "--compression", "gzip", "--force", "--json",
-                         *quiet), base_bytes)  # fmt: skip
+                  single_process_gzip(base, *quiet), base_bytes)  # fmt: skip
         if "capacity" not in self.args.skip:
             self.side_by_side(base, base_bytes)
         shutil.rmtree(base)
@@ -340,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     size = parse_size(args.size)
     baseline = min(parse_size(args.baseline_size), size)
-    writers = 0 if "capacity" in args.skip else args.workers or os.cpu_count() or 1
+    writers = 0 if "capacity" in args.skip else ray_workers(args)
     # The baseline's data and its writers' outputs are gone before the dataset is made.
     need = max(int(DISK_FACTOR * size), (writers + 1) * baseline)
     free = shutil.disk_usage(out).free

@@ -203,7 +203,7 @@ def test_a_source_changed_during_a_ray_conversion(tmp_path: Path) -> None:
     tensor = local_ranges(directory, reader, plan_conversion(reader, "gzip").columns)["tensor:question_embs"]
     reader.close()
     path = tensor.location.local_path
-    size, planned_ns = tensor.identity or (0, 0)
+    _, planned_ns = tensor.identity or (0, 0)
     os.utime(path, ns=(planned_ns, planned_ns + 1_000_000))  # touched after the plan
     message = _error(lambda: ranged_rows(tensor))
     assert message.startswith(f"{path}: ") and _quoted("changed since this conversion was planned (size") in message

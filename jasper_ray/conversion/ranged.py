@@ -212,7 +212,7 @@ def prepare_source(location: Location, cache_dir: str | os.PathLike | None) -> R
             continue
         offset, nbytes = _skeleton_file(where, identity.size, local / name)
         array = load_pt_tensor(local / name, mmap=True)  # the holes are mapped, never read
-        if not array.flags.c_contiguous or array.nbytes != nbytes:
+        if not whole_storage(array, nbytes):
             raise DatasetFormatError(
                 f"{where.uri}: the tensor is a view ({array.nbytes} of its storage's {nbytes} bytes, or strided); "
                 "save it with torch.save(t.contiguous().clone(), path)"
@@ -238,6 +238,11 @@ def storage_extent(f: IO[bytes], records: dict[str, tuple[int, int]]) -> tuple[t
     return data[0], ""
 
 
+def whole_storage(array: RowArray, nbytes: int) -> bool:
+    """The array is all ``nbytes`` of its storage, in C order: its rows are one byte range of the file."""
+    return isinstance(array, np.ndarray) and array.flags.c_contiguous and array.nbytes == nbytes
+
+
 def local_ranges(directory: Path, reader: Reader, columns: list[Column]) -> dict[str, RangedTensor]:
     """Where the tensors' and splits' rows lie in the PT files of ``directory`` (``reader``'s), by column source
     (NOTE [mapped sources]); those the tasks cannot map are left out."""
@@ -250,9 +255,7 @@ def local_ranges(directory: Path, reader: Reader, columns: list[Column]) -> dict
         with open(path, "rb") as f:
             stat = os.fstat(f.fileno())
             extent, _ = storage_extent(f, zip_records(f, str(path)))
-        if extent is None or not isinstance(array, np.ndarray):
-            continue
-        if array.nbytes == extent[1] and array.flags.c_contiguous:  # the tensor is its whole storage, in order
+        if extent is not None and whole_storage(array, extent[1]):
             where = Location(str(path), str(path))
             identity = (stat.st_size, stat.st_mtime_ns)
             found[column.source] = RangedTensor(where, extent[0], tuple(array.shape), array.dtype, identity)
