@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""What Ray itself costs here: read_jasper's block size, an object-store put, an actor call.
+"""What Ray itself costs here: starting and stopping it, read_jasper's block size, an object-store put, an
+actor call.
 
     python scripts/diag_ray_costs.py                # 1GB dataset for the block-size rows
     python scripts/diag_ray_costs.py --size 256MB
 
-Three tables (the first two with their baseline measured in the same run):
+Four tables (the first three with their baseline measured in the same run):
 
+- a local Ray started as ``ray_session.connect`` starts it and stopped by
+  ``ray.shutdown`` against ``ray_session.shutdown`` (NOTE [the monitor's
+  second]), each in a fresh interpreter, the two ways alternating;
 - read_jasper on contiguous HDF5 with its default blocks (Ray's target size,
   128 MiB) against the 32 MiB blocks it used before;
 - ``ray.put`` of 32 MiB arrays, three passes (the serialisation copy every
@@ -20,6 +24,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,42 @@ MIB = 1 << 20
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+# One start and stop in a fresh interpreter; argv[1] names the stop ("ray" or "jasper_ray"). Prints the seconds.
+START_STOP = """if True:
+    import sys, time, ray
+    from jasper_ray import ray_session
+    started = time.perf_counter()
+    ray_session.connect(num_cpus=1)
+    ray.get(ray.remote(lambda: 0).remote())
+    stopping = time.perf_counter()
+    ray.shutdown() if sys.argv[1] == "ray" else ray_session.shutdown()
+    print(stopping - started, time.perf_counter() - stopping)
+"""
+
+
+def start_stop(rounds: int) -> None:
+    ways = {"ray.shutdown() (baseline)": "ray", "ray_session.shutdown()": "jasper_ray"}
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, how in ways.items():
+            run = subprocess.run(
+                [sys.executable, "-c", START_STOP, how], capture_output=True, text=True, check=True, timeout=300
+            )
+            start, stop = map(float, run.stdout.split()[-2:])
+            seconds[name].append((start, stop))
+    base = statistics.median(stop for _, stop in next(iter(seconds.values())))
+    rows = []
+    for name, runs in seconds.items():
+        stop = statistics.median(s for _, s in runs)
+        rows.append((name, f"{statistics.median(s for s, _ in runs):.2f} s", f"{stop:.2f} s", fmt_ratio(base / stop)))
+    print_table(
+        "A local Ray, started as ray_session.connect starts it (and one task run), then stopped",
+        ["stopped by", "start + first task (median)", "stop (median)", "stop, faster than baseline"],
+        rows,
+        notes=[f"median of {rounds} fresh interpreters each, the two ways alternating"],
+    )
 
 
 def block_sizes(ray, directory: Path, rounds: int) -> None:
@@ -117,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1GB", help="synthetic dataset for the block-size rows")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stop-rounds", type=int, default=3, help="fresh interpreters per way of stopping Ray")
     parser.add_argument("--out", default=tempfile.gettempdir())
     args = parser.parse_args()
     setup_logging()
@@ -127,6 +169,7 @@ def main() -> None:
     import jasper_ray
     from jasper_ray.tools.synth import pairs_for_size, parse_size
 
+    start_stop(args.stop_rounds)
     n_pairs = pairs_for_size(parse_size(args.size), DIM, N_NEG)
     directory = Path(args.out) / f"diag-ray-costs-{n_pairs}"
     try:

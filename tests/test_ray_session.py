@@ -1,5 +1,6 @@
 """``ray_session.connect``: the local Ray it starts keeps Ray's token authentication but not Ray's notice
-about it at every start; a cluster address gets plain ``ray.init``."""
+about it at every start; a cluster address gets plain ``ray.init``. ``ray_session.shutdown`` stops that Ray
+whole, the autoscaler's monitor first and at once (NOTE [the monitor's second])."""
 
 from __future__ import annotations
 
@@ -67,17 +68,34 @@ def test_a_cluster_address_gets_plain_ray_init(fake_init: list[str], logged: lis
     assert logged == [NOTICE, OTHER]
 
 
-def test_a_real_local_ray_keeps_token_auth_and_says_nothing_of_it() -> None:
+def test_a_real_local_ray_keeps_token_auth_says_nothing_of_it_and_stops_whole() -> None:
     code = """if True:
         import os, ray
-        from jasper_ray.ray_session import connect
+        import ray._private.node as node
+        from jasper_ray.ray_session import connect, shutdown
+
+        kills, kill = [], node.Node._kill_process_impl
+        def recorded(self, process_type, *args, **kwargs):
+            kills.append((process_type, kwargs.get("allow_graceful", False)))
+            return kill(self, process_type, *args, **kwargs)
+        node.Node._kill_process_impl = recorded
+
         assert connect(num_cpus=1)
         assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2
         print("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE"))
-        ray.shutdown()
+        started = ray._private.worker._global_node.all_processes
+        processes = {kind: [info.process for info in infos] for kind, infos in started.items()}
+        shutdown()
+        assert not ray.is_initialized()
+        assert kills[0] == ("monitor", False), kills  # killed first, without the graceful second
+        assert {kind for kind, _ in kills} == set(processes), (kills, list(processes))
+        alive = [kind for kind, procs in processes.items() for p in procs if p.poll() is None]
+        assert not alive, alive
+        print("stopped", sorted(processes))
         """
     env = {k: v for k, v in subprocess_env().items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "RAY_AUTH_MODE token" in run.stdout  # Ray's default, kept: the local Ray listens beyond loopback
     assert "Token authentication is enabled" not in run.stdout + run.stderr
+    assert "'monitor'" in run.stdout and "'raylet'" in run.stdout  # a local head node's processes, all stopped

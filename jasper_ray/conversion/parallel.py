@@ -38,7 +38,7 @@ from ..formats import open_dataset
 from ..formats.chunks import CompressionOpts, check_options
 from ..formats.columns import Column, keyword_columns
 from ..formats.precision import check_precision
-from ..ray_session import connect, require_ray
+from ..ray_session import connect, require_ray, shutdown
 from ..schema import LAYOUT_SINGLE, LAYOUTS, MANIFEST, PRECISION_FLOAT32, SHARDS_DIR, piece_file
 from ..storage import Location, locate
 from ..storage.fetch import delete
@@ -224,7 +224,7 @@ def _convert(
         keywords = plan_thread.submit(_keyword_columns, reader, validate, planned)  # NOTE [keyword lists beside ...]
         connecting = time.perf_counter()
         if connect(address, num_cpus=num_workers) and not keep_ray:  # NOTE [planned while Ray starts]
-            stack.callback(ray.shutdown)
+            stack.callback(shutdown)
         ray_start = time.perf_counter() - connecting
         warm_up(ray)  # NOTE [prestarted workers] in tasks
         plan = planned.result()

@@ -34,7 +34,7 @@ from ..formats import open_dataset
 from ..local.loader import create_loader, set_epoch
 from ..local.sampler import ResumableSampler
 from ..ray_data import read_jasper
-from ..ray_session import connect
+from ..ray_session import connect, shutdown
 from ..schema import HDF5_FILE, PT_SUFFIX
 from ..serve.client import ShardedJasper
 from ..storage import is_uri
@@ -234,5 +234,5 @@ def _run_demo(
             summary.paths.append(_run_path(name, epochs, split_ids))
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown()
     return summary
