@@ -20,16 +20,19 @@ types it (``python -m jasper_ray synth|convert|verify``; the pass is a short
    the ~65 GB this is sized for; the command starts and stops its own Ray;
    then (``running``) the same command again with ``--address`` on a Ray
    already up, as on a cluster (a helper process keeps that Ray up, started
-   as the command would start it; its processes count in the memory); then
-   ``verify`` of it; then it is deleted;
+   as the command would start it; that Ray's processes count in the memory,
+   the helper, standing in for ``ray start``, does not); then ``verify`` of
+   it; then it is deleted;
 4. ``convert --compression none`` on Ray: one contiguous ``dataset.h5``
    written in place by the tasks (about 2x the data with the sources);
 5. one pass of random batches over the train split (``create_loader``,
    shuffled, batch 1024, dataset validation off: ``verify`` did it; mapped,
    as ``use_mmap=None`` chooses above 10 GiB: below, it loads the dataset).
 
-For each step: wall time, MB/s of the dataset's PT bytes, and the peak owned
-memory (RssAnon: heap and copies, not page cache) summed over the step's whole
+Each step begins after ``os.sync()``, so that no step pays for the writeback
+of the gigabytes the steps before it wrote. For each step: wall time, MB/s of
+the dataset's PT bytes, and the peak owned memory (RssAnon: heap and copies,
+not page cache) summed over the step's whole
 process tree (Ray's GCS, raylet and workers are children of the converting
 process), sampled every ``--interval`` seconds. Targets: owned memory of all
 processes < 10% of the dataset in every step; Ray gzip conversion >= 1.8x the
@@ -126,21 +129,23 @@ def _owned(pid: int) -> int:
         return 0
 
 
-def tree_owned(root: int) -> tuple[int, int]:
-    """(RssAnon summed over ``root`` and all its descendants, how many processes)."""
+def tree_owned(root: int, with_root: bool = True) -> tuple[int, int]:
+    """(RssAnon summed over ``root`` (unless not ``with_root``) and all its descendants, how many processes)."""
     children, pids, stack = _children(), [], [root]
     while stack:
         pid = stack.pop()
         pids.append(pid)
         stack += children.get(pid, [])
+    if not with_root:
+        pids.remove(root)
     return sum(_owned(p) for p in pids), len(pids)
 
 
 def run_step(
     cmd: list[str], interval: float, env: dict[str, str] | None = None, also: tuple[int, ...] = ()
 ) -> dict[str, Any]:
-    """Run ``cmd`` (stdout kept, stderr passed through), sampling the owned memory of its tree (and of the trees
-    of ``also``: a Ray it uses); raise if it fails."""
+    """Run ``cmd`` (stdout kept, stderr passed through), sampling the owned memory of its tree (and of the
+    descendants of ``also``: the processes of a Ray it uses); raise if it fails."""
     peak, peak_procs = 0, 0
     with tempfile.TemporaryFile("w+") as out:
         started = time.perf_counter()
@@ -150,7 +155,7 @@ def run_step(
         def sample() -> None:
             nonlocal peak, peak_procs
             while not done.is_set():
-                trees = [tree_owned(pid) for pid in (proc.pid, *also)]
+                trees = [tree_owned(proc.pid)] + [tree_owned(pid, with_root=False) for pid in also]
                 owned, n = sum(t[0] for t in trees), sum(t[1] for t in trees)
                 peak, peak_procs = max(peak, owned), max(peak_procs, n)
                 done.wait(interval)
@@ -177,7 +182,9 @@ def jasper(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def running_ray(workers: int) -> Iterator[tuple[str, dict[str, str], int]]:
-    """A local Ray kept up by a helper process: (its address, the environment to reach it with, its pid).
+    """A local Ray kept up by a helper process, as ``ray start`` would keep one up: (its address, the environment
+    to reach it with, the helper's pid: its Ray's processes are its descendants, the helper itself stands in for
+    nothing a cluster runs).
     Ray's token authentication unless the caller's RAY_AUTH_MODE says otherwise: the helper starts a Ray with
     it and the commands need the mode set to use it (NOTE [token authentication of the local Ray])."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
@@ -219,6 +226,7 @@ class ScaleBench:
 
     def step(self, name: str, label: str, cmd: list[str], nbytes: int | None = None, **how: Any) -> dict[str, Any]:
         log.info("%s ...", label)
+        os.sync()  # the steps before wrote gigabytes: their writeback is not this step's work
         r = run_step(cmd, self.args.interval, **how)
         r.update(name=name, label=label, nbytes=nbytes if nbytes is not None else self.dataset_bytes)
         log.info("  %.1f s, peak owned memory %s over %d processes", r["seconds"], fmt_bytes(r["peak_owned"]),
@@ -262,6 +270,7 @@ class ScaleBench:
         self.step("convert_gzip", "Ray, gzip, sharded", jasper(*gzip, *ray))
         skip = self.args.skip
         if "running" not in skip:
+            shutil.rmtree(src / "dataset.shards")  # a new output, as the first conversion had
             with running_ray(self.workers) as (address, env, head):
                 self.step("convert_gzip_running", "Ray, gzip, sharded, on a running Ray",
                           jasper(*gzip, "--address", address), env=env, also=(head,))  # fmt: skip
