@@ -293,7 +293,8 @@ def test_a_value_that_is_not_finite_is_refused_by_the_piece_writing_it(
 
 
 class CountingRay:
-    """The session's Ray with ``shutdown`` counted, not done (the session is shared by the tests)."""
+    """The session's Ray with ``shutdown`` counted, not done (the session is shared by the tests); stopping it
+    the project's way (``ray_session.shutdown``) is counted the same."""
 
     def __init__(self, ray: Any) -> None:
         self._ray, self.shutdowns = ray, 0
@@ -330,6 +331,7 @@ def starting_ray(monkeypatch: pytest.MonkeyPatch, planned: threading.Event) -> C
     monkeypatch.setattr(parallel, "_require_ray", lambda: counting)
     monkeypatch.setattr(parallel, "_checked_plan", plan)
     monkeypatch.setattr(parallel, "connect", connect)
+    monkeypatch.setattr(parallel, "shutdown", counting.shutdown)
     return counting
 
 
