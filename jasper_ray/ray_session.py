@@ -4,7 +4,8 @@ No address (and no ``RAY_ADDRESS``): a new local Ray on this machine (``address=
 ``ray.init()`` would attach to whatever cluster ``ray start`` left running here), with Ray's token
 authentication and without Ray's notice about it (NOTE [token authentication of the local Ray]). An
 address: that cluster, after a quick TCP check, because ``ray.init`` waits minutes on an address where
-nothing listens.
+nothing listens, with this machine's token when the cluster is on this machine (NOTE [the token of a cluster on
+this machine]).
 """
 
 from __future__ import annotations
@@ -76,6 +77,44 @@ def _without_token_notice() -> Iterator[None]:
         logger.removeFilter(_not_the_token_notice)
 
 
+# NOTE [the token of a cluster on this machine]: Ray turns token authentication on for a driver only when it finds
+# the cluster itself (address None or "auto") and a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]); an
+# explicit address never does. But ``ray start --head`` with RAY_AUTH_MODE unset turns token auth on whenever a token
+# exists, and every local Ray (every jasper-ray command without --address) leaves one in ~/.ray/auth_token. So
+# `ray start --head` then `jasper-ray convert --address 127.0.0.1:6379` failed after ~20 s (measured: "Failed to
+# connect to Ray cluster"). For an address on this machine, with the mode unset, connect does what Ray does for
+# "auto": the same cluster, the same token. A token is not sent to other machines unasked: there a failure says how
+# to give it. A driver with a token connects to a cluster without authentication as well.
+AUTH_HINT = (
+    "If the cluster uses Ray's token authentication, set RAY_AUTH_MODE=token and give the cluster's token "
+    "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); without it, RAY_AUTH_MODE=disabled on every node."
+)
+
+
+def _on_this_machine(host: str) -> bool:
+    """Whether ``host`` is one of this machine's addresses (a socket can be bound to it)."""
+    try:
+        with socket.socket() as probe:
+            probe.bind((socket.gethostbyname(host), 0))
+    except OSError:
+        return False
+    return True
+
+
+def _token_auth_for_this_machine(address: str) -> None:
+    if "RAY_AUTH_MODE" in os.environ or "://" in address or ":" not in address:
+        return  # the user's mode, a Ray client address, or "auto"/"local": Ray's to apply
+    if not _on_this_machine(address.rpartition(":")[0]):
+        return
+    try:  # Ray's own step for "auto", private: where it is missing, Ray's behaviour is left as it is
+        from ray._private.authentication.authentication_token_setup import (  # lazy: Ray is optional below here
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, **init_kwargs: Any) -> bool:
     """Make sure Ray is up; return True when this call started it (the caller then shuts it down)."""
     ray = require_ray("Connecting to Ray")
@@ -86,7 +125,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
     init_kwargs.setdefault("log_to_driver", False)
     if address:
         check_reachable(address)
-        ray.init(address=address, **init_kwargs)
+        with _without_token_notice():
+            _token_auth_for_this_machine(address)  # NOTE [the token of a cluster on this machine]
+        try:
+            ray.init(address=address, **init_kwargs)
+        except ConnectionError as exc:
+            raise RayUnreachableError(f"{exc}. {AUTH_HINT}") from exc
     else:
         with _without_token_notice():  # NOTE [token authentication of the local Ray]
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **init_kwargs)

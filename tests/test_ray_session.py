@@ -1,20 +1,26 @@
 """``ray_session.connect``: the local Ray it starts keeps Ray's token authentication but not Ray's notice
-about it at every start; a cluster address gets plain ``ray.init``. ``ray_session.shutdown`` stops that Ray
+about it at every start; a cluster address gets ``ray.init`` (with this machine's token when the cluster is on
+this machine, and a hint about tokens when Ray refuses). ``ray_session.shutdown`` stops that Ray
 whole, the autoscaler's monitor first and at once (NOTE [the monitor's second])."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
-from _support import subprocess_env
+from _support import REPO, subprocess_env
 
 from jasper_ray import ray_session
-from jasper_ray.ray_session import TOKEN_NOTICE, TOKEN_NOTICE_LOGGER, connect
+from jasper_ray.errors import RayUnreachableError
+from jasper_ray.ray_session import AUTH_HINT, TOKEN_NOTICE, TOKEN_NOTICE_LOGGER, connect
 
 NOTICE = f"{TOKEN_NOTICE}. Set RAY_AUTH_MODE=disabled to opt out."
 OTHER = "Token authentication is disabled for this Ray cluster."
@@ -66,6 +72,62 @@ def test_a_cluster_address_gets_plain_ray_init(fake_init: list[str], logged: lis
     assert connect("10.0.0.1:6379") is True
     assert fake_init == ["10.0.0.1:6379"]
     assert logged == [NOTICE, OTHER]
+
+
+def test_a_refused_connection_says_how_to_give_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(**kwargs: object) -> None:
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray_session, "check_reachable", lambda address: None)
+    with pytest.raises(RayUnreachableError) as raised:
+        connect("10.0.0.1:6379")
+    assert str(raised.value) == f"Failed to connect to Ray cluster at 10.0.0.1:6379. {AUTH_HINT}"
+
+
+def test_this_machine_is_told_from_others() -> None:
+    assert ray_session._on_this_machine("127.0.0.1")
+    assert ray_session._on_this_machine("localhost")
+    assert ray_session._on_this_machine(socket.gethostname())
+    assert not ray_session._on_this_machine("192.0.2.254")  # TEST-NET-1: documentation only, never this machine
+    assert not ray_session._on_this_machine("no-such-host.invalid")
+
+
+def test_an_address_on_this_machine_connects_with_its_token(tmp_path: Path) -> None:
+    """NOTE [the token of a cluster on this machine]: once a token exists (every local Ray leaves one), ``ray start
+    --head`` with the mode unset has token authentication on. ``connect`` to its address, mode unset, gets in: Ray's
+    plain ``ray.init`` failed here after ~20 s ("Failed to connect to Ray cluster")."""
+    home = tmp_path / "home"
+    state = Path(tempfile.mkdtemp(prefix="jrt-", dir="/tmp"))  # short: Ray's socket paths must fit AF_UNIX
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in subprocess_env().items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env.update(HOME=str(home), JASPER_CLUSTER_DIR=str(state), JASPER_CLUSTER_PORT=str(port))
+    script = str(REPO / "scripts" / "local_cluster.sh")
+    generated = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, timeout=120)
+    assert generated.returncode == 0 and (home / ".ray" / "auth_token").is_file(), generated.stderr[-2000:]
+    # The head as `ray start --head` with the mode unset and that token makes it (local_cluster.sh would disable it).
+    up = subprocess.run([script, "up", "0"], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        code = f"""if True:
+            import os, ray
+            from jasper_ray.ray_session import connect
+            assert connect("127.0.0.1:{port}")
+            assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42
+            print("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE"))
+            """
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert "RAY_AUTH_MODE token" in run.stdout
+        assert TOKEN_NOTICE not in run.stdout + run.stderr
+    finally:
+        down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=300)
+        shutil.rmtree(state, ignore_errors=True)
+    assert down.returncode == 0, down.stderr
 
 
 def test_a_real_local_ray_keeps_token_auth_says_nothing_of_it_and_stops_whole() -> None:
