@@ -34,11 +34,20 @@ def require_ray(purpose: str) -> ModuleType:
     return ray
 
 
+def _host_port(address: str) -> tuple[str, str] | None:
+    """``(host, port)`` of a ``host:port`` address; None for those Ray resolves itself (``auto``, ``ray://``)."""
+    if address in ("auto", "local") or address.startswith("ray://") or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    return host, port
+
+
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Fail fast, naming the address, when no process listens at ``host:port`` (``auto`` is Ray's to resolve)."""
-    if address in ("auto", "local") or address.startswith("ray://") or ":" not in address:
+    host_port = _host_port(address)
+    if host_port is None:
         return
-    host, _, port = address.rpartition(":")
+    host, port = host_port
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return
@@ -102,10 +111,9 @@ def _on_this_machine(host: str) -> bool:
 
 
 def _token_auth_for_this_machine(address: str) -> None:
-    if "RAY_AUTH_MODE" in os.environ or "://" in address or ":" not in address:
-        return  # the user's mode, a Ray client address, or "auto"/"local": Ray's to apply
-    if not _on_this_machine(address.rpartition(":")[0]):
-        return
+    host_port = _host_port(address)
+    if "RAY_AUTH_MODE" in os.environ or host_port is None or not _on_this_machine(host_port[0]):
+        return  # the user's mode, an address Ray resolves itself, or another machine (NOTE above)
     try:  # Ray's own step for "auto", private: where it is missing, Ray's behaviour is left as it is
         from ray._private.authentication.authentication_token_setup import (  # lazy: Ray is optional below here
             maybe_enable_token_auth_if_token_available,

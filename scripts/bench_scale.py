@@ -326,10 +326,15 @@ class ScaleBench:
             f"{verdict(share < OWNED_TARGET)}",
         ]
         base, gz = by_name["baseline"], by_name["convert_gzip"]
-        ratio = (gz["nbytes"] / gz["seconds"]) / (base["nbytes"] / base["seconds"])
+        ray_start = json.loads(gz["stdout"])["ray_start_seconds"]
+
+        def against_writer(step: dict[str, Any]) -> float:
+            return (step["nbytes"] / step["seconds"]) / (base["nbytes"] / base["seconds"])
+
+        ratio = against_writer(gz)
         record("scale_speedup", ray_gzip_mb_per_s=gz["nbytes"] / 1e6 / gz["seconds"],
                single_gzip_mb_per_s=base["nbytes"] / 1e6 / base["seconds"], ratio=ratio,
-               ray_start_seconds=json.loads(gz["stdout"])["ray_start_seconds"])  # fmt: skip
+               ray_start_seconds=ray_start)  # fmt: skip
         notes.append(
             f"target: Ray gzip conversion >= {SPEEDUP_TARGET}x the single-process writer (MB/s; the writer on the "
             f"first {fmt_bytes(base['nbytes'])}), the commands as the user waits for them, the Ray command starting "
@@ -337,12 +342,12 @@ class ScaleBench:
         )
         running = by_name.get("convert_gzip_running")
         if running is not None:
-            on_running = (running["nbytes"] / running["seconds"]) / (base["nbytes"] / base["seconds"])
+            on_running = against_writer(running)
             record("scale_speedup_running", ratio=on_running, seconds=running["seconds"])
             notes.append(
                 f"the same, on a Ray already running (as on a cluster; the command connects with --address): "
                 f"{fmt_ratio(on_running)}: {verdict(on_running >= SPEEDUP_TARGET)} (the first command's report gives "
-                f"its Ray's start as {json.loads(gz['stdout'])['ray_start_seconds']:.1f} s)"
+                f"its Ray's start as {ray_start:.1f} s)"
             )
         if "capacity" in by_name:
             base_report = json.loads(base["stdout"])
